@@ -1,0 +1,293 @@
+//! The composition root: the one place that wires discovery, tunnels, the upstream pool, the
+//! proxy and the listeners together.
+//!
+//! [`start`] does everything that can fail for a reason the user must fix (kubeconfig, RBAC,
+//! no pods, busy ports, etcd unreachable inside the pod) and returns a [`Running`] proxy whose
+//! [`Summary`] the caller prints; [`Running::serve`] then runs until shutdown.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, Version};
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::sync::watch;
+
+use crate::config::{Config, MemberPorts};
+use crate::k8s::discovery::{Discovery, EtcdPod, Selection};
+use crate::k8s::{self, tunnel};
+use crate::listener::{self, Endpoint};
+use crate::proxy::Proxy;
+use crate::rewrite::{AddrMap, LocalEndpoint};
+use crate::router::Backends;
+use crate::upstream::{find_cause, one_line, BoxError, Dial, DialFuture, Upstream, UpstreamBody};
+
+/// How long the start-up probe of one member may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Kubeconfig or client problem.
+    #[error(transparent)]
+    Kube(#[from] k8s::Error),
+    /// Finding the pods failed.
+    #[error(transparent)]
+    Discovery(#[from] k8s::discovery::Error),
+    /// A local port could not be opened.
+    #[error(transparent)]
+    Listen(#[from] listener::Error),
+    /// A tunnel problem every member has (RBAC, etcd not on loopback …).
+    #[error(transparent)]
+    Tunnel(#[from] tunnel::Error),
+    /// No member answered the probe.
+    #[error("no etcd member is reachable: {0}")]
+    Unreachable(String),
+}
+
+/// What the proxy serves, for the start-up summary.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Namespace of the pods.
+    pub namespace: String,
+    /// How they were found, e.g. `statefulset etcd`.
+    pub target: String,
+    /// The kubeconfig context.
+    pub context: String,
+    /// The cluster endpoint's URL.
+    pub cluster_url: String,
+    /// Each member: name, local URL, and a note (version or problem).
+    pub members: Vec<(String, String, String)>,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.members.iter().map(|m| m.0.as_str()).collect();
+        let n = names.len();
+        let noun = if n == 1 { "member" } else { "members" };
+        writeln!(
+            f,
+            "Forwarding {} in namespace {} ({n} {noun}: {}) via context {}",
+            self.target,
+            self.namespace,
+            names.join(" "),
+            self.context
+        )?;
+        let width = names.iter().map(|s| s.len()).max().unwrap_or(0).max("cluster".len());
+        write!(f, "  {:width$}  {}", "cluster", self.cluster_url)?;
+        for (name, url, note) in &self.members {
+            write!(f, "\n  {name:width$}  {url}  {note}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A proxy whose endpoints are bound and whose members answered.
+pub struct Running {
+    summary: Summary,
+    endpoints: Vec<Endpoint>,
+    proxy: Proxy,
+    discovery: Discovery,
+    selection: Selection,
+    pods_tx: watch::Sender<Arc<Vec<EtcdPod>>>,
+    map_tx: watch::Sender<Arc<AddrMap>>,
+    local: Vec<(String, String)>,
+}
+
+/// Connects to Kubernetes, finds the pods, binds the endpoints and probes each member.
+pub async fn start(cfg: Config) -> Result<Running, Error> {
+    let kube = k8s::connect(cfg.kubeconfig.as_ref(), cfg.context.as_deref(), cfg.namespace.as_deref()).await?;
+    let discovery = Discovery::new(kube.client.clone(), &kube.namespace, cfg.remote_port);
+    let (resolved, pods) = discovery.find(&cfg.target).await?;
+
+    let cluster = listener::bind(cfg.listen).await?;
+    let cluster_url = url_of(cluster.local_addr().map_err(|source| listener::Error::Bind { addr: cfg.listen, source })?);
+    let mut endpoints = vec![Endpoint { listener: cluster, name: Arc::from("cluster"), pinned: None }];
+    let mut local = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let port = match cfg.member_ports {
+            MemberPorts::From(base) => base.checked_add(i as u16).unwrap_or(0),
+            MemberPorts::Ephemeral => 0,
+        };
+        let addr = SocketAddr::new(cfg.listen.ip(), port);
+        let l = listener::bind(addr).await?;
+        let url = url_of(l.local_addr().map_err(|source| listener::Error::Bind { addr, source })?);
+        local.push((pod.name.clone(), url));
+        let name: Arc<str> = Arc::from(pod.name.as_str());
+        endpoints.push(Endpoint { listener: l, name: name.clone(), pinned: Some(name) });
+    }
+
+    let (pods_tx, pods_rx) = watch::channel(Arc::new(pods.clone()));
+    let (map_tx, map_rx) = watch::channel(Arc::new(addr_map(&pods, &local)));
+    let upstream = Upstream::new(Arc::new(TunnelDial(tunnel::Tunneler::new(kube.client.clone(), &kube.namespace))));
+    let proxy = Proxy::new(upstream.clone(), Backends::new(pods_rx), map_rx);
+
+    let notes = probe_all(&upstream, &pods).await?;
+    let members = local.iter().zip(notes).map(|((name, url), note)| (name.clone(), url.clone(), note)).collect();
+    let summary = Summary {
+        namespace: kube.namespace.clone(),
+        target: resolved.description.clone(),
+        context: kube.context.clone(),
+        cluster_url,
+        members,
+    };
+    Ok(Running { summary, endpoints, proxy, discovery, selection: resolved.selection, pods_tx, map_tx, local })
+}
+
+impl Running {
+    /// What is being served.
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for endpoint in self.endpoints {
+            tasks.push(tokio::spawn(listener::serve(endpoint, self.proxy.clone(), stop_rx.clone())));
+        }
+        let watcher = tokio::spawn(self.discovery.watch(self.selection, self.pods_tx.clone()));
+        let map_task = tokio::spawn(follow_pods(self.pods_tx.subscribe(), self.map_tx, self.local));
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        watcher.abort();
+        map_task.abort();
+        for t in tasks {
+            let _ = t.await;
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the rewrite map in step with pod IPs.
+async fn follow_pods(
+    mut pods: watch::Receiver<Arc<Vec<EtcdPod>>>,
+    map_tx: watch::Sender<Arc<AddrMap>>,
+    local: Vec<(String, String)>,
+) {
+    while pods.changed().await.is_ok() {
+        let current = pods.borrow_and_update().clone();
+        map_tx.send_replace(Arc::new(addr_map(&current, &local)));
+    }
+}
+
+fn addr_map(pods: &[EtcdPod], local: &[(String, String)]) -> AddrMap {
+    AddrMap::new(
+        local
+            .iter()
+            .map(|(name, url)| LocalEndpoint {
+                pod: name.clone(),
+                pod_ip: pods.iter().find(|p| &p.name == name).and_then(|p| p.ip.clone()),
+                url: url.clone(),
+            })
+            .collect(),
+    )
+}
+
+fn url_of(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+/// Port-forward tunnels as the upstream pool's dialer.
+struct TunnelDial(tunnel::Tunneler);
+
+impl Dial for TunnelDial {
+    fn dial(&self, pod: &str, port: u16) -> DialFuture {
+        let tunneler = self.0.clone();
+        let pod = pod.to_owned();
+        Box::pin(async move {
+            let stream = tunneler.open(&pod, port).await?;
+            Ok(Box::pin(stream) as crate::upstream::BoxIo)
+        })
+    }
+}
+
+/// Probes every member: opens its tunnel, asks `/version` over HTTP/1.1 and warms the HTTP/2
+/// connection gRPC will use. Returns a note per member; fails if RBAC forbids tunnels or no
+/// member answers.
+async fn probe_all(upstream: &Upstream, pods: &[EtcdPod]) -> Result<Vec<String>, Error> {
+    let results = futures::future::join_all(pods.iter().map(|p| probe(upstream, p))).await;
+    let mut notes = Vec::new();
+    let mut first_error = None;
+    let mut ok = 0;
+    for (pod, result) in pods.iter().zip(results) {
+        match result {
+            Ok(version) => {
+                ok += 1;
+                notes.push(format!("(etcd {version})"));
+            }
+            Err(e) => {
+                if let Some(t @ tunnel::Error::Forbidden { .. }) = find_cause::<tunnel::Error>(e.as_ref()) {
+                    return Err(Error::Unreachable(t.to_string()));
+                }
+                let msg = match find_cause::<tunnel::Error>(e.as_ref()) {
+                    Some(t) => t.to_string(),
+                    None => one_line(e.as_ref()),
+                };
+                tracing::warn!(member = %pod.name, error = %msg, "member not reachable at start-up");
+                notes.push(format!("(unreachable: {msg})"));
+                first_error.get_or_insert(msg);
+            }
+        }
+    }
+    match (ok, first_error) {
+        (0, Some(e)) => Err(Error::Unreachable(e)),
+        _ => Ok(notes),
+    }
+}
+
+/// The probe failed with this message.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ProbeError(String);
+
+async fn probe(upstream: &Upstream, pod: &EtcdPod) -> Result<String, BoxError> {
+    let attempt = async {
+        let req = Request::builder()
+            .uri(format!("http://{}:{}/version", pod.name, pod.port))
+            .header(header::HOST, format!("{}:{}", pod.name, pod.port))
+            .version(Version::HTTP_11)
+            .body(empty_body())?;
+        let resp = upstream.send(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            return Err(ProbeError(format!("GET /version answered {status}")).into());
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body)?;
+        let version = v.get("etcdserver").and_then(|s| s.as_str()).unwrap_or("?").to_owned();
+        if !version.starts_with("2.") {
+            warm_grpc(upstream, pod).await;
+        }
+        Ok::<_, BoxError>(version)
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(ProbeError(format!("no answer from {} within {PROBE_TIMEOUT:?}", pod.name)).into()),
+    }
+}
+
+/// Opens the member's HTTP/2 connection ahead of the first gRPC call with a gRPC health check.
+async fn warm_grpc(upstream: &Upstream, pod: &EtcdPod) {
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://{}:{}/grpc.health.v1.Health/Check", pod.name, pod.port))
+        .version(Version::HTTP_2)
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header(header::TE, "trailers")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])).map_err(|never| match never {}).boxed());
+    let Ok(req) = req else { return };
+    match upstream.send(req).await {
+        Ok(resp) => {
+            let _ = resp.into_body().collect().await;
+        }
+        Err(e) => tracing::debug!(member = %pod.name, error = %one_line(&e), "gRPC warm-up failed"),
+    }
+}
+
+fn empty_body() -> UpstreamBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}

@@ -1,0 +1,90 @@
+//! The command line, as clap sees it. Parsing is not configuration: [`crate::config`] turns
+//! these flags into a validated [`crate::config::Config`]. Doc comments are the `--help` text.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Parser};
+
+/// One stable local etcd endpoint into a Kubernetes cluster.
+///
+/// etcd-proxy finds the etcd pods in a namespace, tunnels to them through the Kubernetes
+/// port-forward API and serves etcd's v3 (gRPC and JSON) and v2 APIs on a local port. It
+/// rewrites the member client URLs etcd advertises, so `etcdctl member list`,
+/// `etcdctl ... --cluster` and v2 endpoint sync keep talking to the proxy.
+///
+/// Every member also gets its own local port, pinned to that member.
+#[derive(Debug, Parser)]
+#[command(name = "etcd-proxy", version, max_term_width = 100)]
+#[command(group(ArgGroup::new("target").args(["statefulset", "service", "selector", "pod"])))]
+#[command(after_help = "EXAMPLES:\n  \
+    etcd-proxy --context aks-admin -n etcd\n  \
+    etcdctl --endpoints localhost:4001 member list\n  \
+    ETCDCTL_API=2 etcdctl --endpoints http://localhost:4001 ls /")]
+pub struct Cli {
+    /// Path to the kubeconfig file [default: $KUBECONFIG, else ~/.kube/config].
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The kubeconfig context to use [default: the current context].
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+
+    /// Namespace of the etcd pods [default: the context's namespace, else "default"].
+    #[arg(short = 'n', long, value_name = "NS")]
+    pub namespace: Option<String>,
+
+    /// Use the pods of this StatefulSet.
+    #[arg(long, value_name = "NAME", help_heading = "Target (default: auto-detect)")]
+    pub statefulset: Option<String>,
+
+    /// Use the pods selected by this Service.
+    #[arg(long, value_name = "NAME", help_heading = "Target (default: auto-detect)")]
+    pub service: Option<String>,
+
+    /// Use the pods matching this label selector, e.g. `app=etcd`.
+    #[arg(short = 'l', long, value_name = "SEL", help_heading = "Target (default: auto-detect)")]
+    pub selector: Option<String>,
+
+    /// Use this one pod.
+    #[arg(long, value_name = "NAME", help_heading = "Target (default: auto-detect)")]
+    pub pod: Option<String>,
+
+    /// etcd's client port inside the pods [default: the container port named `client`, else
+    /// 2379, else 4001].
+    #[arg(long, value_name = "PORT")]
+    pub remote_port: Option<u16>,
+
+    /// Local address of the cluster endpoint, which spreads requests over the ready members.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4001")]
+    pub listen: SocketAddr,
+
+    /// First local port of the per-member endpoints; member N listens on this port + N.
+    /// 0 picks free ports [default: the --listen port + 1, or 0 when --listen uses port 0].
+    #[arg(long, value_name = "PORT")]
+    pub member_ports: Option<u16>,
+
+    /// Log filter, e.g. `debug` or `etcd_proxy=trace` [env: ETCD_PROXY_LOG, RUST_LOG].
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn targets_are_exclusive() {
+        let err = Cli::try_parse_from(["etcd-proxy", "--pod", "a", "-l", "app=etcd"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let ok = Cli::try_parse_from(["etcd-proxy", "-n", "x", "--statefulset", "etcd"]).unwrap();
+        assert_eq!(ok.statefulset.as_deref(), Some("etcd"));
+        assert_eq!(ok.listen.port(), 4001);
+    }
+}

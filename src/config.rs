@@ -1,0 +1,160 @@
+//! The validated configuration the proxy runs with, built from the command line.
+//!
+//! Everything a flag combination can get wrong is caught here, before any network IO, with a
+//! message that says what to change.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::cli::Cli;
+
+/// How the etcd pods are found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A StatefulSet named `etcd`, else pods labelled `app=etcd` or
+    /// `app.kubernetes.io/name=etcd`, else pods running an etcd image.
+    Auto,
+    /// The pods of this StatefulSet (its `spec.selector`).
+    StatefulSet(String),
+    /// The pods this Service selects.
+    Service(String),
+    /// Pods matching a label selector.
+    Selector(String),
+    /// One pod by name.
+    Pod(String),
+}
+
+/// Where the per-member endpoints listen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberPorts {
+    /// Member N on `base + N`.
+    From(u16),
+    /// Free ports chosen by the OS.
+    Ephemeral,
+}
+
+/// The proxy's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Explicit kubeconfig path; `None` means `$KUBECONFIG` or `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Context override.
+    pub context: Option<String>,
+    /// Namespace override.
+    pub namespace: Option<String>,
+    /// How to find the pods.
+    pub target: Target,
+    /// etcd's port in the pod, if given.
+    pub remote_port: Option<u16>,
+    /// The cluster endpoint.
+    pub listen: SocketAddr,
+    /// The per-member endpoints.
+    pub member_ports: MemberPorts,
+}
+
+/// A flag combination that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Empty names would select nothing.
+    #[error("--{flag} needs a non-empty value")]
+    Empty {
+        /// The flag.
+        flag: &'static str,
+    },
+    /// Member ports would overflow.
+    #[error("--member-ports {base} leaves no room for the members (ports stop at 65535)")]
+    MemberPortsOverflow {
+        /// The base port.
+        base: u16,
+    },
+    /// A wildcard or remote listen address (TLS and auth arrive later).
+    #[error(
+        "refusing to listen on {addr}: etcd-proxy serves etcd without TLS or authentication, \
+         so it only listens on loopback (e.g. --listen 127.0.0.1:4001)"
+    )]
+    NotLoopback {
+        /// The address.
+        addr: SocketAddr,
+    },
+}
+
+impl TryFrom<Cli> for Config {
+    type Error = Error;
+
+    fn try_from(cli: Cli) -> Result<Self, Error> {
+        let target = match (cli.statefulset, cli.service, cli.selector, cli.pod) {
+            (Some(s), ..) => Target::StatefulSet(non_empty(s, "statefulset")?),
+            (_, Some(s), ..) => Target::Service(non_empty(s, "service")?),
+            (_, _, Some(s), _) => Target::Selector(non_empty(s, "selector")?),
+            (.., Some(p)) => Target::Pod(non_empty(p, "pod")?),
+            _ => Target::Auto,
+        };
+        if !cli.listen.ip().is_loopback() {
+            return Err(Error::NotLoopback { addr: cli.listen });
+        }
+        let member_ports = match cli.member_ports {
+            Some(0) => MemberPorts::Ephemeral,
+            Some(base) => MemberPorts::From(base),
+            None if cli.listen.port() == 0 => MemberPorts::Ephemeral,
+            None => MemberPorts::From(
+                cli.listen.port().checked_add(1).ok_or(Error::MemberPortsOverflow { base: 65535 })?,
+            ),
+        };
+        if let MemberPorts::From(base) = member_ports {
+            if base == u16::MAX {
+                return Err(Error::MemberPortsOverflow { base });
+            }
+        }
+        Ok(Config {
+            kubeconfig: cli.kubeconfig,
+            context: cli.context.filter(|c| !c.is_empty()),
+            namespace: cli.namespace.filter(|n| !n.is_empty()),
+            target,
+            remote_port: cli.remote_port,
+            listen: cli.listen,
+            member_ports,
+        })
+    }
+}
+
+fn non_empty(s: String, flag: &'static str) -> Result<String, Error> {
+    if s.trim().is_empty() {
+        Err(Error::Empty { flag })
+    } else {
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn cfg(args: &[&str]) -> Result<Config, Error> {
+        let mut v = vec!["etcd-proxy"];
+        v.extend_from_slice(args);
+        Config::try_from(Cli::try_parse_from(v).unwrap())
+    }
+
+    #[test]
+    fn member_ports_follow_the_listen_port() {
+        assert_eq!(cfg(&[]).unwrap().member_ports, MemberPorts::From(4002));
+        assert_eq!(cfg(&["--listen", "127.0.0.1:0"]).unwrap().member_ports, MemberPorts::Ephemeral);
+        assert_eq!(cfg(&["--member-ports", "5000"]).unwrap().member_ports, MemberPorts::From(5000));
+        assert!(matches!(cfg(&["--listen", "127.0.0.1:65535"]), Err(Error::MemberPortsOverflow { .. })));
+    }
+
+    #[test]
+    fn off_host_listeners_are_refused() {
+        let err = cfg(&["--listen", "0.0.0.0:4001"]).unwrap_err();
+        assert!(err.to_string().contains("only listens on loopback"), "{err}");
+        assert!(cfg(&["--listen", "[::1]:4001"]).is_ok());
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(cfg(&[]).unwrap().target, Target::Auto);
+        assert_eq!(cfg(&["-l", "app=x"]).unwrap().target, Target::Selector("app=x".into()));
+        assert!(matches!(cfg(&["--pod", " "]), Err(Error::Empty { flag: "pod" })));
+    }
+}

@@ -1,0 +1,44 @@
+//! # etcd-proxy
+//!
+//! One stable, local etcd endpoint into a Kubernetes cluster. etcd-proxy tunnels to the etcd
+//! pods through the Kubernetes port-forward API and serves etcd's protocols at L7, rewriting
+//! the member client URLs etcd advertises (in-cluster DNS names a laptop cannot resolve) into
+//! local endpoints, so clients that sync endpoints from the member list keep using the proxy.
+//!
+//! ## Data flow
+//!
+//! ```text
+//!  etcdctl / clients
+//!       │ TCP: HTTP/2 prior knowledge (gRPC) or HTTP/1.1 (v2, JSON gateway)
+//!       ▼
+//!  listener ──► router ──► proxy ──► rewrite ──► upstream pool ──► k8s::tunnel ──► etcd pod
+//!  (accept,     (gRPC or   (forward,  (Member*    (one h2 conn      (kube-rs
+//!   h1/h2)       HTTP;      stream)    responses,  per member for    port-forward)
+//!                member)               v2, gw)     gRPC; h1 pool)
+//!       ▲                                                            ▲
+//!       └────────── k8s::discovery (list/watch pods → members) ──────┘
+//! ```
+//!
+//! ## Layout
+//!
+//! * [`cli`] → [`config`]: flags, then a validated configuration.
+//! * [`app`]: the composition root; the only module that wires the others.
+//! * [`listener`]: local endpoints (cluster and one per member), a span per connection.
+//! * [`router`]: protocol class, rewrite needed, member choice.
+//! * [`proxy`]: the per-request pipeline and protocol-correct errors.
+//! * [`rewrite`]: pure byte-exact rewriting of member URLs (gRPC, v2, gateway).
+//! * [`upstream`]: pooled HTTP/2 and HTTP/1.1 connections over a dialer seam.
+//! * [`k8s`]: kubeconfig, pod discovery, port-forward tunnels.
+//! * [`telemetry`], [`shutdown`]: logging and signals.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod k8s;
+pub mod listener;
+pub mod proxy;
+pub mod rewrite;
+pub mod router;
+pub mod shutdown;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,167 @@
+//! Rewriting the member client URLs that etcd advertises.
+//!
+//! etcd members publish `--advertise-client-urls` through raft, so every client sees the same
+//! in-cluster names (`http://etcd-0.etcd.ns.svc.cluster.local:2379`) that a laptop cannot
+//! resolve. Clients that sync endpoints from the member list (etcdctl v2, clientv3 `AutoSync`,
+//! `etcdctl ... --cluster`) would leave the proxy for those names. This module replaces each
+//! member's client URLs with the one local endpoint that is pinned to that member.
+//!
+//! It is pure: bytes in, bytes out, no IO, no Kubernetes. The caller builds an [`AddrMap`] from
+//! discovery and logs the [`Rewritten::unmapped`] members.
+//!
+//! * [`grpc`]: byte-exact protobuf rewrite of `etcdserverpb.Cluster/Member*` responses.
+//! * [`v2`]: `/v2/members`, `/v2/members/leader`, `/v2/machines`.
+//! * [`gateway`]: the v3 JSON gateway's `/v3/cluster/member/*`.
+
+pub mod gateway;
+pub mod grpc;
+mod json;
+mod protowire;
+pub mod v2;
+
+use bytes::Bytes;
+
+/// What can go wrong while rewriting a response body.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The protobuf message ended in the middle of a field.
+    #[error("truncated protobuf message at byte {at}")]
+    Truncated {
+        /// Offset where more bytes were needed.
+        at: usize,
+    },
+    /// A varint ran past ten bytes.
+    #[error("malformed varint at byte {at}")]
+    BadVarint {
+        /// Offset of the varint.
+        at: usize,
+    },
+    /// A wire type that proto3 messages never use (groups) or that does not exist.
+    #[error("unsupported protobuf wire type {wire_type} at byte {at}")]
+    BadWireType {
+        /// The wire type found.
+        wire_type: u8,
+        /// Offset of the key.
+        at: usize,
+    },
+    /// The gRPC body is not a whole sequence of length-prefixed messages.
+    #[error("truncated gRPC frame: {0} trailing bytes do not form a whole message")]
+    TruncatedFrame(usize),
+    /// A gRPC message was compressed (flag 1); we pass such bodies through untouched.
+    #[error("gRPC message is compressed")]
+    Compressed,
+    /// A JSON body that was not the JSON etcd sends.
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    /// A text body that is not UTF-8.
+    #[error("body is not UTF-8")]
+    NotUtf8,
+}
+
+/// One member's local endpoint, as the proxy serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    /// The pod that backs the member (member name = pod name in a StatefulSet).
+    pub pod: String,
+    /// The pod's IP, if known: members advertising IP URLs map through it.
+    pub pod_ip: Option<String>,
+    /// The URL the client should use for this member, e.g. `http://127.0.0.1:4002`.
+    pub url: String,
+}
+
+/// Maps advertised members and URLs to the local endpoints that reach them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddrMap {
+    endpoints: Vec<LocalEndpoint>,
+}
+
+/// A rewritten body, and the names of members that could not be mapped (kept as they were).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    /// The new body.
+    pub body: Bytes,
+    /// Members whose URLs were left alone because no pod matched them (name, or first URL).
+    pub unmapped: Vec<String>,
+}
+
+impl AddrMap {
+    /// A map over these endpoints.
+    pub fn new(endpoints: Vec<LocalEndpoint>) -> Self {
+        Self { endpoints }
+    }
+
+    /// The local URL for a member: by name first (a StatefulSet names members after pods),
+    /// then by the host of any advertised URL (pod-name prefix of a DNS name, or pod IP).
+    pub fn local_for_member(&self, name: &str, client_urls: &[&str]) -> Option<&str> {
+        if !name.is_empty() {
+            if let Some(e) = self.endpoints.iter().find(|e| e.pod == name) {
+                return Some(&e.url);
+            }
+        }
+        client_urls.iter().find_map(|u| self.local_for_url(u))
+    }
+
+    /// The local URL for one advertised client URL, by its host.
+    pub fn local_for_url(&self, url: &str) -> Option<&str> {
+        let host = url_host(url)?;
+        let first_label = host.split('.').next().unwrap_or(host);
+        self.endpoints
+            .iter()
+            .find(|e| e.pod_ip.as_deref() == Some(host) || e.pod == host || e.pod == first_label)
+            .map(|e| e.url.as_str())
+    }
+}
+
+/// The host of `scheme://host[:port][/...]`, without brackets for IPv6.
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split_once(']').map(|(h, _)| h);
+    }
+    let host = authority.split_once(':').map_or(authority, |(h, _)| h);
+    (!host.is_empty()).then_some(host)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The map the tests use: three pods, each with a local endpoint.
+    pub(crate) fn three_pods() -> AddrMap {
+        AddrMap::new(
+            (0..3)
+                .map(|i| LocalEndpoint {
+                    pod: format!("etcd-{i}"),
+                    pod_ip: Some(format!("10.244.0.{}", 10 + i)),
+                    url: format!("http://127.0.0.1:{}", 4002 + i),
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn maps_by_name_then_dns_prefix_then_ip() {
+        let m = three_pods();
+        assert_eq!(m.local_for_member("etcd-1", &[]), Some("http://127.0.0.1:4003"));
+        assert_eq!(
+            m.local_for_member("", &["http://etcd-2.etcd.etcd.svc.cluster.local:2379"]),
+            Some("http://127.0.0.1:4004")
+        );
+        assert_eq!(
+            m.local_for_member("infra0", &["https://10.244.0.10:2379"]),
+            Some("http://127.0.0.1:4002")
+        );
+        assert_eq!(m.local_for_member("other", &["http://db-0.x:2379"]), None);
+        assert_eq!(m.local_for_url("http://[::1]:2379"), None);
+    }
+
+    #[test]
+    fn url_host_handles_ports_paths_and_ipv6() {
+        assert_eq!(url_host("http://a.b:1/x"), Some("a.b"));
+        assert_eq!(url_host("https://[fd00::1]:2379"), Some("fd00::1"));
+        assert_eq!(url_host("unix://sock"), Some("sock"));
+        assert_eq!(url_host("http://"), None);
+    }
+}

@@ -1,0 +1,25 @@
+//! Logging: `tracing` to stderr, so stdout carries only the startup summary a user (or a
+//! script) reads. The filter comes from `--log`, else `ETCD_PROXY_LOG`, else `RUST_LOG`, else
+//! `etcd_proxy=info,warn`.
+
+use tracing_subscriber::EnvFilter;
+
+const DEFAULT_FILTER: &str = "etcd_proxy=info,warn";
+
+/// Installs the global subscriber.
+pub fn init(filter: Option<&str>) {
+    let spec = filter
+        .map(str::to_owned)
+        .or_else(|| std::env::var("ETCD_PROXY_LOG").ok())
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| DEFAULT_FILTER.to_owned());
+    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        eprintln!("etcd-proxy: ignoring log filter {spec:?}: {e}");
+        EnvFilter::new(DEFAULT_FILTER)
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
