@@ -75,7 +75,12 @@ impl fmt::Display for Summary {
             names.join(" "),
             self.context
         )?;
-        let width = names.iter().map(|s| s.len()).max().unwrap_or(0).max("cluster".len());
+        let width = names
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(0)
+            .max("cluster".len());
         write!(f, "  {:width$}  {}", "cluster", self.cluster_url)?;
         for (name, url, note) in &self.members {
             write!(f, "\n  {name:width$}  {url}  {note}")?;
@@ -98,13 +103,29 @@ pub struct Running {
 
 /// Connects to Kubernetes, finds the pods, binds the endpoints and probes each member.
 pub async fn start(cfg: Config) -> Result<Running, Error> {
-    let kube = k8s::connect(cfg.kubeconfig.as_ref(), cfg.context.as_deref(), cfg.namespace.as_deref()).await?;
+    let kube = k8s::connect(
+        cfg.kubeconfig.as_ref(),
+        cfg.context.as_deref(),
+        cfg.namespace.as_deref(),
+    )
+    .await?;
     let discovery = Discovery::new(kube.client.clone(), &kube.namespace, cfg.remote_port);
     let (resolved, pods) = discovery.find(&cfg.target).await?;
 
     let cluster = listener::bind(cfg.listen).await?;
-    let cluster_url = url_of(cluster.local_addr().map_err(|source| listener::Error::Bind { addr: cfg.listen, source })?);
-    let mut endpoints = vec![Endpoint { listener: cluster, name: Arc::from("cluster"), pinned: None }];
+    let cluster_url = url_of(
+        cluster
+            .local_addr()
+            .map_err(|source| listener::Error::Bind {
+                addr: cfg.listen,
+                source,
+            })?,
+    );
+    let mut endpoints = vec![Endpoint {
+        listener: cluster,
+        name: Arc::from("cluster"),
+        pinned: None,
+    }];
     let mut local = Vec::new();
     for (i, pod) in pods.iter().enumerate() {
         let port = match cfg.member_ports {
@@ -113,19 +134,33 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         };
         let addr = SocketAddr::new(cfg.listen.ip(), port);
         let l = listener::bind(addr).await?;
-        let url = url_of(l.local_addr().map_err(|source| listener::Error::Bind { addr, source })?);
+        let url = url_of(
+            l.local_addr()
+                .map_err(|source| listener::Error::Bind { addr, source })?,
+        );
         local.push((pod.name.clone(), url));
         let name: Arc<str> = Arc::from(pod.name.as_str());
-        endpoints.push(Endpoint { listener: l, name: name.clone(), pinned: Some(name) });
+        endpoints.push(Endpoint {
+            listener: l,
+            name: name.clone(),
+            pinned: Some(name),
+        });
     }
 
     let (pods_tx, pods_rx) = watch::channel(Arc::new(pods.clone()));
     let (map_tx, map_rx) = watch::channel(Arc::new(addr_map(&pods, &local)));
-    let upstream = Upstream::new(Arc::new(TunnelDial(tunnel::Tunneler::new(kube.client.clone(), &kube.namespace))));
+    let upstream = Upstream::new(Arc::new(TunnelDial(tunnel::Tunneler::new(
+        kube.client.clone(),
+        &kube.namespace,
+    ))));
     let proxy = Proxy::new(upstream.clone(), Backends::new(pods_rx), map_rx);
 
     let notes = probe_all(&upstream, &pods).await?;
-    let members = local.iter().zip(notes).map(|((name, url), note)| (name.clone(), url.clone(), note)).collect();
+    let members = local
+        .iter()
+        .zip(notes)
+        .map(|((name, url), note)| (name.clone(), url.clone(), note))
+        .collect();
     let summary = Summary {
         namespace: kube.namespace.clone(),
         target: resolved.description.clone(),
@@ -133,7 +168,16 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         cluster_url,
         members,
     };
-    Ok(Running { summary, endpoints, proxy, discovery, selection: resolved.selection, pods_tx, map_tx, local })
+    Ok(Running {
+        summary,
+        endpoints,
+        proxy,
+        discovery,
+        selection: resolved.selection,
+        pods_tx,
+        map_tx,
+        local,
+    })
 }
 
 impl Running {
@@ -147,10 +191,18 @@ impl Running {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         for endpoint in self.endpoints {
-            tasks.push(tokio::spawn(listener::serve(endpoint, self.proxy.clone(), stop_rx.clone())));
+            tasks.push(tokio::spawn(listener::serve(
+                endpoint,
+                self.proxy.clone(),
+                stop_rx.clone(),
+            )));
         }
         let watcher = tokio::spawn(self.discovery.watch(self.selection, self.pods_tx.clone()));
-        let map_task = tokio::spawn(follow_pods(self.pods_tx.subscribe(), self.map_tx, self.local));
+        let map_task = tokio::spawn(follow_pods(
+            self.pods_tx.subscribe(),
+            self.map_tx,
+            self.local,
+        ));
         shutdown.await;
         let _ = stop_tx.send(true);
         watcher.abort();
@@ -180,7 +232,10 @@ fn addr_map(pods: &[EtcdPod], local: &[(String, String)]) -> AddrMap {
             .iter()
             .map(|(name, url)| LocalEndpoint {
                 pod: name.clone(),
-                pod_ip: pods.iter().find(|p| &p.name == name).and_then(|p| p.ip.clone()),
+                pod_ip: pods
+                    .iter()
+                    .find(|p| &p.name == name)
+                    .and_then(|p| p.ip.clone()),
                 url: url.clone(),
             })
             .collect(),
@@ -220,7 +275,9 @@ async fn probe_all(upstream: &Upstream, pods: &[EtcdPod]) -> Result<Vec<String>,
                 notes.push(format!("(etcd {version})"));
             }
             Err(e) => {
-                if let Some(t @ tunnel::Error::Forbidden { .. }) = find_cause::<tunnel::Error>(e.as_ref()) {
+                if let Some(t @ tunnel::Error::Forbidden { .. }) =
+                    find_cause::<tunnel::Error>(e.as_ref())
+                {
                     return Err(Error::Unreachable(t.to_string()));
                 }
                 let msg = match find_cause::<tunnel::Error>(e.as_ref()) {
@@ -258,7 +315,11 @@ async fn probe(upstream: &Upstream, pod: &EtcdPod) -> Result<String, BoxError> {
             return Err(ProbeError(format!("GET /version answered {status}")).into());
         }
         let v: serde_json::Value = serde_json::from_slice(&body)?;
-        let version = v.get("etcdserver").and_then(|s| s.as_str()).unwrap_or("?").to_owned();
+        let version = v
+            .get("etcdserver")
+            .and_then(|s| s.as_str())
+            .unwrap_or("?")
+            .to_owned();
         if !version.starts_with("2.") {
             warm_grpc(upstream, pod).await;
         }
@@ -266,7 +327,11 @@ async fn probe(upstream: &Upstream, pod: &EtcdPod) -> Result<String, BoxError> {
     };
     match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(ProbeError(format!("no answer from {} within {PROBE_TIMEOUT:?}", pod.name)).into()),
+        Err(_) => Err(ProbeError(format!(
+            "no answer from {} within {PROBE_TIMEOUT:?}",
+            pod.name
+        ))
+        .into()),
     }
 }
 
@@ -274,11 +339,18 @@ async fn probe(upstream: &Upstream, pod: &EtcdPod) -> Result<String, BoxError> {
 async fn warm_grpc(upstream: &Upstream, pod: &EtcdPod) {
     let req = Request::builder()
         .method("POST")
-        .uri(format!("http://{}:{}/grpc.health.v1.Health/Check", pod.name, pod.port))
+        .uri(format!(
+            "http://{}:{}/grpc.health.v1.Health/Check",
+            pod.name, pod.port
+        ))
         .version(Version::HTTP_2)
         .header(header::CONTENT_TYPE, "application/grpc")
         .header(header::TE, "trailers")
-        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])).map_err(|never| match never {}).boxed());
+        .body(
+            Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
     let Ok(req) = req else { return };
     match upstream.send(req).await {
         Ok(resp) => {

@@ -35,19 +35,36 @@ pub struct Cli {
     pub namespace: Option<String>,
 
     /// Use the pods of this StatefulSet.
-    #[arg(long, value_name = "NAME", help_heading = "Target (default: auto-detect)")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        help_heading = "Target (default: auto-detect)"
+    )]
     pub statefulset: Option<String>,
 
     /// Use the pods selected by this Service.
-    #[arg(long, value_name = "NAME", help_heading = "Target (default: auto-detect)")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        help_heading = "Target (default: auto-detect)"
+    )]
     pub service: Option<String>,
 
     /// Use the pods matching this label selector, e.g. `app=etcd`.
-    #[arg(short = 'l', long, value_name = "SEL", help_heading = "Target (default: auto-detect)")]
+    #[arg(
+        short = 'l',
+        long,
+        value_name = "SEL",
+        help_heading = "Target (default: auto-detect)"
+    )]
     pub selector: Option<String>,
 
     /// Use this one pod.
-    #[arg(long, value_name = "NAME", help_heading = "Target (default: auto-detect)")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        help_heading = "Target (default: auto-detect)"
+    )]
     pub pod: Option<String>,
 
     /// etcd's client port inside the pods [default: the container port named `client`, else

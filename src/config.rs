@@ -97,7 +97,10 @@ impl TryFrom<Cli> for Config {
             Some(base) => MemberPorts::From(base),
             None if cli.listen.port() == 0 => MemberPorts::Ephemeral,
             None => MemberPorts::From(
-                cli.listen.port().checked_add(1).ok_or(Error::MemberPortsOverflow { base: 65535 })?,
+                cli.listen
+                    .port()
+                    .checked_add(1)
+                    .ok_or(Error::MemberPortsOverflow { base: 65535 })?,
             ),
         };
         if let MemberPorts::From(base) = member_ports {
@@ -139,22 +142,40 @@ mod tests {
     #[test]
     fn member_ports_follow_the_listen_port() {
         assert_eq!(cfg(&[]).unwrap().member_ports, MemberPorts::From(4002));
-        assert_eq!(cfg(&["--listen", "127.0.0.1:0"]).unwrap().member_ports, MemberPorts::Ephemeral);
-        assert_eq!(cfg(&["--member-ports", "5000"]).unwrap().member_ports, MemberPorts::From(5000));
-        assert!(matches!(cfg(&["--listen", "127.0.0.1:65535"]), Err(Error::MemberPortsOverflow { .. })));
+        assert_eq!(
+            cfg(&["--listen", "127.0.0.1:0"]).unwrap().member_ports,
+            MemberPorts::Ephemeral
+        );
+        assert_eq!(
+            cfg(&["--member-ports", "5000"]).unwrap().member_ports,
+            MemberPorts::From(5000)
+        );
+        assert!(matches!(
+            cfg(&["--listen", "127.0.0.1:65535"]),
+            Err(Error::MemberPortsOverflow { .. })
+        ));
     }
 
     #[test]
     fn off_host_listeners_are_refused() {
         let err = cfg(&["--listen", "0.0.0.0:4001"]).unwrap_err();
-        assert!(err.to_string().contains("only listens on loopback"), "{err}");
+        assert!(
+            err.to_string().contains("only listens on loopback"),
+            "{err}"
+        );
         assert!(cfg(&["--listen", "[::1]:4001"]).is_ok());
     }
 
     #[test]
     fn targets() {
         assert_eq!(cfg(&[]).unwrap().target, Target::Auto);
-        assert_eq!(cfg(&["-l", "app=x"]).unwrap().target, Target::Selector("app=x".into()));
-        assert!(matches!(cfg(&["--pod", " "]), Err(Error::Empty { flag: "pod" })));
+        assert_eq!(
+            cfg(&["-l", "app=x"]).unwrap().target,
+            Target::Selector("app=x".into())
+        );
+        assert!(matches!(
+            cfg(&["--pod", " "]),
+            Err(Error::Empty { flag: "pod" })
+        ));
     }
 }

@@ -58,21 +58,49 @@ struct Inner {
 
 impl Proxy {
     /// A proxy forwarding through `upstream` to the members `backends` picks.
-    pub fn new(upstream: Upstream, backends: Backends, addr_map: watch::Receiver<Arc<AddrMap>>) -> Self {
-        Self { inner: Arc::new(Inner { upstream, backends, addr_map }) }
+    pub fn new(
+        upstream: Upstream,
+        backends: Backends,
+        addr_map: watch::Receiver<Arc<AddrMap>>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                upstream,
+                backends,
+                addr_map,
+            }),
+        }
     }
 
     /// Serves one request; `pinned` names the member of a per-member endpoint.
-    pub async fn handle(&self, pinned: Option<&str>, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    pub async fn handle(
+        &self,
+        pinned: Option<&str>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let route = router::classify(&req);
         let pod = match self.inner.backends.pick(pinned) {
             Ok(pod) => pod,
-            Err(e) => return Ok(error_response(route.class, StatusCode::SERVICE_UNAVAILABLE, GRPC_UNAVAILABLE, &e.to_string())),
+            Err(e) => {
+                return Ok(error_response(
+                    route.class,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    GRPC_UNAVAILABLE,
+                    &e.to_string(),
+                ))
+            }
         };
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let up_req = match upstream_request(req, route.class, &pod.name, pod.port) {
             Ok(r) => r,
-            Err(e) => return Ok(error_response(route.class, StatusCode::BAD_REQUEST, GRPC_INTERNAL, &e.to_string())),
+            Err(e) => {
+                return Ok(error_response(
+                    route.class,
+                    StatusCode::BAD_REQUEST,
+                    GRPC_INTERNAL,
+                    &e.to_string(),
+                ))
+            }
         };
         let path = up_req.uri().path().to_owned();
         tracing::debug!(member = %pod.name, %path, class = ?route.class, "forwarding");
@@ -85,7 +113,12 @@ impl Proxy {
                 };
                 tracing::warn!(member = %pod.name, %path, error = %msg, "upstream request failed");
                 let msg = format!("etcd member {} unreachable: {msg}", pod.name);
-                return Ok(error_response(route.class, StatusCode::BAD_GATEWAY, GRPC_UNAVAILABLE, &msg));
+                return Ok(error_response(
+                    route.class,
+                    StatusCode::BAD_GATEWAY,
+                    GRPC_UNAVAILABLE,
+                    &msg,
+                ));
             }
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -100,7 +133,12 @@ impl Proxy {
     }
 
     /// Streams the response, or rewrites it if the route says so.
-    async fn respond(&self, route: Route, path: &str, resp: Response<Incoming>) -> Response<ProxyBody> {
+    async fn respond(
+        &self,
+        route: Route,
+        path: &str,
+        resp: Response<Incoming>,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         let rewrite = route.rewrite.filter(|r| match r {
@@ -117,7 +155,12 @@ impl Proxy {
             Err(e) => {
                 tracing::warn!(%path, error = %e, "could not read the response to rewrite");
                 let msg = format!("etcd-proxy could not read the {path} response: {e}");
-                return error_response(route.class, StatusCode::BAD_GATEWAY, GRPC_UNAVAILABLE, &msg);
+                return error_response(
+                    route.class,
+                    StatusCode::BAD_GATEWAY,
+                    GRPC_UNAVAILABLE,
+                    &msg,
+                );
             }
         };
         let trailers = collected.trailers().cloned();
@@ -141,13 +184,16 @@ impl Proxy {
             }
             Err(e) => {
                 tracing::warn!(%path, error = %e, "malformed response from etcd");
-                let msg = format!("etcd-proxy could not rewrite the {path} response from etcd: {e}");
+                let msg =
+                    format!("etcd-proxy could not rewrite the {path} response from etcd: {e}");
                 return error_response(route.class, StatusCode::BAD_GATEWAY, GRPC_INTERNAL, &msg);
             }
         };
         parts.headers.remove(header::CONTENT_LENGTH);
         if route.class == Class::Http {
-            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         Response::from_parts(parts, with_trailers(body, trailers))
     }
@@ -168,7 +214,11 @@ fn upstream_request(
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let authority = format!("{pod}:{port}");
-    parts.uri = Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(path).build()?;
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()?;
     let upgrade = wants_upgrade(&parts.headers);
     let keep_te_trailers = class == Class::Grpc;
     strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -177,7 +227,9 @@ fn upstream_request(
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
             if keep_te_trailers {
-                parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+                parts
+                    .headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
             }
         }
         Class::Http => {
@@ -186,7 +238,10 @@ fn upstream_request(
             parts.headers.insert(header::HOST, host);
         }
     }
-    Ok(Request::from_parts(parts, body.map_err(BoxError::from).boxed()))
+    Ok(Request::from_parts(
+        parts,
+        body.map_err(BoxError::from).boxed(),
+    ))
 }
 
 /// Removes hop-by-hop headers and those named in `Connection`; keeps `Upgrade` and
@@ -221,7 +276,10 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
 /// Pipes bytes between an upgraded client connection (a JSON-gateway WebSocket) and etcd.
@@ -238,7 +296,9 @@ async fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgr
 }
 
 fn empty() -> ProxyBody {
-    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 fn with_trailers(data: Bytes, trailers: Option<HeaderMap>) -> ProxyBody {
@@ -255,7 +315,10 @@ fn error_response(class: Class, http: StatusCode, grpc: u8, msg: &str) -> Respon
         Class::Grpc => {
             let mut r = Response::new(empty());
             let h = r.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
             h.insert("grpc-status", HeaderValue::from(u16::from(grpc)));
             if let Ok(v) = HeaderValue::from_str(&percent_encode(msg)) {
                 h.insert("grpc-message", v);
@@ -263,14 +326,20 @@ fn error_response(class: Class, http: StatusCode, grpc: u8, msg: &str) -> Respon
             r
         }
         Class::Http => {
-            let body = Full::new(Bytes::from(format!("etcd-proxy: {msg}\n"))).map_err(|never| match never {}).boxed();
+            let body = Full::new(Bytes::from(format!("etcd-proxy: {msg}\n")))
+                .map_err(|never| match never {})
+                .boxed();
             let mut r = Response::new(body);
             *r.status_mut() = http;
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
             r
         }
     };
-    resp.headers_mut().insert("x-etcd-proxy-error", HeaderValue::from_static("1"));
+    resp.headers_mut()
+        .insert("x-etcd-proxy-error", HeaderValue::from_static("1"));
     resp
 }
 
@@ -294,7 +363,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go_and_upgrades_stay() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-private"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-etcd-index", HeaderValue::from_static("7"));
@@ -313,11 +385,24 @@ mod tests {
 
     #[test]
     fn grpc_errors_are_trailers_only_with_encoded_message() {
-        let r = error_response(Class::Grpc, StatusCode::BAD_GATEWAY, GRPC_UNAVAILABLE, "no ready member: 100% gone\n");
+        let r = error_response(
+            Class::Grpc,
+            StatusCode::BAD_GATEWAY,
+            GRPC_UNAVAILABLE,
+            "no ready member: 100% gone\n",
+        );
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()["grpc-status"], "14");
-        assert_eq!(r.headers()["grpc-message"], "no ready member: 100%25 gone%0A");
-        let r = error_response(Class::Http, StatusCode::SERVICE_UNAVAILABLE, GRPC_UNAVAILABLE, "x");
+        assert_eq!(
+            r.headers()["grpc-message"],
+            "no ready member: 100%25 gone%0A"
+        );
+        let r = error_response(
+            Class::Http,
+            StatusCode::SERVICE_UNAVAILABLE,
+            GRPC_UNAVAILABLE,
+            "x",
+        );
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

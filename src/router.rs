@@ -55,14 +55,22 @@ pub fn classify<B>(req: &Request<B>) -> Route {
             .is_some_and(|ct| ct.starts_with("application/grpc"));
     if is_grpc {
         let rewrite = ClusterMethod::from_path(path).map(Rewrite::Grpc);
-        return Route { class: Class::Grpc, rewrite };
+        return Route {
+            class: Class::Grpc,
+            rewrite,
+        };
     }
     let rewrite = match (req.method(), V2Route::from_path(path)) {
         (&Method::GET, Some(r)) => Some(Rewrite::V2(r)),
-        _ if req.method() == Method::POST && gateway::is_member_path(path) => Some(Rewrite::Gateway),
+        _ if req.method() == Method::POST && gateway::is_member_path(path) => {
+            Some(Rewrite::Gateway)
+        }
         _ => None,
     };
-    Route { class: Class::Http, rewrite }
+    Route {
+        class: Class::Http,
+        rewrite,
+    }
 }
 
 /// Chooses the member for a request.
@@ -86,19 +94,34 @@ pub enum PickError {
 impl Backends {
     /// Backends over the pod set discovery publishes.
     pub fn new(pods: watch::Receiver<Arc<Vec<EtcdPod>>>) -> Self {
-        Self { pods, next: Arc::new(AtomicUsize::new(0)) }
+        Self {
+            pods,
+            next: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// The pod for a request: the pinned one, or the next ready one round-robin.
     pub fn pick(&self, pinned: Option<&str>) -> Result<EtcdPod, PickError> {
         let pods = self.pods.borrow().clone();
         if let Some(name) = pinned {
-            return pods.iter().find(|p| p.name == name).cloned().ok_or_else(|| PickError::Gone(name.to_owned()));
+            return pods
+                .iter()
+                .find(|p| p.name == name)
+                .cloned()
+                .ok_or_else(|| PickError::Gone(name.to_owned()));
         }
         let ready: Vec<&EtcdPod> = pods.iter().filter(|p| p.ready).collect();
         if ready.is_empty() {
-            let names = pods.iter().map(|p| format!("{} not ready", p.name)).collect::<Vec<_>>().join(", ");
-            return Err(PickError::NoneReady(if names.is_empty() { "none".into() } else { names }));
+            let names = pods
+                .iter()
+                .map(|p| format!("{} not ready", p.name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(PickError::NoneReady(if names.is_empty() {
+                "none".into()
+            } else {
+                names
+            }));
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         Ok(ready[i % ready.len()].clone())
@@ -110,38 +133,82 @@ mod tests {
     use super::*;
 
     fn req(version: Version, method: Method, path: &str, ct: &str) -> Request<()> {
-        Request::builder().version(version).method(method).uri(path).header("content-type", ct).body(()).unwrap()
+        Request::builder()
+            .version(version)
+            .method(method)
+            .uri(path)
+            .header("content-type", ct)
+            .body(())
+            .unwrap()
     }
 
     #[test]
     fn classifies_like_etcds_cmux() {
-        let r = classify(&req(Version::HTTP_2, Method::POST, "/etcdserverpb.KV/Range", "application/grpc"));
-        assert_eq!(r, Route { class: Class::Grpc, rewrite: None });
-        let r = classify(&req(Version::HTTP_2, Method::POST, "/etcdserverpb.Cluster/MemberList", "application/grpc+proto"));
+        let r = classify(&req(
+            Version::HTTP_2,
+            Method::POST,
+            "/etcdserverpb.KV/Range",
+            "application/grpc",
+        ));
+        assert_eq!(
+            r,
+            Route {
+                class: Class::Grpc,
+                rewrite: None
+            }
+        );
+        let r = classify(&req(
+            Version::HTTP_2,
+            Method::POST,
+            "/etcdserverpb.Cluster/MemberList",
+            "application/grpc+proto",
+        ));
         assert_eq!(r.rewrite, Some(Rewrite::Grpc(ClusterMethod::List)));
         let r = classify(&req(Version::HTTP_2, Method::GET, "/health", "text/plain"));
-        assert_eq!(r.class, Class::Http, "h2 non-gRPC goes upstream as HTTP/1.1");
+        assert_eq!(
+            r.class,
+            Class::Http,
+            "h2 non-gRPC goes upstream as HTTP/1.1"
+        );
         let r = classify(&req(Version::HTTP_11, Method::GET, "/v2/machines", ""));
         assert_eq!(r.rewrite, Some(Rewrite::V2(V2Route::Machines)));
         let r = classify(&req(Version::HTTP_11, Method::PUT, "/v2/members", ""));
         assert_eq!(r.rewrite, None, "member writes are not rewritten");
-        let r = classify(&req(Version::HTTP_11, Method::POST, "/v3/cluster/member/list", "application/json"));
+        let r = classify(&req(
+            Version::HTTP_11,
+            Method::POST,
+            "/v3/cluster/member/list",
+            "application/json",
+        ));
         assert_eq!(r.rewrite, Some(Rewrite::Gateway));
     }
 
     fn pod(name: &str, ready: bool) -> EtcdPod {
-        EtcdPod { name: name.into(), ip: None, ready, port: 2379 }
+        EtcdPod {
+            name: name.into(),
+            ip: None,
+            ready,
+            port: 2379,
+        }
     }
 
     #[test]
     fn round_robin_over_ready_pods_and_pinning() {
-        let (_tx, rx) = watch::channel(Arc::new(vec![pod("a", true), pod("b", false), pod("c", true)]));
+        let (_tx, rx) = watch::channel(Arc::new(vec![
+            pod("a", true),
+            pod("b", false),
+            pod("c", true),
+        ]));
         let b = Backends::new(rx);
         let picks: Vec<String> = (0..4).map(|_| b.pick(None).unwrap().name).collect();
         assert_eq!(picks, ["a", "c", "a", "c"]);
         assert_eq!(b.pick(Some("b")).unwrap().name, "b");
         assert!(matches!(b.pick(Some("z")), Err(PickError::Gone(_))));
         let (_tx, rx) = watch::channel(Arc::new(vec![pod("a", false)]));
-        assert!(Backends::new(rx).pick(None).unwrap_err().to_string().contains("a not ready"));
+        assert!(Backends::new(rx)
+            .pick(None)
+            .unwrap_err()
+            .to_string()
+            .contains("a not ready"));
     }
 }

@@ -126,7 +126,11 @@ pub struct Discovery {
 impl Discovery {
     /// Discovery in `namespace`; `remote_port` overrides the port found in the pod spec.
     pub fn new(client: kube::Client, namespace: &str, remote_port: Option<u16>) -> Self {
-        Self { client, namespace: namespace.to_owned(), remote_port }
+        Self {
+            client,
+            namespace: namespace.to_owned(),
+            remote_port,
+        }
     }
 
     fn pods(&self) -> Api<Pod> {
@@ -136,17 +140,28 @@ impl Discovery {
     /// Resolves the target and lists its pods. Fails if there are none.
     pub async fn find(&self, target: &Target) -> Result<(Resolved, Vec<EtcdPod>), Error> {
         let candidates: Vec<Resolved> = match target {
-            Target::StatefulSet(name) => vec![self.statefulset(name).await?.ok_or_else(|| Error::NotFound {
-                kind: "statefulset",
-                name: name.clone(),
-                namespace: self.namespace.clone(),
-            })?],
+            Target::StatefulSet(name) => {
+                vec![self
+                    .statefulset(name)
+                    .await?
+                    .ok_or_else(|| Error::NotFound {
+                        kind: "statefulset",
+                        name: name.clone(),
+                        namespace: self.namespace.clone(),
+                    })?]
+            }
             Target::Service(name) => vec![self.service(name).await?],
             Target::Selector(sel) => {
-                vec![Resolved { selection: Selection::Labels(sel.clone()), description: format!("pods {sel}") }]
+                vec![Resolved {
+                    selection: Selection::Labels(sel.clone()),
+                    description: format!("pods {sel}"),
+                }]
             }
             Target::Pod(name) => {
-                vec![Resolved { selection: Selection::Name(name.clone()), description: format!("pod {name}") }]
+                vec![Resolved {
+                    selection: Selection::Name(name.clone()),
+                    description: format!("pod {name}"),
+                }]
             }
             Target::Auto => {
                 let mut c = Vec::new();
@@ -154,9 +169,15 @@ impl Discovery {
                     c.push(sts);
                 }
                 for sel in ["app=etcd", "app.kubernetes.io/name=etcd"] {
-                    c.push(Resolved { selection: Selection::Labels(sel.into()), description: format!("pods {sel}") });
+                    c.push(Resolved {
+                        selection: Selection::Labels(sel.into()),
+                        description: format!("pods {sel}"),
+                    });
                 }
-                c.push(Resolved { selection: Selection::Image, description: "pods running an etcd image".into() });
+                c.push(Resolved {
+                    selection: Selection::Image,
+                    description: "pods running an etcd image".into(),
+                });
                 c
             }
         };
@@ -171,7 +192,10 @@ impl Discovery {
         if matches!(target, Target::Auto) {
             tried.insert(0, "statefulset etcd".into());
         }
-        Err(Error::NoPods { namespace: self.namespace.clone(), tried: tried.join(", ") })
+        Err(Error::NoPods {
+            namespace: self.namespace.clone(),
+            tried: tried.join(", "),
+        })
     }
 
     /// The pods of a selection, sorted by StatefulSet ordinal, then name.
@@ -181,8 +205,12 @@ impl Discovery {
             .list(&list_params(selection))
             .await
             .map_err(|e| self.api_error("list", "pods", e))?;
-        let mut found: Vec<EtcdPod> =
-            pods.items.iter().filter(|p| selected(selection, p)).filter_map(|p| self.to_etcd_pod(p)).collect();
+        let mut found: Vec<EtcdPod> = pods
+            .items
+            .iter()
+            .filter(|p| selected(selection, p))
+            .filter_map(|p| self.to_etcd_pod(p))
+            .collect();
         sort_pods(&mut found);
         Ok(found)
     }
@@ -192,10 +220,14 @@ impl Discovery {
     pub async fn watch(self, selection: Selection, tx: watch::Sender<Arc<Vec<EtcdPod>>>) {
         let config = match &selection {
             Selection::Labels(sel) => watcher::Config::default().labels(sel),
-            Selection::Name(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
+            Selection::Name(name) => {
+                watcher::Config::default().fields(&format!("metadata.name={name}"))
+            }
             Selection::Image => watcher::Config::default(),
         };
-        let mut stream = watcher::watcher(self.pods(), config).default_backoff().boxed();
+        let mut stream = watcher::watcher(self.pods(), config)
+            .default_backoff()
+            .boxed();
         let mut current: BTreeMap<String, EtcdPod> = BTreeMap::new();
         let mut initial: BTreeMap<String, EtcdPod> = BTreeMap::new();
         while let Some(event) = stream.next().await {
@@ -214,11 +246,15 @@ impl Discovery {
                     current = std::mem::take(&mut initial);
                     true
                 }
-                Ok(Event::Apply(p)) => match self.to_etcd_pod(&p).filter(|_| selected(&selection, &p)) {
-                    Some(e) => current.insert(e.name.clone(), e.clone()) != Some(e),
-                    None => false,
-                },
-                Ok(Event::Delete(p)) => current.remove(p.metadata.name.as_deref().unwrap_or_default()).is_some(),
+                Ok(Event::Apply(p)) => {
+                    match self.to_etcd_pod(&p).filter(|_| selected(&selection, &p)) {
+                        Some(e) => current.insert(e.name.clone(), e.clone()) != Some(e),
+                        None => false,
+                    }
+                }
+                Ok(Event::Delete(p)) => current
+                    .remove(p.metadata.name.as_deref().unwrap_or_default())
+                    .is_some(),
                 Err(e) => {
                     tracing::warn!(error = %e, "pod watch failed; retrying");
                     false
@@ -227,7 +263,11 @@ impl Discovery {
             if changed {
                 let mut pods: Vec<EtcdPod> = current.values().cloned().collect();
                 sort_pods(&mut pods);
-                tracing::debug!(ready = pods.iter().filter(|p| p.ready).count(), total = pods.len(), "pods changed");
+                tracing::debug!(
+                    ready = pods.iter().filter(|p| p.ready).count(),
+                    total = pods.len(),
+                    "pods changed"
+                );
                 tx.send_replace(Arc::new(pods));
             }
         }
@@ -235,12 +275,22 @@ impl Discovery {
 
     async fn statefulset(&self, name: &str) -> Result<Option<Resolved>, Error> {
         let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &self.namespace);
-        let Some(sts) = api.get_opt(name).await.map_err(|e| self.api_error("get", "statefulsets", e))? else {
+        let Some(sts) = api
+            .get_opt(name)
+            .await
+            .map_err(|e| self.api_error("get", "statefulsets", e))?
+        else {
             return Ok(None);
         };
-        let labels = sts.spec.and_then(|s| s.selector.match_labels).unwrap_or_default();
+        let labels = sts
+            .spec
+            .and_then(|s| s.selector.match_labels)
+            .unwrap_or_default();
         if labels.is_empty() {
-            return Err(Error::NoSelector { kind: "statefulset", name: name.to_owned() });
+            return Err(Error::NoSelector {
+                kind: "statefulset",
+                name: name.to_owned(),
+            });
         }
         Ok(Some(Resolved {
             selection: Selection::Labels(join_labels(&labels)),
@@ -250,14 +300,26 @@ impl Discovery {
 
     async fn service(&self, name: &str) -> Result<Resolved, Error> {
         let api: Api<Service> = Api::namespaced(self.client.clone(), &self.namespace);
-        let svc = api.get_opt(name).await.map_err(|e| self.api_error("get", "services", e))?.ok_or_else(|| {
-            Error::NotFound { kind: "service", name: name.to_owned(), namespace: self.namespace.clone() }
-        })?;
+        let svc = api
+            .get_opt(name)
+            .await
+            .map_err(|e| self.api_error("get", "services", e))?
+            .ok_or_else(|| Error::NotFound {
+                kind: "service",
+                name: name.to_owned(),
+                namespace: self.namespace.clone(),
+            })?;
         let labels = svc.spec.and_then(|s| s.selector).unwrap_or_default();
         if labels.is_empty() {
-            return Err(Error::NoSelector { kind: "service", name: name.to_owned() });
+            return Err(Error::NoSelector {
+                kind: "service",
+                name: name.to_owned(),
+            });
         }
-        Ok(Resolved { selection: Selection::Labels(join_labels(&labels)), description: format!("service {name}") })
+        Ok(Resolved {
+            selection: Selection::Labels(join_labels(&labels)),
+            description: format!("service {name}"),
+        })
     }
 
     fn to_etcd_pod(&self, pod: &Pod) -> Option<EtcdPod> {
@@ -278,8 +340,18 @@ impl Discovery {
     fn api_error(&self, verb: &'static str, resource: &'static str, e: kube::Error) -> Error {
         let namespace = self.namespace.clone();
         match super::api_status(&e) {
-            Some((403, message)) => Error::Forbidden { verb, resource, namespace, message: message.to_owned() },
-            _ => Error::Api { verb, resource, namespace, source: e },
+            Some((403, message)) => Error::Forbidden {
+                verb,
+                resource,
+                namespace,
+                message: message.to_owned(),
+            },
+            _ => Error::Api {
+                verb,
+                resource,
+                namespace,
+                source: e,
+            },
         }
     }
 }
@@ -296,7 +368,9 @@ fn list_params(selection: &Selection) -> ListParams {
 fn selected(selection: &Selection, pod: &Pod) -> bool {
     match selection {
         Selection::Image => pod.spec.as_ref().is_some_and(|s| {
-            s.containers.iter().any(|c| c.image.as_deref().is_some_and(is_etcd_image))
+            s.containers
+                .iter()
+                .any(|c| c.image.as_deref().is_some_and(is_etcd_image))
         }),
         _ => true,
     }
@@ -332,7 +406,11 @@ fn client_port(pod: &Pod) -> u16 {
 }
 
 fn join_labels(labels: &BTreeMap<String, String>) -> String {
-    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// StatefulSet ordinal order (`etcd-2` before `etcd-10`), then name.
@@ -374,18 +452,39 @@ mod tests {
 
     #[test]
     fn client_port_prefers_the_named_port_then_2379_then_4001() {
-        assert_eq!(client_port(&pod_with_ports(&[(Some("peer"), 2380), (Some("client"), 12379)])), 12379);
-        assert_eq!(client_port(&pod_with_ports(&[(None, 4001), (None, 2379)])), 2379);
-        assert_eq!(client_port(&pod_with_ports(&[(None, 4001), (None, 7001)])), 4001);
+        assert_eq!(
+            client_port(&pod_with_ports(&[
+                (Some("peer"), 2380),
+                (Some("client"), 12379)
+            ])),
+            12379
+        );
+        assert_eq!(
+            client_port(&pod_with_ports(&[(None, 4001), (None, 2379)])),
+            2379
+        );
+        assert_eq!(
+            client_port(&pod_with_ports(&[(None, 4001), (None, 7001)])),
+            4001
+        );
         assert_eq!(client_port(&pod_with_ports(&[])), 2379);
     }
 
     #[test]
     fn etcd_images() {
-        for yes in ["quay.io/coreos/etcd:v2.3.8", "registry.k8s.io/etcd:3.5.9-0", "etcd", "bitnami/etcd@sha256:ab"] {
+        for yes in [
+            "quay.io/coreos/etcd:v2.3.8",
+            "registry.k8s.io/etcd:3.5.9-0",
+            "etcd",
+            "bitnami/etcd@sha256:ab",
+        ] {
             assert!(is_etcd_image(yes), "{yes}");
         }
-        for no in ["nginx", "etcd-operator-x/nginx", "quay.io/coreos/etcdctl-helper"] {
+        for no in [
+            "nginx",
+            "etcd-operator-x/nginx",
+            "quay.io/coreos/etcdctl-helper",
+        ] {
             assert!(!is_etcd_image(no), "{no}");
         }
     }
@@ -394,7 +493,12 @@ mod tests {
     fn pods_sort_by_ordinal() {
         let mut pods: Vec<EtcdPod> = ["etcd-10", "etcd-2", "etcd-0"]
             .iter()
-            .map(|n| EtcdPod { name: (*n).into(), ip: None, ready: true, port: 2379 })
+            .map(|n| EtcdPod {
+                name: (*n).into(),
+                ip: None,
+                ready: true,
+                port: 2379,
+            })
             .collect();
         sort_pods(&mut pods);
         let names: Vec<_> = pods.iter().map(|p| p.name.as_str()).collect();

@@ -38,7 +38,9 @@ pub enum Error {
         available: String,
     },
     /// Neither `--context` nor `current-context`.
-    #[error("the kubeconfig has no current-context; pick one with --context (available: {available})")]
+    #[error(
+        "the kubeconfig has no current-context; pick one with --context (available: {available})"
+    )]
     NoContext {
         /// The contexts that exist.
         available: String,
@@ -77,20 +79,44 @@ pub async fn connect(
         None => Kubeconfig::read(),
     }
     .map_err(kubeconfig_error)?;
-    let available = file.contexts.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ");
-    let context = match context.map(str::to_owned).or_else(|| file.current_context.clone()) {
+    let available = file
+        .contexts
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let context = match context
+        .map(str::to_owned)
+        .or_else(|| file.current_context.clone())
+    {
         Some(c) if file.contexts.iter().any(|n| n.name == c) => c,
-        Some(c) => return Err(Error::UnknownContext { context: c, available }),
+        Some(c) => {
+            return Err(Error::UnknownContext {
+                context: c,
+                available,
+            })
+        }
         None => return Err(Error::NoContext { available }),
     };
-    let options = KubeConfigOptions { context: Some(context.clone()), ..Default::default() };
+    let options = KubeConfigOptions {
+        context: Some(context.clone()),
+        ..Default::default()
+    };
     let config = kube::Config::from_custom_kubeconfig(file, &options)
         .await
-        .map_err(|e| Error::Kubeconfig(e))?;
-    let namespace = namespace.map(str::to_owned).unwrap_or_else(|| config.default_namespace.clone());
-    let client = build_client(config, &namespace)
-        .map_err(|source| Error::Client { context: context.clone(), source })?;
-    Ok(Kube { client, namespace, context })
+        .map_err(Error::Kubeconfig)?;
+    let namespace = namespace
+        .map(str::to_owned)
+        .unwrap_or_else(|| config.default_namespace.clone());
+    let client = build_client(config, &namespace).map_err(|source| Error::Client {
+        context: context.clone(),
+        source,
+    })?;
+    Ok(Kube {
+        client,
+        namespace,
+        context,
+    })
 }
 
 /// kube's default stack, but with `TCP_NODELAY` on the API-server connection.

@@ -81,14 +81,25 @@ pub struct Tunneler {
 impl Tunneler {
     /// Tunnels through `client` into `namespace`.
     pub fn new(client: kube::Client, namespace: &str) -> Self {
-        Self { pods: Api::namespaced(client, namespace), namespace: namespace.to_owned() }
+        Self {
+            pods: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+        }
     }
 
     /// Opens one tunnel to `port` in `pod`.
     pub async fn open(&self, pod: &str, port: u16) -> Result<TunnelStream, Error> {
-        let mut forwarder = self.pods.portforward(pod, &[port]).await.map_err(|e| self.open_error(pod, e))?;
-        let (Some(stream), Some(error)) = (forwarder.take_stream(port), forwarder.take_error(port)) else {
-            return Err(Error::Kubelet { pod: pod.to_owned(), message: "port missing from forwarder".into() });
+        let mut forwarder = self
+            .pods
+            .portforward(pod, &[port])
+            .await
+            .map_err(|e| self.open_error(pod, e))?;
+        let (Some(stream), Some(error)) = (forwarder.take_stream(port), forwarder.take_error(port))
+        else {
+            return Err(Error::Kubelet {
+                pod: pod.to_owned(),
+                message: "port missing from forwarder".into(),
+            });
         };
         let span = tracing::debug_span!("tunnel", pod, port);
         tokio::spawn(tracing::Instrument::instrument(
@@ -100,13 +111,22 @@ impl Tunneler {
             span,
         ));
         tracing::debug!(pod, port, "tunnel opened");
-        Ok(TunnelStream { stream, error: Some(Box::pin(error)), pod: pod.to_owned(), port })
+        Ok(TunnelStream {
+            stream,
+            error: Some(Box::pin(error)),
+            pod: pod.to_owned(),
+            port,
+        })
     }
 
     fn open_error(&self, pod: &str, e: kube::Error) -> Error {
         let (pod, namespace) = (pod.to_owned(), self.namespace.clone());
         match super::api_status(&e) {
-            Some((403, message)) => Error::Forbidden { pod, namespace, message: message.to_owned() },
+            Some((403, message)) => Error::Forbidden {
+                pod,
+                namespace,
+                message: message.to_owned(),
+            },
             Some((404, _)) => Error::PodNotFound { pod, namespace },
             _ => Error::Open { pod, source: e },
         }
@@ -116,9 +136,15 @@ impl Tunneler {
 /// Classifies the kubelet's error-channel text.
 fn kubelet_error(pod: &str, port: u16, message: String) -> Error {
     if message.contains("connection refused") {
-        Error::NotListening { pod: pod.to_owned(), port }
+        Error::NotListening {
+            pod: pod.to_owned(),
+            port,
+        }
     } else {
-        Error::Kubelet { pod: pod.to_owned(), message }
+        Error::Kubelet {
+            pod: pod.to_owned(),
+            message,
+        }
     }
 }
 
@@ -133,7 +159,11 @@ pub struct TunnelStream {
 }
 
 impl AsyncRead for TunnelStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
@@ -153,7 +183,11 @@ impl AsyncRead for TunnelStream {
 }
 
 impl AsyncWrite for TunnelStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
@@ -186,13 +220,22 @@ mod tests {
         let mut buf = Vec::new();
         let err = t.read_to_end(&mut buf).await.unwrap_err();
         assert_eq!(buf, b"hi");
-        assert!(err.to_string().contains("not listening on localhost:2379 inside pod etcd-0"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("not listening on localhost:2379 inside pod etcd-0"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn clean_eof_without_error_text() {
         let (ours, theirs) = tokio::io::duplex(64);
-        let mut t = TunnelStream { stream: ours, error: Some(Box::pin(std::future::ready(None))), pod: "p".into(), port: 1 };
+        let mut t = TunnelStream {
+            stream: ours,
+            error: Some(Box::pin(std::future::ready(None))),
+            pod: "p".into(),
+            port: 1,
+        };
         drop(theirs);
         let mut buf = Vec::new();
         assert_eq!(t.read_to_end(&mut buf).await.unwrap(), 0);

@@ -2,7 +2,8 @@
 //! which is how gRPC clients speak h2c) on the same socket.
 //!
 //! hyper-util's `auto` builder reads the first bytes to tell the HTTP/2 preface from HTTP/1
-//! and replays them. Each connection gets its own task and tracing span; a malformed frame or
+//! and replays them; [`authority::RepairAuthority`] first repairs the malformed `:authority`
+//! some etcd clients send on HTTP/2. Each connection gets its own task and tracing span; a malformed frame or
 //! a reset ends only that connection. No idle or read timeouts apply: watches, lease
 //! keep-alives and v2 `?wait=true` long-polls can be silent for hours.
 
@@ -19,6 +20,8 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::proxy::Proxy;
+
+mod authority;
 
 /// How long in-flight requests may run after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -49,10 +52,12 @@ pub enum Error {
 
 /// Binds a local endpoint.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr).await.map_err(|source| match source.kind() {
-        std::io::ErrorKind::AddrInUse => Error::InUse { addr },
-        _ => Error::Bind { addr, source },
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::AddrInUse => Error::InUse { addr },
+            _ => Error::Bind { addr, source },
+        })
 }
 
 /// One local endpoint: the cluster endpoint (`pinned == None`) or a member's.
@@ -68,7 +73,9 @@ pub struct Endpoint {
 /// Serves `endpoint` until `shutdown` turns true, then drains for up to [`DRAIN`].
 pub async fn serve(endpoint: Endpoint, proxy: Proxy, mut shutdown: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http2().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    builder
+        .http2()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     let graceful = GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -94,7 +101,12 @@ pub async fn serve(endpoint: Endpoint, proxy: Proxy, mut shutdown: watch::Receiv
             let pinned = pinned.clone();
             async move { proxy.handle(pinned.as_deref(), req).await }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
+        let conn = builder
+            .serve_connection_with_upgrades(
+                TokioIo::new(authority::RepairAuthority::new(tcp)),
+                service,
+            )
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(
             async move {
@@ -107,7 +119,10 @@ pub async fn serve(endpoint: Endpoint, proxy: Proxy, mut shutdown: watch::Receiv
         );
     }
     drop(endpoint.listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(endpoint = %endpoint.name, "connections still open after {DRAIN:?}; closing them");
     }
 }

@@ -11,7 +11,10 @@ use super::{json, AddrMap, Error, Rewritten};
 
 /// Whether `path` is a gateway member endpoint whose response we rewrite.
 pub fn is_member_path(path: &str) -> bool {
-    let Some(rest) = ["/v3/", "/v3beta/", "/v3alpha/"].iter().find_map(|p| path.strip_prefix(p)) else {
+    let Some(rest) = ["/v3/", "/v3beta/", "/v3alpha/"]
+        .iter()
+        .find_map(|p| path.strip_prefix(p))
+    else {
         return false;
     };
     matches!(
@@ -36,7 +39,10 @@ pub fn rewrite_body(body: &[u8], map: &AddrMap) -> Result<Rewritten, Error> {
     if let Some(m) = v.get_mut("member") {
         json::rewrite_member(m, map, &mut unmapped);
     }
-    Ok(Rewritten { body: json::emit(&v, body)?, unmapped })
+    Ok(Rewritten {
+        body: json::emit(&v, body)?,
+        unmapped,
+    })
 }
 
 #[cfg(test)]

@@ -81,7 +81,10 @@ pub fn rewrite_body(method: ClusterMethod, body: &[u8], map: &AddrMap) -> Result
         out.extend_from_slice(&new);
         rest = &rest[PREFIX + len..];
     }
-    Ok(Rewritten { body: Bytes::from(out), unmapped })
+    Ok(Rewritten {
+        body: Bytes::from(out),
+        unmapped,
+    })
 }
 
 /// Rewrites one response message.
@@ -105,7 +108,11 @@ fn rewrite_message(
 }
 
 /// Rewrites one `Member`: its clientURLs become the member's local URL, once.
-fn rewrite_member(member: &[u8], map: &AddrMap, unmapped: &mut Vec<String>) -> Result<Vec<u8>, Error> {
+fn rewrite_member(
+    member: &[u8],
+    map: &AddrMap,
+    unmapped: &mut Vec<String>,
+) -> Result<Vec<u8>, Error> {
     let mut name = "";
     let mut urls: Vec<&str> = Vec::new();
     for field in Fields::new(member) {
@@ -124,7 +131,11 @@ fn rewrite_member(member: &[u8], map: &AddrMap, unmapped: &mut Vec<String>) -> R
         return Ok(member.to_vec());
     }
     let Some(local) = map.local_for_member(name, &urls) else {
-        unmapped.push(if name.is_empty() { urls[0].to_owned() } else { name.to_owned() });
+        unmapped.push(if name.is_empty() {
+            urls[0].to_owned()
+        } else {
+            name.to_owned()
+        });
         return Ok(member.to_vec());
     };
     let mut out = Vec::with_capacity(member.len());
@@ -151,7 +162,10 @@ mod tests {
 
     fn unhex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     /// The MemberList response captured from etcd 3.4.23 (etcd-protocols.md §1.4): member `m1`
@@ -180,7 +194,11 @@ mod tests {
     #[test]
     fn captured_member_list_is_rewritten_byte_exactly() {
         let body = captured();
-        assert_eq!(body.len(), 5 + 0x6f, "fixture matches its own length prefix");
+        assert_eq!(
+            body.len(),
+            5 + 0x6f,
+            "fixture matches its own length prefix"
+        );
         let out = rewrite_body(ClusterMethod::List, &body, &m1_map()).unwrap();
         // Expected bytes (etcd-protocols.md §1.6): header untouched, one client URL, lengths redone.
         let mut want = unhex(
@@ -214,8 +232,14 @@ mod tests {
         let find = |needle: &[u8]| s.windows(needle.len()).any(|w| w == needle);
         assert!(find(b"http://127.0.0.1:4002"));
         assert!(!find(b"http://x:2379"));
-        assert!(find(&unhex("2801 4a02 7a7a")), "isLearner and unknown field kept");
-        assert!(find(&unhex("0a02 2007 7803")), "header and unknown top-level field kept");
+        assert!(
+            find(&unhex("2801 4a02 7a7a")),
+            "isLearner and unknown field kept"
+        );
+        assert!(
+            find(&unhex("0a02 2007 7803")),
+            "header and unknown top-level field kept"
+        );
     }
 
     #[test]
@@ -252,20 +276,38 @@ mod tests {
     fn malformed_input_is_an_error_not_a_panic() {
         let body = captured();
         for cut in [1, 4, 6, 40, body.len() - 1] {
-            assert!(rewrite_body(ClusterMethod::List, &body[..cut], &m1_map()).is_err(), "cut {cut}");
+            assert!(
+                rewrite_body(ClusterMethod::List, &body[..cut], &m1_map()).is_err(),
+                "cut {cut}"
+            );
         }
         // A member whose length runs past the message.
         let bad = [0, 0, 0, 0, 3, 0x12, 0x7f, 0x08];
-        assert!(matches!(rewrite_body(ClusterMethod::List, &bad, &m1_map()), Err(Error::Truncated { .. })));
+        assert!(matches!(
+            rewrite_body(ClusterMethod::List, &bad, &m1_map()),
+            Err(Error::Truncated { .. })
+        ));
         let mut compressed = body.clone();
         compressed[0] = 1;
-        assert_eq!(rewrite_body(ClusterMethod::List, &compressed, &m1_map()), Err(Error::Compressed));
-        assert_eq!(rewrite_body(ClusterMethod::List, &[], &m1_map()).unwrap().body.len(), 0);
+        assert_eq!(
+            rewrite_body(ClusterMethod::List, &compressed, &m1_map()),
+            Err(Error::Compressed)
+        );
+        assert_eq!(
+            rewrite_body(ClusterMethod::List, &[], &m1_map())
+                .unwrap()
+                .body
+                .len(),
+            0
+        );
     }
 
     #[test]
     fn paths() {
-        assert_eq!(ClusterMethod::from_path("/etcdserverpb.Cluster/MemberAdd"), Some(ClusterMethod::Add));
+        assert_eq!(
+            ClusterMethod::from_path("/etcdserverpb.Cluster/MemberAdd"),
+            Some(ClusterMethod::Add)
+        );
         assert_eq!(ClusterMethod::from_path("/etcdserverpb.KV/Range"), None);
     }
 }

@@ -25,9 +25,17 @@ pub(super) fn emit(value: &Value, original: &[u8]) -> Result<Bytes, Error> {
 
 /// Rewrites one member object in place; records it in `unmapped` if no pod matches.
 pub(super) fn rewrite_member(member: &mut Value, map: &AddrMap, unmapped: &mut Vec<String>) {
-    let Some(obj) = member.as_object_mut() else { return };
-    let name = obj.get("name").and_then(Value::as_str).unwrap_or("").to_owned();
-    let Some(Value::Array(urls)) = obj.get("clientURLs") else { return };
+    let Some(obj) = member.as_object_mut() else {
+        return;
+    };
+    let name = obj
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let Some(Value::Array(urls)) = obj.get("clientURLs") else {
+        return;
+    };
     let urls: Vec<&str> = urls.iter().filter_map(Value::as_str).collect();
     if urls.is_empty() {
         return;
@@ -37,6 +45,10 @@ pub(super) fn rewrite_member(member: &mut Value, map: &AddrMap, unmapped: &mut V
             let local = Value::from(vec![local.to_owned()]);
             obj.insert("clientURLs".to_owned(), local);
         }
-        None => unmapped.push(if name.is_empty() { urls[0].to_owned() } else { name }),
+        None => unmapped.push(if name.is_empty() {
+            urls[0].to_owned()
+        } else {
+            name
+        }),
     }
 }

@@ -144,7 +144,10 @@ pub(crate) mod tests {
     #[test]
     fn maps_by_name_then_dns_prefix_then_ip() {
         let m = three_pods();
-        assert_eq!(m.local_for_member("etcd-1", &[]), Some("http://127.0.0.1:4003"));
+        assert_eq!(
+            m.local_for_member("etcd-1", &[]),
+            Some("http://127.0.0.1:4003")
+        );
         assert_eq!(
             m.local_for_member("", &["http://etcd-2.etcd.etcd.svc.cluster.local:2379"]),
             Some("http://127.0.0.1:4004")

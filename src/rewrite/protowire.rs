@@ -49,7 +49,12 @@ impl<'a> Fields<'a> {
                 let n = read_varint(self.buf, &mut self.pos)?;
                 usize::try_from(n).map_err(|_| Error::Truncated { at: self.pos })?
             }
-            other => return Err(Error::BadWireType { wire_type: other, at: start }),
+            other => {
+                return Err(Error::BadWireType {
+                    wire_type: other,
+                    at: start,
+                })
+            }
         };
         let end = self
             .pos
@@ -60,7 +65,12 @@ impl<'a> Fields<'a> {
             payload = &self.buf[self.pos..end];
         }
         self.pos = end;
-        Ok(Field { number, wire_type, raw: &self.buf[start..end], payload })
+        Ok(Field {
+            number,
+            wire_type,
+            raw: &self.buf[start..end],
+            payload,
+        })
     }
 }
 
@@ -128,9 +138,15 @@ mod tests {
     #[test]
     fn rejects_overlong_and_truncated_varints() {
         let mut pos = 0;
-        assert_eq!(read_varint(&[0xff; 11], &mut pos), Err(Error::BadVarint { at: 0 }));
+        assert_eq!(
+            read_varint(&[0xff; 11], &mut pos),
+            Err(Error::BadVarint { at: 0 })
+        );
         let mut pos = 0;
-        assert_eq!(read_varint(&[0x80], &mut pos), Err(Error::Truncated { at: 1 }));
+        assert_eq!(
+            read_varint(&[0x80], &mut pos),
+            Err(Error::Truncated { at: 1 })
+        );
     }
 
     #[test]
@@ -138,9 +154,15 @@ mod tests {
         // field 1, wire type 3 (start group)
         assert!(matches!(
             Fields::new(&[0x0b]).next(),
-            Some(Err(Error::BadWireType { wire_type: 3, at: 0 }))
+            Some(Err(Error::BadWireType {
+                wire_type: 3,
+                at: 0
+            }))
         ));
         // field 2, LEN 5, but only 1 byte follows
-        assert!(matches!(Fields::new(&[0x12, 0x05, 0x61]).next(), Some(Err(Error::Truncated { .. }))));
+        assert!(matches!(
+            Fields::new(&[0x12, 0x05, 0x61]).next(),
+            Some(Err(Error::Truncated { .. }))
+        ));
     }
 }

@@ -60,7 +60,11 @@ pub fn rewrite_body(route: V2Route, body: &[u8], map: &AddrMap) -> Result<Rewrit
 }
 
 /// `http://a:2379, http://b:2379` → one local URL per member, in order, deduplicated.
-fn rewrite_machines(body: &[u8], map: &AddrMap, unmapped: &mut Vec<String>) -> Result<Bytes, Error> {
+fn rewrite_machines(
+    body: &[u8],
+    map: &AddrMap,
+    unmapped: &mut Vec<String>,
+) -> Result<Bytes, Error> {
     let text = std::str::from_utf8(body).map_err(|_| Error::NotUtf8)?;
     let mut out: Vec<&str> = Vec::new();
     for url in text.split(',').map(str::trim).filter(|u| !u.is_empty()) {
@@ -94,28 +98,46 @@ mod tests {
     fn members_get_their_local_urls_and_keep_everything_else() {
         let out = rewrite_body(V2Route::Members, MEMBERS.as_bytes(), &three_pods()).unwrap();
         let want = MEMBERS
-            .replace(r#"["http://etcd-0.etcd.etcd.svc.cluster.local:2379"]"#, r#"["http://127.0.0.1:4002"]"#)
-            .replace(r#"["http://etcd-2.etcd:2379","http://10.244.0.12:2379"]"#, r#"["http://127.0.0.1:4004"]"#);
+            .replace(
+                r#"["http://etcd-0.etcd.etcd.svc.cluster.local:2379"]"#,
+                r#"["http://127.0.0.1:4002"]"#,
+            )
+            .replace(
+                r#"["http://etcd-2.etcd:2379","http://10.244.0.12:2379"]"#,
+                r#"["http://127.0.0.1:4004"]"#,
+            );
         assert_eq!(std::str::from_utf8(&out.body).unwrap(), want);
         assert!(out.unmapped.is_empty());
     }
 
     #[test]
     fn leader_and_machines() {
-        let leader = r#"{"id":"1","name":"etcd-1","peerURLs":[],"clientURLs":["http://etcd-1.etcd:2379"]}"#;
+        let leader =
+            r#"{"id":"1","name":"etcd-1","peerURLs":[],"clientURLs":["http://etcd-1.etcd:2379"]}"#;
         let out = rewrite_body(V2Route::Leader, leader.as_bytes(), &three_pods()).unwrap();
-        assert!(std::str::from_utf8(&out.body).unwrap().contains(r#""clientURLs":["http://127.0.0.1:4003"]"#));
+        assert!(std::str::from_utf8(&out.body)
+            .unwrap()
+            .contains(r#""clientURLs":["http://127.0.0.1:4003"]"#));
 
         let machines = "http://etcd-0.etcd:2379, http://10.244.0.10:2379, http://etcd-1.etcd:2379, http://db:1";
         let out = rewrite_body(V2Route::Machines, machines.as_bytes(), &three_pods()).unwrap();
-        assert_eq!(&out.body[..], b"http://127.0.0.1:4002, http://127.0.0.1:4003, http://db:1");
+        assert_eq!(
+            &out.body[..],
+            b"http://127.0.0.1:4002, http://127.0.0.1:4003, http://db:1"
+        );
         assert_eq!(out.unmapped, vec!["http://db:1".to_string()]);
     }
 
     #[test]
     fn malformed_bodies_are_errors() {
-        assert!(matches!(rewrite_body(V2Route::Members, b"{\"members\":[", &three_pods()), Err(Error::Json(_))));
-        assert_eq!(rewrite_body(V2Route::Machines, &[0xff, 0xfe], &three_pods()), Err(Error::NotUtf8));
+        assert!(matches!(
+            rewrite_body(V2Route::Members, b"{\"members\":[", &three_pods()),
+            Err(Error::Json(_))
+        ));
+        assert_eq!(
+            rewrite_body(V2Route::Machines, &[0xff, 0xfe], &three_pods()),
+            Err(Error::NotUtf8)
+        );
     }
 
     #[test]

@@ -57,12 +57,17 @@ impl tower::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let target = uri.host().zip(uri.port_u16()).map(|(h, p)| (h.to_owned(), p));
+        let target = uri
+            .host()
+            .zip(uri.port_u16())
+            .map(|(h, p)| (h.to_owned(), p));
         let dial = self.dial.clone();
         Box::pin(async move {
             let (pod, port) = target.ok_or_else(|| BadUri(uri.to_string()))?;
             let io = dial.dial(&pod, port).await?;
-            Ok(Conn { io: TokioIo::new(io) })
+            Ok(Conn {
+                io: TokioIo::new(io),
+            })
         })
     }
 }
@@ -92,7 +97,11 @@ impl hyper::rt::Read for Conn {
 }
 
 impl hyper::rt::Write for Conn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.project().io.poll_write(cx, buf)
     }
 

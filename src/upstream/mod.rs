@@ -70,7 +70,10 @@ impl Upstream {
     }
 
     /// Sends `req` on a pooled connection; HTTP/2 requests go over h2c, all others HTTP/1.1.
-    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    pub async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         if req.version() == Version::HTTP_2 {
             self.h2.request(req).await
         } else {
@@ -81,13 +84,18 @@ impl Upstream {
 
 /// The first error of type `T` in `err`'s source chain, looking inside `io::Error`s too
 /// (`io::Error::source` skips the error it wraps).
-pub fn find_cause<'a, T: std::error::Error + 'static>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(t) = e.downcast_ref::<T>() {
             return Some(t);
         }
-        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
             if let Some(t) = find_cause::<T>(inner) {
                 return Some(t);
             }

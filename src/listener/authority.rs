@@ -1,0 +1,337 @@
+//! Repairs the `:authority` that some etcd clients send, before hyper's HTTP/2 server sees it.
+//!
+//! etcdctl 3.4's `--cluster` commands dial each member URL with its scheme and send
+//! `:authority: http://127.0.0.1:4002`; clientv3 3.5.0 sends `#initially=[…]`
+//! (etcd-io/etcd#13192). etcd's grpc-go ignores `:authority`, but the `h2` crate rejects a
+//! malformed one with `RST_STREAM(PROTOCOL_ERROR)` (`h2` `server.rs`, "malformed authority"),
+//! which made `etcdctl endpoint status --cluster` fail through a hyper-based proxy.
+//!
+//! This wrapper sits between the client socket and hyper on HTTP/2 connections. It passes
+//! every frame through, except header blocks (HEADERS + CONTINUATION), which it HPACK-decodes
+//! with the client's table, repairs (`http://host:port/…` → `host:port`; anything else
+//! unparseable is dropped — `:authority` is optional and the proxy sets its own upstream),
+//! and re-encodes with its own encoder for hyper. Because every block is re-encoded, hyper's
+//! HPACK table only ever holds what our encoder put there, so the two stay in step.
+//!
+//! HPACK is `loona-hpack`; the HTTP/2 frame walking (RFC 9113 §4.1, §6.2, §6.10) is ours: a
+//! 9-byte header, flags END_HEADERS 0x4, PADDED 0x8, PRIORITY 0x20.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER: usize = 9;
+const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+/// Frames we emit stay within the smallest SETTINGS_MAX_FRAME_SIZE a server may advertise.
+const MAX_OUT_FRAME: usize = 16_384;
+/// A header block larger than this is refused (hyper's own header list limit is smaller).
+const MAX_BLOCK: usize = 1 << 20;
+/// The largest frame we buffer (SETTINGS_MAX_FRAME_SIZE can be at most 2^24 - 1).
+const MAX_FRAME: usize = (1 << 24) - 1;
+
+/// The client's bytes could not be repaired: the connection ends with this error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The HPACK block did not decode.
+    #[error("malformed HTTP/2 header block: {0:?}")]
+    Hpack(loona_hpack::decoder::DecoderError),
+    /// A frame other than CONTINUATION interrupted a header block.
+    #[error("HTTP/2 header block interrupted by a frame of type {0}")]
+    Interrupted(u8),
+    /// A header block or frame beyond our limits.
+    #[error("HTTP/2 header block too large")]
+    TooLarge,
+    /// Padding longer than the frame.
+    #[error("malformed padding in an HTTP/2 HEADERS frame")]
+    BadPadding,
+}
+
+enum Mode {
+    /// Waiting for enough bytes to tell HTTP/2 from HTTP/1.
+    Detect,
+    /// HTTP/1: bytes pass through.
+    Passthrough,
+    /// HTTP/2 frames.
+    Frames,
+}
+
+/// A header block being collected: stream id, flags of the HEADERS frame, priority bytes, block.
+struct Pending {
+    stream: u32,
+    end_stream: bool,
+    priority: Option<[u8; 5]>,
+    block: Vec<u8>,
+}
+
+/// A client connection whose HTTP/2 header blocks are repaired on the way in.
+pub struct RepairAuthority<S> {
+    inner: S,
+    mode: Mode,
+    input: BytesMut,
+    output: BytesMut,
+    pending: Option<Pending>,
+    decoder: loona_hpack::Decoder<'static>,
+    encoder: loona_hpack::Encoder<'static>,
+    eof: bool,
+}
+
+impl<S> RepairAuthority<S> {
+    /// Wraps a freshly accepted connection.
+    pub fn new(inner: S) -> Self {
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(1 << 16);
+        Self {
+            inner,
+            mode: Mode::Detect,
+            input: BytesMut::with_capacity(16 * 1024),
+            output: BytesMut::new(),
+            pending: None,
+            decoder,
+            encoder: loona_hpack::Encoder::new(),
+            eof: false,
+        }
+    }
+
+    /// Moves whatever can be decided from `input` to `output`.
+    fn process(&mut self) -> Result<(), Error> {
+        loop {
+            match self.mode {
+                Mode::Detect => {
+                    let n = self.input.len().min(PREFACE.len());
+                    if self.input[..n] != PREFACE[..n] {
+                        self.mode = Mode::Passthrough;
+                    } else if n == PREFACE.len() {
+                        self.output.extend_from_slice(&self.input.split_to(n));
+                        self.mode = Mode::Frames;
+                    } else {
+                        return Ok(());
+                    }
+                }
+                Mode::Passthrough => {
+                    let all = self.input.split();
+                    self.output.extend_from_slice(&all);
+                    return Ok(());
+                }
+                Mode::Frames => return self.frames(),
+            }
+        }
+    }
+
+    fn frames(&mut self) -> Result<(), Error> {
+        while self.input.len() >= FRAME_HEADER {
+            let len = usize::from(self.input[0]) << 16
+                | usize::from(self.input[1]) << 8
+                | usize::from(self.input[2]);
+            if len > MAX_FRAME {
+                return Err(Error::TooLarge);
+            }
+            if self.input.len() < FRAME_HEADER + len {
+                self.input.reserve(FRAME_HEADER + len - self.input.len());
+                return Ok(());
+            }
+            let kind = self.input[3];
+            let flags = self.input[4];
+            let stream =
+                u32::from_be_bytes([self.input[5], self.input[6], self.input[7], self.input[8]])
+                    & 0x7fff_ffff;
+            if self.pending.is_some() && kind != CONTINUATION {
+                return Err(Error::Interrupted(kind));
+            }
+            match kind {
+                HEADERS => {
+                    let frame = self.input.split_to(FRAME_HEADER + len);
+                    let mut payload = &frame[FRAME_HEADER..];
+                    if flags & PADDED != 0 {
+                        let pad = usize::from(*payload.first().ok_or(Error::BadPadding)?);
+                        payload = payload
+                            .get(1..payload.len().checked_sub(pad).ok_or(Error::BadPadding)?)
+                            .ok_or(Error::BadPadding)?;
+                    }
+                    let priority = if flags & PRIORITY != 0 {
+                        let p: [u8; 5] = payload
+                            .get(..5)
+                            .and_then(|p| p.try_into().ok())
+                            .ok_or(Error::BadPadding)?;
+                        payload = &payload[5..];
+                        Some(p)
+                    } else {
+                        None
+                    };
+                    self.pending = Some(Pending {
+                        stream,
+                        end_stream: flags & END_STREAM != 0,
+                        priority,
+                        block: payload.to_vec(),
+                    });
+                    if flags & END_HEADERS != 0 {
+                        self.finish_block()?;
+                    }
+                }
+                CONTINUATION if self.pending.is_some() => {
+                    let frame = self.input.split_to(FRAME_HEADER + len);
+                    if let Some(p) = self.pending.as_mut() {
+                        if p.block.len() + len > MAX_BLOCK {
+                            return Err(Error::TooLarge);
+                        }
+                        p.block.extend_from_slice(&frame[FRAME_HEADER..]);
+                    }
+                    if flags & END_HEADERS != 0 {
+                        self.finish_block()?;
+                    }
+                }
+                _ => {
+                    let frame = self.input.split_to(FRAME_HEADER + len);
+                    self.output.extend_from_slice(&frame);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes, repairs and re-encodes the pending header block into HEADERS + CONTINUATIONs.
+    fn finish_block(&mut self) -> Result<(), Error> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let mut headers = self.decoder.decode(&p.block).map_err(Error::Hpack)?;
+        repair(&mut headers);
+        let block = self
+            .encoder
+            .encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let mut rest: &[u8] = &block;
+        let mut first = true;
+        loop {
+            let prefix = if first && p.priority.is_some() { 5 } else { 0 };
+            let take = rest.len().min(MAX_OUT_FRAME - prefix);
+            let (chunk, tail) = rest.split_at(take);
+            let last = tail.is_empty();
+            let (kind, mut flags) = if first {
+                (HEADERS, 0)
+            } else {
+                (CONTINUATION, 0)
+            };
+            if first && p.end_stream {
+                flags |= END_STREAM;
+            }
+            if first && p.priority.is_some() {
+                flags |= PRIORITY;
+            }
+            if last {
+                flags |= END_HEADERS;
+            }
+            let len = prefix + chunk.len();
+            self.output
+                .put_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+            self.output.put_u32(p.stream);
+            if let (true, Some(pri)) = (first && prefix > 0, p.priority) {
+                self.output.put_slice(&pri);
+            }
+            self.output.put_slice(chunk);
+            rest = tail;
+            first = false;
+            if last {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Repairs or drops a malformed `:authority`.
+fn repair(headers: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+    let Some(i) = headers.iter().position(|(n, _)| n == b":authority") else {
+        return;
+    };
+    if http::uri::Authority::try_from(headers[i].1.as_slice()).is_ok() {
+        return;
+    }
+    let fixed = std::str::from_utf8(&headers[i].1)
+        .ok()
+        .and_then(|v| v.split_once("://").map(|(_, rest)| rest))
+        .and_then(|rest| rest.split(['/', '?', '#']).next())
+        .filter(|a| http::uri::Authority::try_from(*a).is_ok())
+        .map(|a| a.as_bytes().to_vec());
+    tracing::debug!(authority = %String::from_utf8_lossy(&headers[i].1), repaired = fixed.is_some(), "malformed :authority from client");
+    match fixed {
+        Some(a) => headers[i].1 = a,
+        None => {
+            headers.remove(i);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for RepairAuthority<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.output.is_empty() {
+                let n = this.output.len().min(buf.remaining());
+                buf.put_slice(&this.output[..n]);
+                this.output.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            if this.input.capacity() - this.input.len() < 4096 {
+                this.input.reserve(16 * 1024);
+            }
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut this.input
+            ))?;
+            if n == 0 {
+                this.eof = true;
+                // A truncated frame: hand hyper what there is; it reports the error.
+                let rest = this.input.split();
+                this.output.extend_from_slice(&rest);
+                continue;
+            }
+            this.process()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for RepairAuthority<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,138 @@
+use std::collections::BTreeSet;
+
+use etcd_client::{Client, WatchOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{cluster, start_proxy, DEADLINE};
+
+/// Sends one raw HTTP/1.1 request and returns the whole response.
+pub async fn http1(addr: &str, method: &str, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_crate_kv_watch_lease_and_members() {
+    let sim = cluster(3).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let mut client = Client::connect([proxy.cluster_addr.as_str()], None)
+        .await
+        .expect("connect");
+
+    client.put("k1", "v1", None).await.expect("put");
+    let got = client.get("k1", None).await.expect("get");
+    assert_eq!(got.kvs()[0].value(), b"v1");
+
+    let mut watch = client
+        .watch("w/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .expect("watch");
+    let created = watch
+        .message()
+        .await
+        .expect("watch created")
+        .expect("message");
+    assert!(created.created());
+    client.put("w/x", "1", None).await.expect("put");
+    let ev = tokio::time::timeout(DEADLINE, watch.message())
+        .await
+        .expect("event in time")
+        .expect("ok")
+        .expect("some");
+    assert_eq!(ev.events()[0].kv().expect("kv").key(), b"w/x");
+
+    let lease = client.lease_grant(30, None).await.expect("grant");
+    let (mut keeper, mut stream) = client
+        .lease_keep_alive(lease.id())
+        .await
+        .expect("keepalive");
+    keeper.keep_alive().await.expect("send keepalive");
+    let ka = stream
+        .message()
+        .await
+        .expect("keepalive reply")
+        .expect("some");
+    assert_eq!(ka.id(), lease.id());
+    assert!(ka.ttl() > 0);
+
+    let members = client.member_list().await.expect("member list");
+    let urls: BTreeSet<String> = members
+        .members()
+        .iter()
+        .flat_map(|m| m.client_urls().to_vec())
+        .collect();
+    assert_eq!(
+        urls,
+        proxy.member_urls().into_iter().collect::<BTreeSet<_>>()
+    );
+
+    // Each member endpoint is pinned to its own member.
+    let mut ids = BTreeSet::new();
+    for (_, url) in &proxy.members {
+        let mut c = Client::connect([url.as_str()], None)
+            .await
+            .expect("connect member");
+        ids.insert(
+            c.status()
+                .await
+                .expect("status")
+                .header()
+                .expect("header")
+                .member_id(),
+        );
+    }
+    assert_eq!(ids.len(), 3);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_gateway_and_raw_v2_responses_are_rewritten() {
+    let sim = cluster(2).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let ep = proxy.cluster_addr.as_str();
+
+    for prefix in ["/v3", "/v3beta"] {
+        let resp = http1(ep, "POST", &format!("{prefix}/cluster/member/list"), "{}").await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        for (_, url) in &proxy.members {
+            assert!(
+                resp.contains(&format!("\"clientURLs\":[\"{url}\"]")),
+                "{prefix}: {resp}"
+            );
+        }
+        assert!(!resp.contains("svc.cluster.local"), "{resp}");
+        assert!(resp.contains("\"cluster_id\""), "header kept: {resp}");
+    }
+
+    // Gateway KV round trip (base64 "foo" / "bar").
+    let put = http1(ep, "POST", "/v3/kv/put", r#"{"key":"Zm9v","value":"YmFy"}"#).await;
+    assert!(put.starts_with("HTTP/1.1 200"), "{put}");
+    let get = http1(ep, "POST", "/v3/kv/range", r#"{"key":"Zm9v"}"#).await;
+    assert!(get.contains("\"value\":\"YmFy\""), "{get}");
+
+    let machines = http1(ep, "GET", "/v2/machines", "").await;
+    let body = machines.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let listed: BTreeSet<&str> = body.split(", ").collect();
+    let want: BTreeSet<String> = proxy.member_urls().into_iter().collect();
+    assert_eq!(
+        listed,
+        want.iter().map(String::as_str).collect(),
+        "{machines}"
+    );
+
+    // /version is passed through untouched (clients pick their API prefix from it).
+    let version = http1(ep, "GET", "/version", "").await;
+    assert!(version.contains("\"etcdserver\":\"3.4"), "{version}");
+    sim.shutdown().await;
+}

@@ -1,0 +1,145 @@
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::{cluster, ctl3, missing_path, proxy_fails, start_proxy, DEADLINE};
+
+/// Exactly one line on stderr, containing `needle`, and a non-zero exit.
+fn one_clear_line(status: std::process::ExitStatus, stderr: &str, needle: &str) {
+    assert!(!status.success(), "must fail: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line, got:\n{stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn usage_and_kubeconfig_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, err) = proxy_fails(&["--no-such-flag"]).await;
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--no-such-flag"), "{err}");
+
+    let missing = missing_path(dir.path());
+    let (status, err) = proxy_fails(&["--kubeconfig", &missing]).await;
+    one_clear_line(
+        status,
+        &err,
+        "not found: pass --kubeconfig PATH or set KUBECONFIG",
+    );
+
+    let (status, err) = proxy_fails(&["--listen", "0.0.0.0:4001"]).await;
+    one_clear_line(status, &err, "only listens on loopback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_errors_are_one_clear_line() {
+    let sim = cluster(1).await;
+    let kc = sim.kubeconfig_path().to_str().unwrap().to_owned();
+    let base = ["--kubeconfig", kc.as_str(), "--listen", "127.0.0.1:0"];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        proxy_fails(&refs).await
+    };
+
+    let (status, err) = run(with(&["--context", "nope"])).await;
+    one_clear_line(
+        status,
+        &err,
+        "context \"nope\" not found in the kubeconfig (available: ",
+    );
+
+    let (status, err) = run(with(&["-n", "empty"])).await;
+    one_clear_line(
+        status,
+        &err,
+        "no etcd pods in namespace empty (tried statefulset etcd, pods app=etcd",
+    );
+
+    let (status, err) = run(with(&["--statefulset", "other"])).await;
+    one_clear_line(status, &err, "statefulset \"other\" not found in namespace");
+
+    let (status, err) = run(with(&["--context", "sim-no-list"])).await;
+    one_clear_line(status, &err, "needs get/list/watch on");
+
+    let (status, err) = run(with(&["--context", "sim-no-portforward"])).await;
+    one_clear_line(status, &err, "needs `create` on `pods/portforward`");
+
+    // A busy local port.
+    let busy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let args = vec![
+        "--kubeconfig".to_string(),
+        kc.clone(),
+        "--listen".into(),
+        addr.clone(),
+    ];
+    let (status, err) = run(args).await;
+    one_clear_line(status, &err, &format!("{addr} is already in use"));
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_not_listening_on_the_pod_loopback_is_named() {
+    let sim = etcd_proxy_sim::SimCluster::start(etcd_proxy_sim::SimConfig {
+        members: 1,
+        loopback_listen: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kc = sim.kubeconfig_path().to_str().unwrap().to_owned();
+    let (status, err) = proxy_fails(&["--kubeconfig", &kc, "--listen", "127.0.0.1:0"]).await;
+    one_clear_line(
+        status,
+        &err,
+        "etcd is not listening on localhost:2379 inside pod etcd-0",
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_client_frames_end_only_that_connection() {
+    let sim = cluster(1).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let ep = proxy.cluster_addr.clone();
+
+    // A good client connection stays open across the bad ones.
+    let mut client = etcd_client::Client::connect([ep.as_str()], None)
+        .await
+        .unwrap();
+    client.put("before", "1", None).await.unwrap();
+
+    for garbage in [
+        // HTTP/2 preface followed by a frame header claiming a 16 MiB DATA frame on stream 0.
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\x00\x00\x00\x00\x00\x00junk".to_vec(),
+        // Neither HTTP/1 nor HTTP/2.
+        b"\x16\x03\x01\x02\x00garbage that is not http\r\n\r\n".to_vec(),
+        // A truncated HTTP/1 request line, then EOF.
+        b"GET /v2/keys".to_vec(),
+    ] {
+        let mut s = TcpStream::connect(&ep).await.unwrap();
+        s.write_all(&garbage).await.unwrap();
+        let _ = s.shutdown().await;
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "the proxy must close a malformed connection, not hang"
+        );
+    }
+
+    client
+        .put("after", "2", None)
+        .await
+        .expect("the good connection still works");
+    assert_eq!(
+        ctl3(&ep, &["get", "after", "--print-value-only"])
+            .await
+            .stdout
+            .trim(),
+        "2"
+    );
+    sim.shutdown().await;
+}

@@ -1,0 +1,14 @@
+//! The integration tests: real etcd members (Debian `etcd-server`), real clients (`etcdctl`,
+//! the `etcd-client` crate), the real `etcd-proxy` binary, and the project's simulated
+//! Kubernetes API server (`tests/sim`) in between.
+
+mod support;
+
+/// The `etcd-client` crate, the JSON gateway and raw HTTP through the proxy.
+mod clients;
+/// Bad input: one clear line, a non-zero exit, never a panic or a hang.
+mod errors;
+/// etcdctl v2 through the proxy, syncing endpoints from the member list.
+mod v2_etcdctl;
+/// etcdctl v3 through the proxy: KV, txn, watch, lease, member list, `--cluster`.
+mod v3_etcdctl;

@@ -1,0 +1,99 @@
+//! Authentication (bearer tokens) and a tiny RBAC for the three kubeconfig users.
+//!
+//! etcd-proxy must report missing permissions clearly, so the simulator has
+//! users that lack exactly the permissions a real, restricted kubeconfig
+//! typically lacks: `create` on `pods/portforward` (needed for a WebSocket
+//! port-forward since KEP-4006's synthetic check, see
+//! `pkg/registry/core/pod/rest/subresources.go`), and reading pods.
+
+use crate::random::random_hex;
+use crate::SimError;
+
+/// Which permissions a user has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Everything the simulator serves.
+    Admin,
+    /// get/list/watch on pods, statefulsets, services; no `pods/portforward`.
+    NoPortforward,
+    /// Everything except get/list/watch on pods.
+    NoList,
+}
+
+/// One kubeconfig user.
+#[derive(Debug, Clone)]
+pub(crate) struct User {
+    pub context: &'static str,
+    pub name: &'static str,
+    pub token: String,
+    pub role: Role,
+}
+
+/// The authorisation attributes of a resource request
+/// (`staging/src/k8s.io/apiserver/pkg/authorization/authorizer/interfaces.go`).
+#[derive(Debug, Clone)]
+pub(crate) struct Attributes<'a> {
+    pub verb: &'a str,
+    pub group: &'a str,
+    pub resource: &'a str,
+    pub subresource: &'a str,
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+/// The set of users of one simulated cluster, with fresh random tokens.
+#[derive(Debug, Clone)]
+pub(crate) struct Auth {
+    pub users: Vec<User>,
+}
+
+impl Auth {
+    pub fn generate() -> Result<Self, SimError> {
+        let mk = |context, name, role| -> Result<User, SimError> {
+            Ok(User {
+                context,
+                name,
+                token: random_hex(24)?,
+                role,
+            })
+        };
+        Ok(Auth {
+            users: vec![
+                mk("sim", "sim-admin", Role::Admin)?,
+                mk(
+                    "sim-no-portforward",
+                    "sim-no-portforward",
+                    Role::NoPortforward,
+                )?,
+                mk("sim-no-list", "sim-no-list", Role::NoList)?,
+            ],
+        })
+    }
+
+    /// The user a `Authorization` header value authenticates, if any.
+    pub fn authenticate(&self, header: Option<&str>) -> Option<&User> {
+        let token = header?.strip_prefix("Bearer ")?.trim();
+        self.users.iter().find(|u| u.token == token)
+    }
+}
+
+impl User {
+    /// RBAC decision for `a`.
+    pub fn allows(&self, a: &Attributes<'_>) -> bool {
+        let reads = matches!(a.verb, "get" | "list" | "watch");
+        let portforward =
+            a.group.is_empty() && a.resource == "pods" && a.subresource == "portforward";
+        let pods = a.group.is_empty() && a.resource == "pods" && a.subresource.is_empty();
+        match self.role {
+            Role::Admin => true,
+            Role::NoPortforward => reads && !portforward,
+            Role::NoList => {
+                if pods {
+                    false
+                } else {
+                    reads || (portforward && a.verb == "create")
+                }
+            }
+        }
+    }
+}

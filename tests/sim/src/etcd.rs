@@ -1,0 +1,237 @@
+//! Real etcd members: one `/usr/bin/etcd` process per simulated pod.
+//!
+//! The simulator never fakes etcd itself: every "pod" is backed by a real etcd
+//! process with its own data dir, so whatever etcd-proxy does through a tunnel
+//! hits the genuine server (its gRPC/HTTP2 stack, its member list that
+//! advertises unresolvable in-cluster DNS names, its /health endpoint).
+//!
+//! Ports are picked by binding port 0 and releasing it again. That leaves a
+//! tiny race with other processes; [`crate::SimCluster::start`] retries the
+//! whole start once if a member fails to come up.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use crate::SimError;
+
+/// The etcd binary; `SIM_ETCD_BIN` overrides it (for machines that install it elsewhere).
+pub(crate) fn etcd_binary() -> PathBuf {
+    std::env::var_os("SIM_ETCD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
+}
+
+/// Asks the kernel for a currently free TCP port on `ip` and releases it again.
+pub(crate) fn free_port(ip: IpAddr) -> Result<u16, SimError> {
+    let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .map_err(|e| SimError::io(format!("binding {ip}:0 to find a free port"), e))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| SimError::io("reading a bound port", e))?
+        .port();
+    Ok(port)
+}
+
+/// Everything needed to (re)start one member.
+#[derive(Debug, Clone)]
+pub(crate) struct MemberSpec {
+    /// Member name, equal to the pod name (`etcd-0`).
+    pub name: String,
+    /// Address etcd's client listener binds: 127.0.0.1, or 127.0.0.2 standing in
+    /// for "the pod IP only" when the simulated etcd must not listen on loopback.
+    pub client_ip: IpAddr,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    /// `etcd-0=http://127.0.0.1:p0,...` shared by all members.
+    pub initial_cluster: String,
+    pub cluster_token: String,
+    /// The in-cluster DNS URL the member advertises (never resolvable from a laptop).
+    pub advertise_client_url: String,
+    pub enable_v2: bool,
+}
+
+impl MemberSpec {
+    /// `http://127.0.0.1:PORT` (or 127.0.0.2) where this member really serves clients.
+    pub fn client_url(&self) -> String {
+        format!("http://{}:{}", self.client_ip, self.client_port)
+    }
+
+    /// Peer URL as it appears in `--initial-cluster`.
+    pub fn peer_url(&self) -> String {
+        format!("http://{}:{}", Ipv4Addr::LOCALHOST, self.peer_port)
+    }
+}
+
+/// One etcd process slot: the spec plus the currently running child, if any.
+#[derive(Debug)]
+pub(crate) struct Member {
+    pub spec: MemberSpec,
+    child: Mutex<Option<Child>>,
+}
+
+impl Member {
+    pub fn new(spec: MemberSpec) -> Self {
+        Member {
+            spec,
+            child: Mutex::new(None),
+        }
+    }
+
+    /// Spawns the etcd process (on the existing data dir, if any).
+    pub fn spawn(&self) -> Result<(), SimError> {
+        let s = &self.spec;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&s.log_path)
+            .map_err(|e| SimError::io(format!("opening {}", s.log_path.display()), e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| SimError::io("duplicating the etcd log handle", e))?;
+        let binary = etcd_binary();
+        let mut cmd = Command::new(&binary);
+        cmd.arg("--name")
+            .arg(&s.name)
+            .arg("--data-dir")
+            .arg(&s.data_dir)
+            .arg("--listen-client-urls")
+            .arg(s.client_url())
+            .arg("--advertise-client-urls")
+            .arg(&s.advertise_client_url)
+            .arg("--listen-peer-urls")
+            .arg(s.peer_url())
+            .arg("--initial-advertise-peer-urls")
+            .arg(s.peer_url())
+            .arg("--initial-cluster")
+            .arg(&s.initial_cluster)
+            .arg("--initial-cluster-state")
+            .arg("new")
+            .arg("--initial-cluster-token")
+            .arg(&s.cluster_token)
+            .arg("--logger")
+            .arg("zap");
+        if s.enable_v2 {
+            cmd.arg("--enable-v2");
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err))
+            .kill_on_drop(true);
+        let child = cmd.spawn().map_err(|source| SimError::EtcdSpawn {
+            member: s.name.clone(),
+            binary,
+            source,
+        })?;
+        let previous = self.lock_child().replace(child);
+        if let Some(mut old) = previous {
+            // Never leave an orphan behind if spawn is called twice.
+            let _ = old.start_kill();
+        }
+        Ok(())
+    }
+
+    fn lock_child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        // A poisoned lock only means another thread panicked while holding it;
+        // the Option inside is still meaningful.
+        self.child
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Polls `GET /health` until etcd reports healthy, the process exits, or the deadline passes.
+    pub async fn wait_healthy(&self, deadline: Instant) -> Result<(), SimError> {
+        let addr = SocketAddr::new(self.spec.client_ip, self.spec.client_port);
+        loop {
+            if let Some(status) = self.exited()? {
+                return Err(self.unhealthy(format!("etcd exited early with {status}")));
+            }
+            if health_ok(addr).await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(
+                    self.unhealthy(format!("no healthy answer on {addr} before the deadline"))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `Some(status)` if the child has exited, `None` while it runs.
+    fn exited(&self) -> Result<Option<std::process::ExitStatus>, SimError> {
+        let mut guard = self.lock_child();
+        match guard.as_mut() {
+            None => Ok(None),
+            Some(child) => child
+                .try_wait()
+                .map_err(|e| SimError::io("polling the etcd process", e)),
+        }
+    }
+
+    fn unhealthy(&self, reason: String) -> SimError {
+        SimError::EtcdUnhealthy {
+            member: self.spec.name.clone(),
+            reason,
+            log_tail: log_tail(&self.spec.log_path, 15),
+        }
+    }
+
+    /// Kills the process (SIGKILL, like a crashed container) and reaps it.
+    pub async fn kill(&self) -> Result<(), SimError> {
+        let child = self.lock_child().take();
+        if let Some(mut child) = child {
+            child
+                .kill()
+                .await
+                .map_err(|e| SimError::io(format!("killing etcd member {}", self.spec.name), e))?;
+        }
+        Ok(())
+    }
+
+    /// Best-effort, non-blocking kill for `Drop` paths.
+    pub fn start_kill(&self) {
+        if let Some(child) = self.lock_child().as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// True if `GET /health` on `addr` answers 200 with `"health":"true"`.
+async fn health_ok(addr: SocketAddr) -> bool {
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        stream.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        Some(text.starts_with("HTTP/1.1 200") && text.contains(r#""health":"true""#))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+/// The last `n` lines of a log file, for error messages.
+fn log_tail(path: &std::path::Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}

@@ -1,0 +1,225 @@
+//! Test fixtures: start the simulated cluster, the proxy binary, and etcdctl.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use etcd_proxy_sim::{SimCluster, SimConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// Generous bound for anything that should take a second or two.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A simulated cluster with `members` real etcd members.
+pub async fn cluster(members: usize) -> SimCluster {
+    SimCluster::start(SimConfig {
+        members,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulated cluster starts")
+}
+
+/// A running `etcd-proxy` process.
+pub struct Proxy {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT` of the cluster endpoint.
+    pub cluster_url: String,
+    /// `host:port` of the cluster endpoint (etcdctl v3 style).
+    pub cluster_addr: String,
+    /// (member name, local URL) per member.
+    pub members: Vec<(String, String)>,
+    /// The whole summary as printed.
+    pub summary: String,
+    _stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl Proxy {
+    /// The etcdctl-v3 style endpoint list of every member endpoint.
+    pub fn member_urls(&self) -> Vec<String> {
+        self.members.iter().map(|(_, u)| u.clone()).collect()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// The proxy binary with `args`, logging to the test's stderr.
+pub fn proxy_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-proxy"));
+    cmd.args(args)
+        .env_remove("KUBECONFIG")
+        .env(
+            "ETCD_PROXY_LOG",
+            std::env::var("ETCD_PROXY_TEST_LOG").unwrap_or_else(|_| "etcd_proxy=debug,warn".into()),
+        )
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Starts the proxy against `sim` on free ports and waits for its summary (its readiness).
+pub async fn start_proxy(sim: &SimCluster, extra: &[&str]) -> Proxy {
+    let kubeconfig = sim
+        .kubeconfig_path()
+        .to_str()
+        .expect("utf-8 path")
+        .to_owned();
+    let mut args = vec![
+        "--kubeconfig",
+        kubeconfig.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = proxy_command(&args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn etcd-proxy");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let read = async {
+        let first = lines.next_line().await.ok()??;
+        // "Forwarding ... (N members: ...) via context ..."
+        let n: usize = first.split('(').nth(1)?.split(' ').next()?.parse().ok()?;
+        let mut summary = first.clone();
+        let mut rows = Vec::new();
+        for _ in 0..=n {
+            let line = lines.next_line().await.ok()??;
+            summary.push('\n');
+            summary.push_str(&line);
+            let mut cols = line.split_whitespace();
+            rows.push((cols.next()?.to_owned(), cols.next()?.to_owned()));
+        }
+        Some((summary, rows))
+    };
+    let (summary, mut rows) = match tokio::time::timeout(DEADLINE, read).await {
+        Ok(Some(r)) => r,
+        other => {
+            let _ = child.start_kill();
+            let out = child.wait_with_output().await.expect("proxy output");
+            panic!(
+                "etcd-proxy did not print its summary ({}): stderr:\n{}",
+                if other.is_err() {
+                    "timed out"
+                } else {
+                    "exited or malformed"
+                },
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    let (cluster_name, cluster_url) = rows.remove(0);
+    assert_eq!(cluster_name, "cluster", "summary:\n{summary}");
+    let cluster_addr = cluster_url.trim_start_matches("http://").to_owned();
+    Proxy {
+        child,
+        cluster_url,
+        cluster_addr,
+        members: rows,
+        summary,
+        _stdout: lines,
+    }
+}
+
+/// The outcome of a command that must finish.
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Panics with the output unless the command succeeded.
+    pub fn ok(self) -> Self {
+        assert!(
+            self.status.success(),
+            "command failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Runs a command to completion within [`DEADLINE`], feeding it `stdin`.
+pub async fn run(mut cmd: Command, stdin: &str) -> Output {
+    use tokio::io::AsyncWriteExt;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn");
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).await.expect("stdin");
+    }
+    let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("command did not finish within {DEADLINE:?}: {cmd:?}"))
+        .expect("wait");
+    Output {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `etcdctl` with `ETCDCTL_API=api`.
+pub fn etcdctl(api: u8, args: &[&str]) -> Command {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", api.to_string())
+        .env_remove("ETCDCTL_ENDPOINTS")
+        .args(args);
+    cmd
+}
+
+/// Runs etcdctl v3 against `endpoints` and requires success.
+pub async fn ctl3(endpoints: &str, args: &[&str]) -> Output {
+    let mut all = vec![
+        "--endpoints",
+        endpoints,
+        "--dial-timeout",
+        "5s",
+        "--command-timeout",
+        "10s",
+    ];
+    all.extend_from_slice(args);
+    run(etcdctl(3, &all), "").await.ok()
+}
+
+/// Runs etcdctl v2 against `endpoints` (endpoint sync on) and requires success.
+pub async fn ctl2(endpoints: &str, args: &[&str]) -> Output {
+    let mut all = vec!["--endpoints", endpoints, "--total-timeout", "10s"];
+    all.extend_from_slice(args);
+    run(etcdctl(2, &all), "").await.ok()
+}
+
+/// Runs the proxy with `args` where it must fail: its exit status and stderr.
+pub async fn proxy_fails(args: &[&str]) -> (ExitStatus, String) {
+    let mut cmd = proxy_command(args);
+    cmd.env("ETCD_PROXY_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn etcd-proxy");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("etcd-proxy {args:?} hung instead of failing"))
+        .expect("wait");
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).await.expect("read stderr");
+    (status, err)
+}
+
+/// A path that does not exist.
+pub fn missing_path(dir: &Path) -> String {
+    dir.join("no-such-kubeconfig")
+        .to_string_lossy()
+        .into_owned()
+}

@@ -1,0 +1,167 @@
+use std::collections::BTreeSet;
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::support::{cluster, ctl3, etcdctl, run, start_proxy, DEADLINE};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_txn_lease_and_watch_through_the_cluster_endpoint() {
+    let sim = cluster(3).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let ep = proxy.cluster_addr.as_str();
+
+    ctl3(ep, &["put", "foo", "bar"]).await;
+    assert_eq!(
+        ctl3(ep, &["get", "foo", "--print-value-only"])
+            .await
+            .stdout
+            .trim(),
+        "bar"
+    );
+
+    // A warm `etcdctl get` (a new process, a new client connection) opens no new tunnel.
+    let before = sim.portforward_count();
+    for _ in 0..3 {
+        assert_eq!(
+            ctl3(ep, &["get", "foo", "--print-value-only"])
+                .await
+                .stdout
+                .trim(),
+            "bar"
+        );
+    }
+    assert_eq!(
+        sim.portforward_count(),
+        before,
+        "warm gets must reuse the open tunnels"
+    );
+
+    // txn reads its three sections from stdin.
+    let txn = run(
+        etcdctl(3, &["--endpoints", ep, "txn"]),
+        "value(\"foo\") = \"bar\"\n\nput foo baz\n\nput foo qux\n\n",
+    )
+    .await
+    .ok();
+    assert!(txn.stdout.starts_with("SUCCESS"), "{}", txn.stdout);
+    assert_eq!(
+        ctl3(ep, &["get", "foo", "--print-value-only"])
+            .await
+            .stdout
+            .trim(),
+        "baz"
+    );
+
+    // Lease: grant, attach, read back.
+    let grant = ctl3(ep, &["lease", "grant", "60"]).await.stdout;
+    let id = grant
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_owned();
+    ctl3(ep, &["put", "--lease", &id, "leased", "v"]).await;
+    let ttl = ctl3(ep, &["lease", "timetolive", &id, "--keys"])
+        .await
+        .stdout;
+    assert!(ttl.contains("leased"), "{ttl}");
+
+    // Watch: a long-lived stream sees a later write.
+    let mut watch = etcdctl(3, &["--endpoints", ep, "watch", "--prefix", "/w"]);
+    watch.stdout(Stdio::piped()).kill_on_drop(true);
+    let mut child = watch.spawn().expect("etcdctl watch");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    // The watch is registered before etcdctl prints anything; write until it reports the event.
+    let seen = tokio::time::timeout(DEADLINE, async {
+        let mut n = 0;
+        loop {
+            n += 1;
+            ctl3(ep, &["put", "/w/k", &format!("v{n}")]).await;
+            let got =
+                tokio::time::timeout(std::time::Duration::from_millis(500), lines.next_line())
+                    .await;
+            if let Ok(Ok(Some(line))) = got {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("watch event");
+    assert_eq!(seen, "PUT");
+    let key = lines.next_line().await.unwrap().unwrap();
+    assert_eq!(key, "/w/k");
+
+    ctl3(ep, &["del", "foo"]).await;
+    assert_eq!(ctl3(ep, &["get", "foo"]).await.stdout.trim(), "");
+    drop(child);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_list_and_cluster_commands_see_local_endpoints() {
+    let sim = cluster(3).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let ep = proxy.cluster_addr.as_str();
+    let member_urls: BTreeSet<String> = proxy.member_urls().into_iter().collect();
+    assert_eq!(member_urls.len(), 3, "{}", proxy.summary);
+
+    // member list: the client URLs are the proxy's member endpoints, not in-cluster names.
+    let list = ctl3(ep, &["member", "list", "-w", "json"]).await.stdout;
+    let v: serde_json::Value = serde_json::from_str(&list).expect("member list json");
+    let mut listed = BTreeSet::new();
+    for m in v["members"].as_array().expect("members") {
+        let name = m["name"].as_str().unwrap();
+        let urls: Vec<&str> = m["clientURLs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap())
+            .collect();
+        let expected = proxy
+            .members
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, u)| u.as_str());
+        assert_eq!(
+            urls,
+            vec![expected.expect("member has an endpoint")],
+            "member {name}"
+        );
+        listed.insert(urls[0].to_owned());
+    }
+    assert_eq!(listed, member_urls);
+    assert!(
+        v["header"]["cluster_id"].as_u64().unwrap_or(0) != 0,
+        "header kept: {list}"
+    );
+
+    // endpoint status --cluster: one row per member, each reporting its own member ID.
+    let status = ctl3(ep, &["endpoint", "status", "--cluster", "-w", "json"])
+        .await
+        .stdout;
+    let rows: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len(), 3, "{status}");
+    let endpoints: BTreeSet<String> = rows
+        .iter()
+        .map(|r| r["Endpoint"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(endpoints, member_urls);
+    let ids: BTreeSet<u64> = rows
+        .iter()
+        .map(|r| r["Status"]["header"]["member_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        3,
+        "each member endpoint reaches a different member: {status}"
+    );
+
+    // endpoint health --cluster reaches every member too.
+    let health = ctl3(ep, &["endpoint", "health", "--cluster"]).await;
+    assert_eq!(
+        health.stdout.matches("is healthy").count() + health.stderr.matches("is healthy").count(),
+        3
+    );
+    sim.shutdown().await;
+}
