@@ -16,13 +16,14 @@ use http_body_util::{BodyExt, Empty, Full};
 use tokio::sync::watch;
 
 use crate::config::{Config, MemberPorts};
+use crate::error::{find_cause, one_line, BoxError};
 use crate::k8s::discovery::{Discovery, EtcdPod, Selection};
 use crate::k8s::{self, tunnel};
 use crate::listener::{self, Endpoint};
 use crate::proxy::Proxy;
 use crate::rewrite::{AddrMap, LocalEndpoint};
 use crate::router::Backends;
-use crate::upstream::{find_cause, one_line, BoxError, Dial, DialFuture, Upstream, UpstreamBody};
+use crate::upstream::{Dial, DialFuture, Upstream, UpstreamBody};
 
 /// How long the start-up probe of one member may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -153,13 +154,24 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         kube.client.clone(),
         &kube.namespace,
     ))));
-    let proxy = Proxy::new(upstream.clone(), Backends::new(pods_rx), map_rx);
-
-    let notes = probe_all(&upstream, &pods).await?;
+    let versions = probe_all(&upstream, &pods).await?;
+    let legacy = pods
+        .iter()
+        .zip(&versions)
+        .filter(|(_, v)| v.as_deref().is_ok_and(|v| v.starts_with("2.")))
+        .map(|(p, _)| p.name.clone())
+        .collect();
+    let proxy = Proxy::new(upstream, Backends::new(pods_rx), map_rx, legacy);
     let members = local
         .iter()
-        .zip(notes)
-        .map(|((name, url), note)| (name.clone(), url.clone(), note))
+        .zip(versions)
+        .map(|((name, url), version)| {
+            let note = match version {
+                Ok(v) => format!("(etcd {v})"),
+                Err(e) => format!("(unreachable: {e})"),
+            };
+            (name.clone(), url.clone(), note)
+        })
         .collect();
     let summary = Summary {
         namespace: kube.namespace.clone(),
@@ -261,9 +273,12 @@ impl Dial for TunnelDial {
 }
 
 /// Probes every member: opens its tunnel, asks `/version` over HTTP/1.1 and warms the HTTP/2
-/// connection gRPC will use. Returns a note per member; fails if RBAC forbids tunnels or no
-/// member answers.
-async fn probe_all(upstream: &Upstream, pods: &[EtcdPod]) -> Result<Vec<String>, Error> {
+/// connection gRPC will use. Returns each member's etcd version or why it is unreachable;
+/// fails if RBAC forbids tunnels or no member answers.
+async fn probe_all(
+    upstream: &Upstream,
+    pods: &[EtcdPod],
+) -> Result<Vec<Result<String, String>>, Error> {
     let results = futures::future::join_all(pods.iter().map(|p| probe(upstream, p))).await;
     let mut notes = Vec::new();
     let mut first_error = None;
@@ -272,7 +287,7 @@ async fn probe_all(upstream: &Upstream, pods: &[EtcdPod]) -> Result<Vec<String>,
         match result {
             Ok(version) => {
                 ok += 1;
-                notes.push(format!("(etcd {version})"));
+                notes.push(Ok(version));
             }
             Err(e) => {
                 if let Some(t @ tunnel::Error::Forbidden { .. }) =
@@ -285,8 +300,8 @@ async fn probe_all(upstream: &Upstream, pods: &[EtcdPod]) -> Result<Vec<String>,
                     None => one_line(e.as_ref()),
                 };
                 tracing::warn!(member = %pod.name, error = %msg, "member not reachable at start-up");
-                notes.push(format!("(unreachable: {msg})"));
-                first_error.get_or_insert(msg);
+                first_error.get_or_insert(msg.clone());
+                notes.push(Err(msg));
             }
         }
     }

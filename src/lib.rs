@@ -29,11 +29,12 @@
 //! * [`rewrite`]: pure byte-exact rewriting of member URLs (gRPC, v2, gateway).
 //! * [`upstream`]: pooled HTTP/2 and HTTP/1.1 connections over a dialer seam.
 //! * [`k8s`]: kubeconfig, pod discovery, port-forward tunnels.
-//! * [`telemetry`], [`shutdown`]: logging and signals.
+//! * [`error`], [`telemetry`], [`shutdown`]: leaves open to all: error plumbing, logging, signals.
 
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod error;
 pub mod k8s;
 pub mod listener;
 pub mod proxy;

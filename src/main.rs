@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use etcd_proxy::{app, cli::Cli, config::Config, shutdown, telemetry, upstream::one_line};
+use etcd_proxy::{app, cli::Cli, config::Config, error::one_line, shutdown, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

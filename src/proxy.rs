@@ -5,6 +5,7 @@
 //! protocol expects: a gRPC status (`UNAVAILABLE` for an unreachable member, `INTERNAL` for a
 //! response that cannot be rewritten) or an HTTP 502/503 with a one-line text body.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -17,10 +18,11 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
+use crate::error::{find_cause, one_line, BoxError};
 use crate::k8s::tunnel;
 use crate::rewrite::{self, AddrMap, Rewritten};
 use crate::router::{self, Backends, Class, Rewrite, Route};
-use crate::upstream::{find_cause, one_line, BoxError, Upstream};
+use crate::upstream::Upstream;
 
 /// The response body type.
 pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -29,6 +31,7 @@ pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 const MAX_REWRITE_BODY: usize = 16 << 20;
 
 /// gRPC status codes we emit (grpc/grpc doc/statuscodes.md).
+const GRPC_UNIMPLEMENTED: u8 = 12;
 const GRPC_INTERNAL: u8 = 13;
 const GRPC_UNAVAILABLE: u8 = 14;
 
@@ -54,21 +57,27 @@ struct Inner {
     upstream: Upstream,
     backends: Backends,
     addr_map: watch::Receiver<Arc<AddrMap>>,
+    /// Members running etcd 2.x: HTTP only, no gRPC on the client port.
+    legacy: HashSet<String>,
 }
 
 impl Proxy {
-    /// A proxy forwarding through `upstream` to the members `backends` picks.
+    /// A proxy forwarding through `upstream` to the members `backends` picks; `legacy` names
+    /// the members that run etcd 2.x.
     pub fn new(
         upstream: Upstream,
         backends: Backends,
         addr_map: watch::Receiver<Arc<AddrMap>>,
+        legacy: HashSet<String>,
     ) -> Self {
+        let inner = Inner {
+            upstream,
+            backends,
+            addr_map,
+            legacy,
+        };
         Self {
-            inner: Arc::new(Inner {
-                upstream,
-                backends,
-                addr_map,
-            }),
+            inner: Arc::new(inner),
         }
     }
 
@@ -90,6 +99,18 @@ impl Proxy {
                 ))
             }
         };
+        if route.class == Class::Grpc && self.inner.legacy.contains(&pod.name) {
+            let msg = format!(
+                "etcd member {} runs etcd 2.x, which has no v3 gRPC API; use the v2 API (ETCDCTL_API=2)",
+                pod.name
+            );
+            return Ok(error_response(
+                route.class,
+                StatusCode::NOT_IMPLEMENTED,
+                GRPC_UNIMPLEMENTED,
+                &msg,
+            ));
+        }
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let up_req = match upstream_request(req, route.class, &pod.name, pod.port) {
             Ok(r) => r,

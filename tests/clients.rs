@@ -136,3 +136,87 @@ async fn json_gateway_and_raw_v2_responses_are_rewritten() {
     assert!(version.contains("\"etcdserver\":\"3.4"), "{version}");
     sim.shutdown().await;
 }
+
+/// Reads from `s` until `needle` appears in what was read (or the deadline passes).
+async fn read_until(s: &mut TcpStream, acc: &mut String, needle: &str) {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(DEADLINE, async {
+        while !acc.contains(needle) {
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(n > 0, "connection closed before {needle:?}; got:\n{acc}");
+            acc.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {needle:?} in time; got:\n{acc}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_long_poll_and_gateway_streams_are_not_buffered() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let sim = cluster(1).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let ep = proxy.cluster_addr.as_str();
+
+    // v2 long-poll: etcd sends the headers at once and the event when it happens; the proxy
+    // must stream both without waiting for the body to end.
+    let mut lp = TcpStream::connect(ep).await.unwrap();
+    let req = format!("GET /v2/keys/lp?wait=true HTTP/1.1\r\nHost: {ep}\r\n\r\n");
+    lp.write_all(req.as_bytes()).await.unwrap();
+    let mut got = String::new();
+    read_until(&mut lp, &mut got, "\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.to_ascii_lowercase().contains("x-etcd-index"), "{got}");
+    assert!(!got.contains("\"action\""), "no event yet: {got}");
+    let set = http1(ep, "PUT", "/v2/keys/lp?value=hello", "").await;
+    assert!(set.contains("\"action\":\"set\""), "{set}");
+    read_until(&mut lp, &mut got, "\"value\":\"hello\"").await;
+
+    // Gateway watch over a streamed POST body: the created event arrives while the stream is open.
+    let mut w = TcpStream::connect(ep).await.unwrap();
+    let body = r#"{"create_request":{"key":"c3Q="}}"#;
+    let req = format!(
+        "POST /v3/watch HTTP/1.1\r\nHost: {ep}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    w.write_all(req.as_bytes()).await.unwrap();
+    let mut got = String::new();
+    read_until(&mut w, &mut got, "\"created\":true").await;
+    let put = http1(ep, "POST", "/v3/kv/put", r#"{"key":"c3Q=","value":"MQ=="}"#).await;
+    assert!(put.starts_with("HTTP/1.1 200"), "{put}");
+    read_until(&mut w, &mut got, "\"value\":\"MQ==\"").await;
+
+    // Gateway watch over a WebSocket upgrade.
+    let url = format!("ws://{ep}/v3/watch");
+    let (mut ws, resp) =
+        tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url.as_str()))
+            .await
+            .expect("upgrade in time")
+            .expect("websocket upgrade through the proxy");
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text(r#"{"create_request":{"key":"d3M="}}"#))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .expect("message in time")
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.to_text().unwrap().contains("\"created\":true"),
+        "{first}"
+    );
+    http1(ep, "POST", "/v3/kv/put", r#"{"key":"d3M=","value":"Mg=="}"#).await;
+    let event = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .expect("event in time")
+        .unwrap()
+        .unwrap();
+    assert!(
+        event.to_text().unwrap().contains("\"value\":\"Mg==\""),
+        "{event}"
+    );
+    sim.shutdown().await;
+}

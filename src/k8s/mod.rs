@@ -138,7 +138,7 @@ fn build_client(config: kube::Config, namespace: &str) -> Result<kube::Client, k
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
-        .map_err(crate::upstream::BoxError::from)
+        .map_err(crate::error::BoxError::from)
         .service(hyper_client);
     Ok(kube::Client::new(service, namespace.to_owned()))
 }

@@ -335,3 +335,173 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RepairAuthority<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Runs `input` through the wrapper and returns what hyper would read.
+    async fn through(input: Vec<u8>) -> io::Result<Vec<u8>> {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        client.write_all(&input).await?;
+        drop(client);
+        let mut out = Vec::new();
+        RepairAuthority::new(server).read_to_end(&mut out).await?;
+        Ok(out)
+    }
+
+    /// Splits hyper's view back into frames: (type, flags, stream, payload).
+    fn frames(mut b: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while b.len() >= FRAME_HEADER {
+            let len = usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]);
+            let stream = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
+            v.push((
+                b[3],
+                b[4],
+                stream,
+                b[FRAME_HEADER..FRAME_HEADER + len].to_vec(),
+            ));
+            b = &b[FRAME_HEADER + len..];
+        }
+        v
+    }
+
+    fn request(authority: &str) -> Vec<(&'static [u8], Vec<u8>)> {
+        vec![
+            (b":method", b"POST".to_vec()),
+            (b":scheme", b"http".to_vec()),
+            (b":path", b"/etcdserverpb.Maintenance/Status".to_vec()),
+            (b":authority", authority.as_bytes().to_vec()),
+            (b"content-type", b"application/grpc".to_vec()),
+            (b"te", b"trailers".to_vec()),
+        ]
+    }
+
+    fn encode(
+        enc: &mut loona_hpack::Encoder<'static>,
+        headers: &[(&'static [u8], Vec<u8>)],
+    ) -> Vec<u8> {
+        enc.encode(headers.iter().map(|(n, v)| (*n, v.as_slice())))
+    }
+
+    #[tokio::test]
+    async fn repairs_the_authority_etcdctl_cluster_sends_and_keeps_other_frames() {
+        let mut enc = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &encode(&mut enc, &request("http://127.0.0.1:4002")),
+        ));
+        input.extend(frame(0x0, END_STREAM, 1, &[0, 0, 0, 0, 0])); // DATA
+                                                                   // The same client encoder now refers to its dynamic table for the second request.
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            3,
+            &encode(&mut enc, &request("http://127.0.0.1:4002")),
+        ));
+        // clientv3 3.5.0's authority cannot be repaired: it is dropped.
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            5,
+            &encode(&mut enc, &request("#initially=[http://x:1]")),
+        ));
+
+        let out = through(input).await.unwrap();
+        assert!(out.starts_with(PREFACE));
+        let fs = frames(&out[PREFACE.len()..]);
+        assert_eq!(fs.len(), 5);
+        assert_eq!((fs[0].0, fs[0].3.len()), (0x4, 0));
+        assert_eq!(
+            fs[2],
+            (0x0, END_STREAM, 1, vec![0, 0, 0, 0, 0]),
+            "DATA passes byte for byte"
+        );
+        let mut dec = loona_hpack::Decoder::new();
+        for (i, want) in [
+            (1, Some("127.0.0.1:4002")),
+            (3, Some("127.0.0.1:4002")),
+            (4, None),
+        ] {
+            let (kind, flags, _, block) = &fs[i];
+            assert_eq!(*kind, HEADERS);
+            assert_ne!(flags & END_HEADERS, 0);
+            let headers = dec.decode(block).unwrap();
+            let authority = headers
+                .iter()
+                .find(|(n, _)| n == b":authority")
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+            assert_eq!(authority.as_deref(), want, "frame {i}");
+            assert!(headers
+                .iter()
+                .any(|(n, v)| n == b":path" && v == b"/etcdserverpb.Maintenance/Status"));
+        }
+        assert_ne!(fs[4].1 & END_STREAM, 0, "END_STREAM kept");
+    }
+
+    #[tokio::test]
+    async fn continuation_padding_and_priority_are_handled() {
+        let mut enc = loona_hpack::Encoder::new();
+        let block = encode(&mut enc, &request("127.0.0.1:4001"));
+        let (a, b) = block.split_at(block.len() / 2);
+        let mut headers = vec![3u8]; // pad length
+        headers.extend_from_slice(&[0, 0, 0, 0, 16]); // priority: dependency 0, weight 16
+        headers.extend_from_slice(a);
+        headers.extend_from_slice(&[0, 0, 0]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, PADDED | PRIORITY, 1, &headers));
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, b));
+        let fs = frames(&through(input).await.unwrap()[PREFACE.len()..]);
+        assert_eq!(fs.len(), 1);
+        let (kind, flags, stream, payload) = &fs[0];
+        assert_eq!((*kind, *stream), (HEADERS, 1));
+        assert_eq!(*flags, PRIORITY | END_HEADERS);
+        assert_eq!(&payload[..5], &[0, 0, 0, 0, 16]);
+        let decoded = loona_hpack::Decoder::new().decode(&payload[5..]).unwrap();
+        assert!(decoded
+            .iter()
+            .any(|(n, v)| n == b":authority" && v == b"127.0.0.1:4001"));
+    }
+
+    #[tokio::test]
+    async fn http1_passes_through_untouched() {
+        let req = b"GET /v2/keys/a HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        assert_eq!(through(req.clone()).await.unwrap(), req);
+    }
+
+    #[tokio::test]
+    async fn malformed_header_blocks_fail_the_connection() {
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &[0xff, 0xff, 0xff, 0xff, 0x7f],
+        )); // index overflow
+        let err = through(input).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &[0x82]));
+        input.extend(frame(0x0, 0, 1, b"data"));
+        assert!(through(input)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("interrupted"));
+    }
+}
