@@ -93,6 +93,7 @@ async fn etcd_client_crate_kv_watch_lease_and_members() {
         );
     }
     assert_eq!(ids.len(), 3);
+    drop(proxy);
     sim.shutdown().await;
 }
 
@@ -134,6 +135,7 @@ async fn json_gateway_and_raw_v2_responses_are_rewritten() {
     // /version is passed through untouched (clients pick their API prefix from it).
     let version = http1(ep, "GET", "/version", "").await;
     assert!(version.contains("\"etcdserver\":\"3.4"), "{version}");
+    drop(proxy);
     sim.shutdown().await;
 }
 
@@ -218,5 +220,6 @@ async fn v2_long_poll_and_gateway_streams_are_not_buffered() {
         event.to_text().unwrap().contains("\"value\":\"Mg==\""),
         "{event}"
     );
+    drop(proxy);
     sim.shutdown().await;
 }

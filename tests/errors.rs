@@ -141,5 +141,6 @@ async fn malformed_client_frames_end_only_that_connection() {
             .trim(),
         "2"
     );
+    drop(proxy);
     sim.shutdown().await;
 }

@@ -37,5 +37,6 @@ async fn v2_commands_work_without_no_sync() {
         3,
         "{health}"
     );
+    drop(proxy);
     sim.shutdown().await;
 }

@@ -94,6 +94,7 @@ async fn kv_txn_lease_and_watch_through_the_cluster_endpoint() {
     ctl3(ep, &["del", "foo"]).await;
     assert_eq!(ctl3(ep, &["get", "foo"]).await.stdout.trim(), "");
     drop(child);
+    drop(proxy);
     sim.shutdown().await;
 }
 
@@ -163,5 +164,6 @@ async fn member_list_and_cluster_commands_see_local_endpoints() {
         health.stdout.matches("is healthy").count() + health.stderr.matches("is healthy").count(),
         3
     );
+    drop(proxy);
     sim.shutdown().await;
 }
