@@ -23,6 +23,7 @@ use crate::listener::{self, Endpoint};
 use crate::proxy::Proxy;
 use crate::rewrite::{AddrMap, LocalEndpoint};
 use crate::router::Backends;
+use crate::upstream::health::{Health, HealthConfig};
 use crate::upstream::{Dial, DialFuture, Upstream, UpstreamBody};
 
 /// How long the start-up probe of one member may take.
@@ -100,6 +101,8 @@ pub struct Running {
     pods_tx: watch::Sender<Arc<Vec<EtcdPod>>>,
     map_tx: watch::Sender<Arc<AddrMap>>,
     local: Vec<(String, String)>,
+    health: Health,
+    upstream: Upstream,
 }
 
 /// Connects to Kubernetes, finds the pods, binds the endpoints and probes each member.
@@ -161,7 +164,9 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         .filter(|(_, v)| v.as_deref().is_ok_and(|v| v.starts_with("2.")))
         .map(|(p, _)| p.name.clone())
         .collect();
-    let proxy = Proxy::new(upstream, Backends::new(pods_rx), map_rx, legacy);
+    let health = Health::new(HealthConfig::default());
+    let backends = Backends::new(pods_rx, health.clone());
+    let proxy = Proxy::new(upstream.clone(), backends, map_rx, health.clone(), legacy);
     let members = local
         .iter()
         .zip(versions)
@@ -189,6 +194,8 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         pods_tx,
         map_tx,
         local,
+        health,
+        upstream,
     })
 }
 
@@ -215,10 +222,15 @@ impl Running {
             self.map_tx,
             self.local,
         ));
+        let probes = tokio::spawn(
+            self.health
+                .run_probes(self.upstream, self.pods_tx.subscribe()),
+        );
         shutdown.await;
         let _ = stop_tx.send(true);
         watcher.abort();
         map_task.abort();
+        probes.abort();
         for t in tasks {
             let _ = t.await;
         }

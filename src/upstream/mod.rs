@@ -11,6 +11,7 @@
 //! connections by it and the dialer resolves it.
 
 mod connect;
+pub mod health;
 
 use std::sync::Arc;
 use std::time::Duration;

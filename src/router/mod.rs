@@ -3,8 +3,11 @@
 //!
 //! Classification follows etcd's own client-port multiplexer (`etcd-protocols.md` §2): HTTP/2
 //! with a gRPC content type is gRPC; everything else is HTTP and goes upstream as HTTP/1.1.
-//! The cluster endpoint spreads requests round-robin over the ready members (as clientv3's
-//! balancer does per RPC); a member endpoint is pinned to its pod.
+//! The cluster endpoint spreads requests round-robin over the ready, healthy members (as
+//! clientv3's balancer does per RPC) and skips members a failed attempt already tried; a
+//! member endpoint is pinned to its pod.
+
+pub mod replay;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,6 +17,8 @@ use tokio::sync::watch;
 
 use crate::k8s::discovery::EtcdPod;
 use crate::rewrite::{gateway, grpc::ClusterMethod, v2::V2Route};
+use crate::upstream::health::Health;
+pub use replay::Replay;
 
 /// The protocol class of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +47,8 @@ pub struct Route {
     pub class: Class,
     /// The rewrite its response needs, if any; other responses stream through untouched.
     pub rewrite: Option<Rewrite>,
+    /// Whether a failed attempt may be repeated on another member.
+    pub replay: Replay,
 }
 
 /// Classifies a request.
@@ -58,6 +65,7 @@ pub fn classify<B>(req: &Request<B>) -> Route {
         return Route {
             class: Class::Grpc,
             rewrite,
+            replay: replay::grpc(path),
         };
     }
     let rewrite = match (req.method(), V2Route::from_path(path)) {
@@ -70,6 +78,7 @@ pub fn classify<B>(req: &Request<B>) -> Route {
     Route {
         class: Class::Http,
         rewrite,
+        replay: replay::http(req),
     }
 }
 
@@ -77,6 +86,7 @@ pub fn classify<B>(req: &Request<B>) -> Route {
 #[derive(Clone)]
 pub struct Backends {
     pods: watch::Receiver<Arc<Vec<EtcdPod>>>,
+    health: Health,
     next: Arc<AtomicUsize>,
 }
 
@@ -86,22 +96,28 @@ pub enum PickError {
     /// The cluster has no ready member.
     #[error("no ready etcd member (pods: {0})")]
     NoneReady(String),
+    /// Every ready member was tried.
+    #[error("every ready etcd member failed ({0})")]
+    Exhausted(String),
     /// The pinned member's pod is gone.
     #[error("member pod {0} no longer exists")]
     Gone(String),
 }
 
 impl Backends {
-    /// Backends over the pod set discovery publishes.
-    pub fn new(pods: watch::Receiver<Arc<Vec<EtcdPod>>>) -> Self {
+    /// Backends over the pod set discovery publishes, avoiding members `health` marks down.
+    pub fn new(pods: watch::Receiver<Arc<Vec<EtcdPod>>>, health: Health) -> Self {
         Self {
             pods,
+            health,
             next: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// The pod for a request: the pinned one, or the next ready one round-robin.
-    pub fn pick(&self, pinned: Option<&str>) -> Result<EtcdPod, PickError> {
+    /// The pod for a request: the pinned one, or the next ready one round-robin, preferring
+    /// healthy members and skipping those in `tried`. If every candidate is marked down, the
+    /// ready ones are tried anyway: a wrong health verdict must not stop all traffic.
+    pub fn pick(&self, pinned: Option<&str>, tried: &[String]) -> Result<EtcdPod, PickError> {
         let pods = self.pods.borrow().clone();
         if let Some(name) = pinned {
             return pods
@@ -110,7 +126,19 @@ impl Backends {
                 .cloned()
                 .ok_or_else(|| PickError::Gone(name.to_owned()));
         }
-        let ready: Vec<&EtcdPod> = pods.iter().filter(|p| p.ready).collect();
+        let ready: Vec<&EtcdPod> = pods
+            .iter()
+            .filter(|p| p.ready && !tried.contains(&p.name))
+            .collect();
+        let healthy: Vec<&EtcdPod> = ready
+            .iter()
+            .copied()
+            .filter(|p| self.health.is_up(&p.name))
+            .collect();
+        let ready = if healthy.is_empty() { ready } else { healthy };
+        if ready.is_empty() && !tried.is_empty() {
+            return Err(PickError::Exhausted(tried.join(", ")));
+        }
         if ready.is_empty() {
             let names = pods
                 .iter()
@@ -154,7 +182,8 @@ mod tests {
             r,
             Route {
                 class: Class::Grpc,
-                rewrite: None
+                rewrite: None,
+                replay: Replay::Always
             }
         );
         let r = classify(&req(
@@ -194,21 +223,35 @@ mod tests {
 
     #[test]
     fn round_robin_over_ready_pods_and_pinning() {
-        let (_tx, rx) = watch::channel(Arc::new(vec![
-            pod("a", true),
-            pod("b", false),
-            pod("c", true),
-        ]));
-        let b = Backends::new(rx);
-        let picks: Vec<String> = (0..4).map(|_| b.pick(None).unwrap().name).collect();
+        let pods = vec![pod("a", true), pod("b", false), pod("c", true)];
+        let (_tx, rx) = watch::channel(Arc::new(pods));
+        let b = Backends::new(rx, Health::default());
+        let picks: Vec<String> = (0..4).map(|_| b.pick(None, &[]).unwrap().name).collect();
         assert_eq!(picks, ["a", "c", "a", "c"]);
-        assert_eq!(b.pick(Some("b")).unwrap().name, "b");
-        assert!(matches!(b.pick(Some("z")), Err(PickError::Gone(_))));
+        assert_eq!(b.pick(Some("b"), &[]).unwrap().name, "b");
+        assert!(matches!(b.pick(Some("z"), &[]), Err(PickError::Gone(_))));
         let (_tx, rx) = watch::channel(Arc::new(vec![pod("a", false)]));
-        assert!(Backends::new(rx)
-            .pick(None)
-            .unwrap_err()
-            .to_string()
-            .contains("a not ready"));
+        let err = Backends::new(rx, Health::default())
+            .pick(None, &[])
+            .unwrap_err();
+        assert!(err.to_string().contains("a not ready"), "{err}");
+    }
+
+    #[test]
+    fn unhealthy_and_tried_members_are_skipped() {
+        let pods = vec![pod("a", true), pod("b", true), pod("c", true)];
+        let (_tx, rx) = watch::channel(Arc::new(pods));
+        let health = Health::default();
+        health.record("b", false);
+        health.record("b", false);
+        let b = Backends::new(rx, health.clone());
+        for _ in 0..6 {
+            assert_ne!(b.pick(None, &[]).unwrap().name, "b");
+        }
+        assert_eq!(b.pick(None, &["a".into()]).unwrap().name, "c");
+        // Only the down member is left: try it rather than fail.
+        assert_eq!(b.pick(None, &["a".into(), "c".into()]).unwrap().name, "b");
+        let all: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        assert!(matches!(b.pick(None, &all), Err(PickError::Exhausted(_))));
     }
 }

@@ -1,0 +1,129 @@
+//! Building the upstream request from the client's: same method, path, headers and body, minus
+//! the hop-by-hop headers, with the member's authority and the HTTP version its protocol class
+//! needs (HTTP/2 for gRPC, HTTP/1.1 for everything else).
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Uri, Version};
+
+use crate::router::Class;
+use crate::upstream::UpstreamBody;
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// A bad request URI (cannot happen for requests hyper accepted, but never panic).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot forward request: {0}")]
+pub(super) struct BadRequest(#[from] http::Error);
+
+/// Builds the upstream request for `pod:port`: the client's method, path and headers (minus
+/// hop-by-hop), with `body`.
+pub(super) fn upstream_request(
+    client: &Parts,
+    body: UpstreamBody,
+    class: Class,
+    pod: &str,
+    port: u16,
+) -> Result<Request<UpstreamBody>, BadRequest> {
+    let path = client.uri.path_and_query().map_or("/", |p| p.as_str());
+    let authority = format!("{pod}:{port}");
+    let mut req = Request::new(body);
+    *req.method_mut() = client.method.clone();
+    *req.uri_mut() = Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()?;
+    let headers = req.headers_mut();
+    *headers = client.headers.clone();
+    strip_hop_by_hop(headers, wants_upgrade(&client.headers));
+    match class {
+        Class::Grpc => {
+            headers.remove(header::HOST);
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            *req.version_mut() = Version::HTTP_2;
+        }
+        Class::Http => {
+            let host = HeaderValue::from_str(&authority).map_err(http::Error::from)?;
+            headers.insert(header::HOST, host);
+            *req.version_mut() = Version::HTTP_11;
+        }
+    }
+    Ok(req)
+}
+
+/// Removes hop-by-hop headers and those named in `Connection`; keeps `Upgrade` and
+/// `Connection: upgrade` for a protocol switch.
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        if keep_upgrade && (name == "upgrade" || name == "connection") {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+pub(super) fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_upgrades_stay() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-etcd-index", HeaderValue::from_static("7"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-etcd-index"));
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+    }
+}

@@ -1,0 +1,221 @@
+//! Member health, so the cluster endpoint stops sending work to a member that cannot answer.
+//!
+//! Two signals feed one state per member: passive (every forwarded request's transport
+//! outcome) and active (a periodic `GET /health` through the member's tunnel). A member falls
+//! after [`HealthConfig::fall`] consecutive failures and rises after [`HealthConfig::rise`]
+//! consecutive successes, so one blip does not flap it (pingora's `health_check.rs` thresholds).
+//! A member that is down is probed with capped exponential backoff and jitter: each probe
+//! re-opens its tunnel, which is how broken tunnels are re-established ahead of traffic.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, Version};
+use http_body_util::{BodyExt, Empty};
+use tokio::sync::watch;
+
+use super::Upstream;
+use crate::k8s::discovery::EtcdPod;
+
+/// Health-check settings.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthConfig {
+    /// Probe interval for healthy members.
+    pub interval: Duration,
+    /// How long one probe may take.
+    pub timeout: Duration,
+    /// Consecutive failures that mark a member down.
+    pub fall: u32,
+    /// Consecutive successes that mark it up again.
+    pub rise: u32,
+    /// Longest wait between probes of a member that is down.
+    pub max_backoff: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(2),
+            fall: 2,
+            rise: 2,
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct State {
+    up: bool,
+    failures: u32,
+    successes: u32,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            up: true,
+            failures: 0,
+            successes: 0,
+        }
+    }
+}
+
+/// The health of every member, shared by the router and the probes.
+#[derive(Clone, Default)]
+pub struct Health {
+    states: Arc<Mutex<HashMap<String, State>>>,
+    config: HealthConfig,
+}
+
+impl Health {
+    /// Health tracking with `config`.
+    pub fn new(config: HealthConfig) -> Self {
+        Self {
+            states: Arc::default(),
+            config,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, State>> {
+        self.states
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether `member` takes cluster traffic (unknown members do).
+    pub fn is_up(&self, member: &str) -> bool {
+        self.lock().get(member).is_none_or(|s| s.up)
+    }
+
+    /// Records one outcome; logs when the member changes state.
+    pub fn record(&self, member: &str, ok: bool) {
+        let mut states = self.lock();
+        let s = states.entry(member.to_owned()).or_default();
+        if ok {
+            s.failures = 0;
+            s.successes = s.successes.saturating_add(1);
+            if !s.up && s.successes >= self.config.rise {
+                s.up = true;
+                tracing::info!(member, "member is healthy again");
+            }
+        } else {
+            s.successes = 0;
+            s.failures = s.failures.saturating_add(1);
+            if s.up && s.failures >= self.config.fall {
+                s.up = false;
+                tracing::warn!(
+                    member,
+                    "member marked down; the cluster endpoint avoids it until it recovers"
+                );
+            }
+        }
+    }
+
+    /// Probes every known member forever: healthy ones each interval, down ones with backoff.
+    pub async fn run_probes(self, upstream: Upstream, pods: watch::Receiver<Arc<Vec<EtcdPod>>>) {
+        // Dropping the set (when this task is aborted) aborts every member's probe loop.
+        let mut set: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
+        let mut tasks: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+        let mut pods = pods;
+        loop {
+            let current = pods.borrow_and_update().clone();
+            tasks.retain(|name, task| {
+                let keep = current.iter().any(|p| &p.name == name);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for pod in current.iter() {
+                if !tasks.contains_key(&pod.name) {
+                    let probe = set.spawn(self.clone().probe_member(upstream.clone(), pod.clone()));
+                    tasks.insert(pod.name.clone(), probe);
+                }
+            }
+            if pods.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+
+    async fn probe_member(self, upstream: Upstream, pod: EtcdPod) {
+        let mut backoff = self.config.interval;
+        loop {
+            let ok = probe(&upstream, &pod, self.config.timeout).await;
+            self.record(&pod.name, ok);
+            backoff = if self.is_up(&pod.name) {
+                self.config.interval
+            } else {
+                (backoff * 2).min(self.config.max_backoff)
+            };
+            tokio::time::sleep(jitter(backoff)).await;
+        }
+    }
+}
+
+/// ±20 % so that probes of many members do not line up.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.8 + fastrand::f64() * 0.4)
+}
+
+/// `GET /health` through the member's tunnel: up if etcd answers `"health":"true"`.
+async fn probe(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> bool {
+    let authority = format!("{}:{}", pod.name, pod.port);
+    let req = Request::builder()
+        .uri(format!("http://{authority}/health"))
+        .header(header::HOST, authority.as_str())
+        .version(Version::HTTP_11)
+        .body(
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+    let Ok(req) = req else { return false };
+    let attempt = async {
+        let resp = upstream.send(req).await.ok()?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some(status.is_success() && body.windows(15).any(|w| w == b"\"health\":\"true\""))
+    };
+    let ok = matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)));
+    if !ok {
+        tracing::debug!(member = %pod.name, "health probe failed");
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_stop_one_blip_from_flapping() {
+        let h = Health::new(HealthConfig::default());
+        assert!(h.is_up("a"), "unknown members take traffic");
+        h.record("a", false);
+        assert!(h.is_up("a"), "one failure is a blip");
+        h.record("a", false);
+        assert!(!h.is_up("a"));
+        h.record("a", true);
+        assert!(!h.is_up("a"), "one success is not enough to rise");
+        h.record("a", false);
+        h.record("a", true);
+        h.record("a", true);
+        assert!(h.is_up("a"));
+        assert!(h.is_up("b"), "members are independent");
+    }
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        for _ in 0..1000 {
+            let d = jitter(Duration::from_secs(10));
+            assert!(
+                d >= Duration::from_secs(8) && d <= Duration::from_secs(12),
+                "{d:?}"
+            );
+        }
+    }
+}
