@@ -94,7 +94,7 @@ async fn etcd_not_listening_on_the_pod_loopback_is_named() {
     one_clear_line(
         status,
         &err,
-        "etcd is not listening on localhost:2379 inside pod etcd-0",
+        "nothing is listening on localhost:2379 inside pod etcd-0: etcd is down there, or it does not listen on the pod's loopback",
     );
     sim.shutdown().await;
 }

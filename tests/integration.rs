@@ -8,6 +8,8 @@ mod support;
 mod clients;
 /// Bad input: one clear line, a non-zero exit, never a panic or a hang.
 mod errors;
+/// Failover, reconnects and isolation under faults injected in the simulated cluster.
+mod resilience;
 /// etcdctl v2 through the proxy, syncing endpoints from the member list.
 mod v2_etcdctl;
 /// etcdctl v3 through the proxy: KV, txn, watch, lease, member list, `--cluster`.

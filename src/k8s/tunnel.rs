@@ -51,9 +51,9 @@ pub enum Error {
     },
     /// Nothing listens on the port on the pod's loopback.
     #[error(
-        "etcd is not listening on localhost:{port} inside pod {pod}: port-forward connects to the \
-         pod's loopback, so etcd must listen on 127.0.0.1 or 0.0.0.0 (--listen-client-urls), or \
-         pass the right --remote-port"
+        "nothing is listening on localhost:{port} inside pod {pod}: etcd is down there, or it does \
+         not listen on the pod's loopback, where port-forward connects (make etcd listen on \
+         127.0.0.1 or 0.0.0.0, or pass the right --remote-port)"
     )]
     NotListening {
         /// The pod.
@@ -222,7 +222,7 @@ mod tests {
         assert_eq!(buf, b"hi");
         assert!(
             err.to_string()
-                .contains("not listening on localhost:2379 inside pod etcd-0"),
+                .contains("nothing is listening on localhost:2379 inside pod etcd-0"),
             "{err}"
         );
     }

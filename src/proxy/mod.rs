@@ -44,8 +44,11 @@ const MAX_REWRITE_BODY: usize = 16 << 20;
 /// `--max-request-bytes` (1.5 MiB by default) anyway.
 const MAX_REPLAY_BODY: usize = 4 << 20;
 
-/// Members one request may try.
-const MAX_ATTEMPTS: usize = 3;
+/// Attempts one request may make: every ready member once, then one more on a fresh
+/// connection (when every pooled connection died at once, each attempt finds a dead one).
+fn max_attempts(ready_members: usize) -> usize {
+    ready_members.clamp(1, 4) + 1
+}
 
 /// The proxy, shared by every local endpoint.
 #[derive(Clone)]
@@ -190,17 +193,22 @@ impl Proxy {
                 }
                 Err(e) => {
                     self.inner.health.record(&pod.name, false);
-                    let msg = match find_cause::<tunnel::Error>(&e) {
+                    let tunnel_error = find_cause::<tunnel::Error>(&e);
+                    let msg = match tunnel_error {
                         Some(t) => t.to_string(),
                         None => one_line(&e),
                     };
                     let replayable = match route.replay {
                         Replay::Always => true,
-                        Replay::OnConnectError => e.is_connect(),
+                        // A tunnel error means the bytes never reached etcd.
+                        Replay::OnConnectError => e.is_connect() || tunnel_error.is_some(),
                         Replay::Never => false,
                     };
                     tried.push(pod.name.clone());
-                    if replayable && pinned.is_none() && tried.len() < MAX_ATTEMPTS {
+                    if replayable
+                        && pinned.is_none()
+                        && tried.len() < max_attempts(self.inner.backends.ready_count())
+                    {
                         tracing::info!(member = %pod.name, %path, error = %msg, "upstream request failed; trying another member");
                         continue;
                     }

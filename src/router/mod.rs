@@ -96,9 +96,6 @@ pub enum PickError {
     /// The cluster has no ready member.
     #[error("no ready etcd member (pods: {0})")]
     NoneReady(String),
-    /// Every ready member was tried.
-    #[error("every ready etcd member failed ({0})")]
-    Exhausted(String),
     /// The pinned member's pod is gone.
     #[error("member pod {0} no longer exists")]
     Gone(String),
@@ -114,6 +111,11 @@ impl Backends {
         }
     }
 
+    /// How many members are ready.
+    pub fn ready_count(&self) -> usize {
+        self.pods.borrow().iter().filter(|p| p.ready).count()
+    }
+
     /// The pod for a request: the pinned one, or the next ready one round-robin, preferring
     /// healthy members and skipping those in `tried`. If every candidate is marked down, the
     /// ready ones are tried anyway: a wrong health verdict must not stop all traffic.
@@ -126,19 +128,21 @@ impl Backends {
                 .cloned()
                 .ok_or_else(|| PickError::Gone(name.to_owned()));
         }
-        let ready: Vec<&EtcdPod> = pods
-            .iter()
-            .filter(|p| p.ready && !tried.contains(&p.name))
-            .collect();
-        let healthy: Vec<&EtcdPod> = ready
-            .iter()
-            .copied()
-            .filter(|p| self.health.is_up(&p.name))
-            .collect();
-        let ready = if healthy.is_empty() { ready } else { healthy };
-        if ready.is_empty() && !tried.is_empty() {
-            return Err(PickError::Exhausted(tried.join(", ")));
-        }
+        // Preference: untried and healthy, untried, healthy, any ready member. A member tried
+        // before is retried on a new connection (the failed one is gone from the pool).
+        let ready: Vec<&EtcdPod> = pods.iter().filter(|p| p.ready).collect();
+        let fresh = |p: &&EtcdPod| !tried.contains(&p.name);
+        let up = |p: &&EtcdPod| self.health.is_up(&p.name);
+        let tiers: [Vec<&EtcdPod>; 3] = [
+            ready
+                .iter()
+                .copied()
+                .filter(|p| fresh(p) && up(p))
+                .collect(),
+            ready.iter().copied().filter(fresh).collect(),
+            ready.iter().copied().filter(up).collect(),
+        ];
+        let ready = tiers.into_iter().find(|t| !t.is_empty()).unwrap_or(ready);
         if ready.is_empty() {
             let names = pods
                 .iter()
@@ -249,9 +253,10 @@ mod tests {
             assert_ne!(b.pick(None, &[]).unwrap().name, "b");
         }
         assert_eq!(b.pick(None, &["a".into()]).unwrap().name, "c");
-        // Only the down member is left: try it rather than fail.
+        // Only the down member is untried: try it rather than fail.
         assert_eq!(b.pick(None, &["a".into(), "c".into()]).unwrap().name, "b");
+        // Everything was tried: healthy members again, on new connections.
         let all: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
-        assert!(matches!(b.pick(None, &all), Err(PickError::Exhausted(_))));
+        assert_ne!(b.pick(None, &all).unwrap().name, "b");
     }
 }
