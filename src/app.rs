@@ -5,6 +5,7 @@
 //! no pods, busy ports, etcd unreachable inside the pod) and returns a [`Running`] proxy whose
 //! [`Summary`] the caller prints; [`Running::serve`] then runs until shutdown.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -103,6 +104,7 @@ pub struct Running {
     local: Vec<(String, String)>,
     health: Health,
     upstream: Upstream,
+    legacy: HashSet<String>,
 }
 
 /// Connects to Kubernetes, finds the pods, binds the endpoints and probes each member.
@@ -153,20 +155,32 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
 
     let (pods_tx, pods_rx) = watch::channel(Arc::new(pods.clone()));
     let (map_tx, map_rx) = watch::channel(Arc::new(addr_map(&pods, &local)));
-    let upstream = Upstream::new(Arc::new(TunnelDial(tunnel::Tunneler::new(
-        kube.client.clone(),
-        &kube.namespace,
-    ))));
+    let tunnels = tunnel::Tunneler::new(kube.client.clone(), &kube.namespace);
+    let upstream = Upstream::new(
+        Arc::new(TunnelDial(tunnels)),
+        cfg.keepalive,
+        cfg.keepalive_timeout,
+    );
     let versions = probe_all(&upstream, &pods).await?;
-    let legacy = pods
+    let legacy: HashSet<String> = pods
         .iter()
         .zip(&versions)
         .filter(|(_, v)| v.as_deref().is_ok_and(|v| v.starts_with("2.")))
         .map(|(p, _)| p.name.clone())
         .collect();
-    let health = Health::new(HealthConfig::default());
+    let health = Health::new(HealthConfig {
+        interval: cfg.keepalive,
+        timeout: cfg.keepalive_timeout,
+        ..HealthConfig::default()
+    });
     let backends = Backends::new(pods_rx, health.clone());
-    let proxy = Proxy::new(upstream.clone(), backends, map_rx, health.clone(), legacy);
+    let proxy = Proxy::new(
+        upstream.clone(),
+        backends,
+        map_rx,
+        health.clone(),
+        legacy.clone(),
+    );
     let members = local
         .iter()
         .zip(versions)
@@ -196,6 +210,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         local,
         health,
         upstream,
+        legacy,
     })
 }
 
@@ -222,10 +237,11 @@ impl Running {
             self.map_tx,
             self.local,
         ));
-        let probes = tokio::spawn(
-            self.health
-                .run_probes(self.upstream, self.pods_tx.subscribe()),
-        );
+        let probes = tokio::spawn(self.health.run_probes(
+            self.upstream,
+            self.pods_tx.subscribe(),
+            self.legacy,
+        ));
         shutdown.await;
         let _ = stop_tx.send(true);
         watcher.abort();

@@ -81,6 +81,16 @@ pub struct Cli {
     #[arg(long, value_name = "PORT")]
     pub member_ports: Option<u16>,
 
+    /// How often each member is health-checked through its tunnels. The checks also keep idle
+    /// tunnels alive through load-balancer and kubelet idle timeouts (Azure: 4 minutes).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub keepalive: std::time::Duration,
+
+    /// How long a health check or HTTP/2 ping may go unanswered before the member is counted
+    /// as failing and the connection dropped.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: std::time::Duration,
+
     /// Log filter, e.g. `debug` or `etcd_proxy=trace` [env: ETCD_PROXY_LOG, RUST_LOG].
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,

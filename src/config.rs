@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::cli::Cli;
 
@@ -50,6 +51,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The per-member endpoints.
     pub member_ports: MemberPorts,
+    /// Health-check (and idle keepalive) interval.
+    pub keepalive: Duration,
+    /// How long a check or ping may go unanswered.
+    pub keepalive_timeout: Duration,
 }
 
 /// A flag combination that cannot work.
@@ -66,6 +71,12 @@ pub enum Error {
     MemberPortsOverflow {
         /// The base port.
         base: u16,
+    },
+    /// A keepalive setting of zero.
+    #[error("--{flag} must be longer than zero")]
+    ZeroDuration {
+        /// The flag.
+        flag: &'static str,
     },
     /// A wildcard or remote listen address (TLS and auth arrive later).
     #[error(
@@ -108,6 +119,14 @@ impl TryFrom<Cli> for Config {
                 return Err(Error::MemberPortsOverflow { base });
             }
         }
+        if cli.keepalive.is_zero() {
+            return Err(Error::ZeroDuration { flag: "keepalive" });
+        }
+        if cli.keepalive_timeout.is_zero() {
+            return Err(Error::ZeroDuration {
+                flag: "keepalive-timeout",
+            });
+        }
         Ok(Config {
             kubeconfig: cli.kubeconfig,
             context: cli.context.filter(|c| !c.is_empty()),
@@ -116,6 +135,8 @@ impl TryFrom<Cli> for Config {
             remote_port: cli.remote_port,
             listen: cli.listen,
             member_ports,
+            keepalive: cli.keepalive,
+            keepalive_timeout: cli.keepalive_timeout,
         })
     }
 }
@@ -164,6 +185,17 @@ mod tests {
             "{err}"
         );
         assert!(cfg(&["--listen", "[::1]:4001"]).is_ok());
+    }
+
+    #[test]
+    fn keepalive_durations() {
+        let c = cfg(&["--keepalive", "500ms", "--keepalive-timeout", "3s"]).unwrap();
+        assert_eq!(c.keepalive, Duration::from_millis(500));
+        assert_eq!(c.keepalive_timeout, Duration::from_secs(3));
+        assert!(matches!(
+            cfg(&["--keepalive", "0s"]),
+            Err(Error::ZeroDuration { .. })
+        ));
     }
 
     #[test]

@@ -1,19 +1,20 @@
 //! Member health, so the cluster endpoint stops sending work to a member that cannot answer.
 //!
 //! Two signals feed one state per member: passive (every forwarded request's transport
-//! outcome) and active (a periodic `GET /health` through the member's tunnel). A member falls
+//! outcome) and active (a periodic `GET /health` over HTTP/1.1 and a gRPC health check over
+//! HTTP/2, through the member's tunnels — which also keeps those tunnels from idling out). A member falls
 //! after [`HealthConfig::fall`] consecutive failures and rises after [`HealthConfig::rise`]
 //! consecutive successes, so one blip does not flap it (pingora's `health_check.rs` thresholds).
 //! A member that is down is probed with capped exponential backoff and jitter: each probe
 //! re-opens its tunnel, which is how broken tunnels are re-established ahead of traffic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request, Version};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use tokio::sync::watch;
 
 use super::Upstream;
@@ -115,7 +116,13 @@ impl Health {
     }
 
     /// Probes every known member forever: healthy ones each interval, down ones with backoff.
-    pub async fn run_probes(self, upstream: Upstream, pods: watch::Receiver<Arc<Vec<EtcdPod>>>) {
+    /// Members in `legacy` (etcd 2.x) have no gRPC and get the HTTP check only.
+    pub async fn run_probes(
+        self,
+        upstream: Upstream,
+        pods: watch::Receiver<Arc<Vec<EtcdPod>>>,
+        legacy: HashSet<String>,
+    ) {
         // Dropping the set (when this task is aborted) aborts every member's probe loop.
         let mut set: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
         let mut tasks: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
@@ -131,7 +138,12 @@ impl Health {
             });
             for pod in current.iter() {
                 if !tasks.contains_key(&pod.name) {
-                    let probe = set.spawn(self.clone().probe_member(upstream.clone(), pod.clone()));
+                    let grpc = !legacy.contains(&pod.name);
+                    let probe = set.spawn(self.clone().probe_member(
+                        upstream.clone(),
+                        pod.clone(),
+                        grpc,
+                    ));
                     tasks.insert(pod.name.clone(), probe);
                 }
             }
@@ -141,10 +153,19 @@ impl Health {
         }
     }
 
-    async fn probe_member(self, upstream: Upstream, pod: EtcdPod) {
+    async fn probe_member(self, upstream: Upstream, pod: EtcdPod, grpc: bool) {
         let mut backoff = self.config.interval;
         loop {
-            let ok = probe(&upstream, &pod, self.config.timeout).await;
+            let timeout = self.config.timeout;
+            let ok = if grpc {
+                let (http, grpc) = tokio::join!(
+                    probe_http(&upstream, &pod, timeout),
+                    probe_grpc(&upstream, &pod, timeout)
+                );
+                http && grpc
+            } else {
+                probe_http(&upstream, &pod, timeout).await
+            };
             self.record(&pod.name, ok);
             backoff = if self.is_up(&pod.name) {
                 self.config.interval
@@ -162,7 +183,7 @@ fn jitter(d: Duration) -> Duration {
 }
 
 /// `GET /health` through the member's tunnel: up if etcd answers `"health":"true"`.
-async fn probe(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> bool {
+async fn probe_http(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> bool {
     let authority = format!("{}:{}", pod.name, pod.port);
     let req = Request::builder()
         .uri(format!("http://{authority}/health"))
@@ -182,7 +203,43 @@ async fn probe(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> bool {
     };
     let ok = matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)));
     if !ok {
-        tracing::debug!(member = %pod.name, "health probe failed");
+        tracing::debug!(member = %pod.name, "HTTP health probe failed");
+    }
+    ok
+}
+
+/// `grpc.health.v1.Health/Check` over the member's HTTP/2 connection: up if it answers with
+/// grpc-status 0. It runs on the same pooled connection as client gRPC traffic.
+async fn probe_grpc(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> bool {
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{}:{}/grpc.health.v1.Health/Check",
+            pod.name, pod.port
+        ))
+        .version(Version::HTTP_2)
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header(header::TE, "trailers")
+        .body(
+            Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+    let Ok(req) = req else { return false };
+    let attempt = async {
+        let resp = upstream.send(req).await.ok()?;
+        let in_headers = resp.headers().get("grpc-status").cloned();
+        let collected = resp.into_body().collect().await.ok()?;
+        let status = in_headers.or_else(|| {
+            collected
+                .trailers()
+                .and_then(|t| t.get("grpc-status").cloned())
+        });
+        Some(status.is_some_and(|s| s == "0"))
+    };
+    let ok = matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)));
+    if !ok {
+        tracing::debug!(member = %pod.name, "gRPC health probe failed");
     }
     ok
 }

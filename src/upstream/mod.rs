@@ -30,11 +30,9 @@ pub use crate::error::BoxError;
 /// The request body type sent upstream.
 pub type UpstreamBody = BoxBody<Bytes, BoxError>;
 
-/// How often an idle HTTP/2 upstream connection is pinged. Well under the 4 minutes after
-/// which Azure's load balancer silently drops an idle flow.
-const H2_KEEPALIVE: Duration = Duration::from_secs(30);
-/// How long a ping may go unanswered before the connection is dropped.
-const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// etcd's gRPC server (`--grpc-keepalive-min-time`, default 5 s) sends GOAWAY
+/// `too_many_pings` to a client that pings more often than this while streams are open.
+const ETCD_MIN_PING_INTERVAL: Duration = Duration::from_secs(5);
 /// Idle HTTP/1.1 connections (each one a tunnel) are closed after this.
 const H1_IDLE: Duration = Duration::from_secs(90);
 
@@ -46,8 +44,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Clients that open connections with `dial`.
-    pub fn new(dial: Arc<dyn Dial>) -> Self {
+    /// Clients that open connections with `dial`. HTTP/2 connections with open streams (a
+    /// watch, a lease keep-alive) are pinged every `keepalive` (at least 5 s, etcd's minimum)
+    /// and dropped when a ping goes unanswered for `timeout`, so a dead tunnel under a silent
+    /// watch is found in seconds. Idle connections are not pinged: grpc-go counts pings on a
+    /// connection without streams as abuse (its `defaultPingTimeout` is 2 hours) and closes it
+    /// with `too_many_pings`; the health checks keep idle tunnels busy instead.
+    pub fn new(dial: Arc<dyn Dial>, keepalive: Duration, timeout: Duration) -> Self {
         let connector = connect::Connector::new(dial);
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -59,9 +62,9 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(None)
-            .http2_keep_alive_interval(H2_KEEPALIVE)
-            .http2_keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-            .http2_keep_alive_while_idle(true)
+            .http2_keep_alive_interval(keepalive.max(ETCD_MIN_PING_INTERVAL))
+            .http2_keep_alive_timeout(timeout)
+            .http2_keep_alive_while_idle(false)
             .http2_initial_stream_window_size(1 << 20)
             .http2_initial_connection_window_size(4 << 20)
             .http2_max_frame_size(1 << 16)
