@@ -37,6 +37,7 @@ pub mod config;
 pub mod error;
 pub mod k8s;
 pub mod listener;
+mod protowire;
 pub mod proxy;
 pub mod rewrite;
 pub mod router;

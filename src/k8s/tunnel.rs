@@ -133,6 +133,19 @@ impl Tunneler {
     }
 }
 
+/// Whether `err` shows that a request never reached etcd because its tunnel failed: the
+/// tunnel could not be opened, or the kubelet could not connect to etcd inside the pod.
+///
+/// hyper's HTTP/1 keeps our error as an `io::Error` source, but the `h2` crate flattens I/O
+/// errors to their kind and text, so on HTTP/2 connections the text is all that is left.
+pub fn never_reached_etcd(err: &(dyn std::error::Error + 'static)) -> bool {
+    crate::error::find_cause::<Error>(err).is_some()
+        || crate::error::one_line(err).contains(NOT_LISTENING_PREFIX)
+}
+
+/// The start of [`Error::NotListening`]'s text.
+const NOT_LISTENING_PREFIX: &str = "nothing is listening on localhost:";
+
 /// Classifies the kubelet's error-channel text.
 fn kubelet_error(pod: &str, port: u16, message: String) -> Error {
     if message.contains("connection refused") {
@@ -225,6 +238,21 @@ mod tests {
                 .contains("nothing is listening on localhost:2379 inside pod etcd-0"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn refused_dials_are_recognised_even_as_flattened_text() {
+        let typed = Error::NotListening {
+            pod: "etcd-0".into(),
+            port: 2379,
+        };
+        assert!(never_reached_etcd(&typed));
+        // What h2 leaves of it: an io::Error with the text only.
+        let flattened = io::Error::other(typed.to_string());
+        assert!(never_reached_etcd(&flattened));
+        assert!(!never_reached_etcd(&io::Error::other(
+            "connection reset by peer"
+        )));
     }
 
     #[tokio::test]

@@ -28,6 +28,7 @@ use crate::upstream::{Upstream, UpstreamBody};
 
 mod forward;
 mod reply;
+mod watches;
 
 use forward::{strip_hop_by_hop, upstream_request, wants_upgrade};
 use reply::{
@@ -122,6 +123,18 @@ impl Proxy {
         mut req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let route = router::classify(&req);
+        if route.class == Class::Grpc
+            && req.uri().path() == watches::PATH
+            && !self.is_legacy(pinned)
+        {
+            let (parts, body) = req.into_parts();
+            return Ok(watches::serve(
+                self.inner.clone(),
+                pinned.map(str::to_owned),
+                parts,
+                body,
+            ));
+        }
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let path = parts.uri.path().to_owned();
@@ -193,15 +206,14 @@ impl Proxy {
                 }
                 Err(e) => {
                     self.inner.health.record(&pod.name, false);
-                    let tunnel_error = find_cause::<tunnel::Error>(&e);
-                    let msg = match tunnel_error {
+                    let msg = match find_cause::<tunnel::Error>(&e) {
                         Some(t) => t.to_string(),
                         None => one_line(&e),
                     };
                     let replayable = match route.replay {
                         Replay::Always => true,
                         // A tunnel error means the bytes never reached etcd.
-                        Replay::OnConnectError => e.is_connect() || tunnel_error.is_some(),
+                        Replay::OnConnectError => e.is_connect() || tunnel::never_reached_etcd(&e),
                         Replay::Never => false,
                     };
                     tried.push(pod.name.clone());
@@ -232,6 +244,11 @@ impl Proxy {
             return Ok(Response::from_parts(parts, empty()));
         }
         Ok(self.respond(route, &path, resp).await)
+    }
+
+    /// Whether the pinned member runs etcd 2.x (the cluster endpoint checks per attempt).
+    fn is_legacy(&self, pinned: Option<&str>) -> bool {
+        pinned.is_some_and(|p| self.inner.legacy.contains(p))
     }
 
     /// Streams the response, or rewrites it if the route says so.

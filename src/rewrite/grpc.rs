@@ -8,8 +8,8 @@
 
 use bytes::Bytes;
 
-use super::protowire::{put_len_field, Fields, LEN};
 use super::{AddrMap, Error, Rewritten};
+use crate::protowire::{put_len_field, Fields, LEN};
 
 /// The five Cluster RPCs whose responses carry `Member` messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,7 +285,7 @@ mod tests {
         let bad = [0, 0, 0, 0, 3, 0x12, 0x7f, 0x08];
         assert!(matches!(
             rewrite_body(ClusterMethod::List, &bad, &m1_map()),
-            Err(Error::Truncated { .. })
+            Err(Error::Wire(crate::protowire::Error::Truncated { .. }))
         ));
         let mut compressed = body.clone();
         compressed[0] = 1;

@@ -16,7 +16,6 @@
 pub mod gateway;
 pub mod grpc;
 mod json;
-mod protowire;
 pub mod v2;
 
 use bytes::Bytes;
@@ -24,26 +23,9 @@ use bytes::Bytes;
 /// What can go wrong while rewriting a response body.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
-    /// The protobuf message ended in the middle of a field.
-    #[error("truncated protobuf message at byte {at}")]
-    Truncated {
-        /// Offset where more bytes were needed.
-        at: usize,
-    },
-    /// A varint ran past ten bytes.
-    #[error("malformed varint at byte {at}")]
-    BadVarint {
-        /// Offset of the varint.
-        at: usize,
-    },
-    /// A wire type that proto3 messages never use (groups) or that does not exist.
-    #[error("unsupported protobuf wire type {wire_type} at byte {at}")]
-    BadWireType {
-        /// The wire type found.
-        wire_type: u8,
-        /// Offset of the key.
-        at: usize,
-    },
+    /// Malformed protobuf.
+    #[error(transparent)]
+    Wire(#[from] crate::protowire::Error),
     /// The gRPC body is not a whole sequence of length-prefixed messages.
     #[error("truncated gRPC frame: {0} trailing bytes do not form a whole message")]
     TruncatedFrame(usize),

@@ -1,16 +1,40 @@
-//! The few pieces of the protobuf wire format that a byte-exact rewrite needs.
+//! The few pieces of the protobuf wire format that byte-exact rewrites need (member URLs,
+//! watch IDs).
 //!
 //! We walk messages instead of decoding them with generated types: decoding and re-encoding
 //! drops unknown fields (a newer etcd's additions) and is how etcd's own grpc-proxy lost the
 //! response header. Every field we do not rewrite is copied as the raw bytes we received.
 
-use super::Error;
+/// Malformed protobuf.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
+pub enum Error {
+    /// The message ended in the middle of a field.
+    #[error("truncated protobuf message at byte {at}")]
+    Truncated {
+        /// Offset where more bytes were needed.
+        at: usize,
+    },
+    /// A varint ran past ten bytes.
+    #[error("malformed varint at byte {at}")]
+    BadVarint {
+        /// Offset of the varint.
+        at: usize,
+    },
+    /// A wire type that proto3 messages never use (groups) or that does not exist.
+    #[error("unsupported protobuf wire type {wire_type} at byte {at}")]
+    BadWireType {
+        /// The wire type found.
+        wire_type: u8,
+        /// Offset of the key.
+        at: usize,
+    },
+}
 
 /// Wire type of length-delimited fields (strings, bytes, embedded messages).
-pub(super) const LEN: u8 = 2;
+pub(crate) const LEN: u8 = 2;
 
 /// One top-level field of a message.
-pub(super) struct Field<'a> {
+pub(crate) struct Field<'a> {
     /// Field number.
     pub number: u64,
     /// Wire type (0 varint, 1 fixed64, 2 length-delimited, 5 fixed32).
@@ -22,7 +46,7 @@ pub(super) struct Field<'a> {
 }
 
 /// Iterates the fields of a message, failing on malformed input.
-pub(super) struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     buf: &'a [u8],
     pos: usize,
 }
@@ -90,7 +114,7 @@ impl<'a> Iterator for Fields<'a> {
 }
 
 /// Reads a base-128 varint at `pos`, advancing it.
-pub(super) fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, Error> {
+pub(crate) fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, Error> {
     let at = *pos;
     let mut value: u64 = 0;
     for i in 0..10 {
@@ -104,8 +128,21 @@ pub(super) fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, Error> {
     Err(Error::BadVarint { at })
 }
 
+/// Appends a varint field (`int64` values are their two's complement, ten bytes if negative).
+pub(crate) fn put_varint_field(out: &mut Vec<u8>, number: u64, value: u64) {
+    put_varint(out, number << 3);
+    put_varint(out, value);
+}
+
+/// The value of a varint field's raw bytes (key included), as `Fields` yields them.
+pub(crate) fn varint_value(raw: &[u8]) -> Result<u64, Error> {
+    let mut pos = 0;
+    read_varint(raw, &mut pos)?;
+    read_varint(raw, &mut pos)
+}
+
 /// Appends a varint.
-pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -114,7 +151,7 @@ pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// Appends a length-delimited field.
-pub(super) fn put_len_field(out: &mut Vec<u8>, number: u64, payload: &[u8]) {
+pub(crate) fn put_len_field(out: &mut Vec<u8>, number: u64, payload: &[u8]) {
     put_varint(out, (number << 3) | u64::from(LEN));
     put_varint(out, payload.len() as u64);
     out.extend_from_slice(payload);

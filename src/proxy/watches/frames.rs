@@ -1,0 +1,100 @@
+//! gRPC Length-Prefixed-Messages over a stream of DATA chunks: chunk boundaries have no
+//! relation to message boundaries (grpc `doc/PROTOCOL-HTTP2.md`), so bytes are buffered until
+//! a whole message is there.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// 1 flag byte + 4-byte big-endian length.
+const PREFIX: usize = 5;
+/// etcd's own cap on a received message (`--max-request-bytes` + 512 KiB) is far below this.
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// A stream that is not a sequence of uncompressed gRPC messages.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// Compressed messages cannot be inspected (etcd and clientv3 never compress).
+    #[error("compressed gRPC message on a watch stream")]
+    Compressed,
+    /// A length beyond any sane message.
+    #[error("gRPC message of {0} bytes is too large")]
+    TooLarge(usize),
+}
+
+/// Reassembles messages from chunks.
+#[derive(Default)]
+pub struct Deframer {
+    buf: BytesMut,
+}
+
+impl Deframer {
+    /// Adds a chunk.
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next whole message's payload, if one is buffered.
+    pub fn next_message(&mut self) -> Result<Option<Bytes>, Error> {
+        if self.buf.len() < PREFIX {
+            return Ok(None);
+        }
+        if self.buf[0] != 0 {
+            return Err(Error::Compressed);
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > MAX_MESSAGE {
+            return Err(Error::TooLarge(len));
+        }
+        if self.buf.len() < PREFIX + len {
+            return Ok(None);
+        }
+        self.buf.advance(PREFIX);
+        Ok(Some(self.buf.split_to(len).freeze()))
+    }
+}
+
+/// One message with its prefix.
+pub fn frame(msg: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(PREFIX + msg.len());
+    out.push(0);
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(msg);
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_split_across_chunks_are_reassembled() {
+        let mut stream = frame(b"hello").to_vec();
+        stream.extend_from_slice(&frame(b""));
+        stream.extend_from_slice(&frame(b"world"));
+        let mut d = Deframer::default();
+        let mut got = Vec::new();
+        for chunk in stream.chunks(3) {
+            d.push(chunk);
+            while let Some(m) = d.next_message().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                Bytes::from_static(b"hello"),
+                Bytes::new(),
+                Bytes::from_static(b"world")
+            ]
+        );
+    }
+
+    #[test]
+    fn compressed_and_huge_messages_are_refused() {
+        let mut d = Deframer::default();
+        d.push(&[1, 0, 0, 0, 1, 7]);
+        assert_eq!(d.next_message(), Err(Error::Compressed));
+        let mut d = Deframer::default();
+        d.push(&[0, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(d.next_message(), Err(Error::TooLarge(_))));
+    }
+}

@@ -1,0 +1,461 @@
+//! gRPC `Watch` streams that survive the loss of their tunnel or member.
+//!
+//! The proxy terminates the client's Watch stream and keeps its own upstream stream. It
+//! remembers every watch the client created (the create request, the client's watch ID, and
+//! the next revision the client has not seen: last delivered event + 1, or the revision a
+//! progress notification vouched for). When the upstream stream breaks — tunnel cut, pod
+//! killed, connection reset — it opens a new one on a ready member, re-creates each watch
+//! from its next revision, swallows the re-creation's `created` reply and translates the new
+//! upstream watch IDs back to the client's. The client sees one unbroken stream with every
+//! event exactly once, in order. If a revision was compacted meanwhile, etcd's cancel with
+//! `compact_revision` reaches the client as etcd sent it.
+//!
+//! Known gap: a response fragmented across messages (`fragment`, for watch responses over
+//! the message size limit) that is cut in the middle is re-delivered from its revision.
+
+mod frames;
+mod proto;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::forward::upstream_request;
+use super::{Inner, ProxyBody};
+use crate::error::{one_line, BoxError};
+use crate::router::Class;
+use frames::{frame, Deframer};
+
+/// The gRPC path of etcd's watch stream.
+pub(super) const PATH: &str = "/etcdserverpb.Watch/Watch";
+
+/// How long a session keeps trying to reach a member before telling the client UNAVAILABLE.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
+/// First and longest wait between reconnection attempts.
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+type Out = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
+/// Serves a client's Watch stream: answers at once and runs the session in its own task.
+pub(super) fn serve(
+    inner: Arc<Inner>,
+    pinned: Option<String>,
+    parts: Parts,
+    body: Incoming,
+) -> Response<ProxyBody> {
+    let (tx, rx) = mpsc::channel(64);
+    let span = tracing::debug_span!("watch");
+    tokio::spawn(
+        Session::new(inner, pinned)
+            .run(parts, body, tx)
+            .instrument(span),
+    );
+    let stream =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let mut resp = Response::new(StreamBody::new(stream).boxed());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
+
+/// One watch the client holds.
+struct Watch {
+    /// The client's `WatchCreateRequest`.
+    create: Vec<u8>,
+    /// The first revision the client has not seen.
+    next_rev: i64,
+}
+
+/// A create sent upstream and not yet answered, in order (etcd answers creates in order).
+enum Pending {
+    /// The client's own create: the client ID it will get, its request, its start revision.
+    New {
+        client_id: i64,
+        create: Vec<u8>,
+        start_revision: i64,
+    },
+    /// Our re-creation of an existing watch after a reconnect.
+    Resume { client_id: i64 },
+}
+
+/// How one upstream stream ended.
+enum Ended {
+    /// The client is gone or the stream finished for good: the session is over.
+    Done,
+    /// The upstream broke: reconnect and resume. `established`: it had answered, so this was
+    /// a loss rather than a failed attempt (which backs off).
+    Lost { why: String, established: bool },
+}
+
+/// The response to an upstream Watch request, not yet arrived.
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, String>> + Send>>;
+
+/// One upstream stream being set up: where requests go, and its response.
+struct Attempt {
+    tx: mpsc::UnboundedSender<Bytes>,
+    response: ResponseFuture,
+    member: String,
+}
+
+/// The next frame of the upstream body, once there is one.
+async fn next_frame(body: &mut Option<Incoming>) -> Option<Result<Frame<Bytes>, hyper::Error>> {
+    match body {
+        Some(b) => b.frame().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Session {
+    inner: Arc<Inner>,
+    pinned: Option<String>,
+    watches: BTreeMap<i64, Watch>,
+    pending: VecDeque<Pending>,
+    /// Upstream watch ID → client watch ID, for the current upstream stream.
+    ids: HashMap<i64, i64>,
+    next_client_id: i64,
+}
+
+impl Session {
+    fn new(inner: Arc<Inner>, pinned: Option<String>) -> Self {
+        Self {
+            inner,
+            pinned,
+            watches: BTreeMap::new(),
+            pending: VecDeque::new(),
+            ids: HashMap::new(),
+            next_client_id: 0,
+        }
+    }
+
+    async fn run(mut self, parts: Parts, mut client: Incoming, out: Out) {
+        let mut client_frames = Deframer::default();
+        let mut client_done = false;
+        let mut failing_since: Option<Instant> = None;
+        let mut backoff = BACKOFF_START;
+        let mut last_error = String::from("no attempt made");
+        while !out.is_closed() {
+            if failing_since.is_some_and(|t| t.elapsed() > GIVE_UP_AFTER) {
+                let msg = format!(
+                    "etcd-proxy could not reach an etcd member for the watch stream: {last_error}"
+                );
+                let _ = out
+                    .send(Ok(Frame::trailers(grpc_trailers("14", &msg))))
+                    .await;
+                return;
+            }
+            let ended = match self.start(&parts) {
+                Ok(attempt) => {
+                    self.pump(
+                        &mut client,
+                        &mut client_frames,
+                        &mut client_done,
+                        attempt,
+                        &out,
+                    )
+                    .await
+                }
+                Err(why) => Ended::Lost {
+                    why,
+                    established: false,
+                },
+            };
+            match ended {
+                Ended::Done => return,
+                Ended::Lost {
+                    why,
+                    established: true,
+                } => {
+                    tracing::info!(watches = self.watches.len(), reason = %why, "watch stream lost; resuming");
+                    failing_since = None;
+                    backoff = BACKOFF_START;
+                }
+                Ended::Lost {
+                    why,
+                    established: false,
+                } => {
+                    tracing::debug!(reason = %why, "watch stream attempt failed");
+                    failing_since.get_or_insert_with(Instant::now);
+                    last_error = why;
+                    tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Starts an upstream Watch stream on a member and queues the re-creation of the client's
+    /// watches. Nothing is awaited: etcd sends no response headers before the first create.
+    fn start(&mut self, parts: &Parts) -> Result<Attempt, String> {
+        let pod = self
+            .inner
+            .backends
+            .pick(self.pinned.as_deref(), &[])
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, BoxError>(Frame::data(b)), rx))
+        });
+        let body = StreamBody::new(stream).boxed();
+        let req = upstream_request(parts, body, Class::Grpc, &pod.name, pod.port)
+            .map_err(|e| e.to_string())?;
+        let upstream = self.inner.upstream.clone();
+        let member = pod.name.clone();
+        let response: ResponseFuture = Box::pin(async move {
+            upstream
+                .send(req)
+                .await
+                .map_err(|e| format!("{member}: {}", one_line(&e)))
+        });
+        self.ids.clear();
+        self.pending.clear();
+        for (&client_id, w) in &self.watches {
+            let Ok(req) = proto::recreate(&w.create, w.next_rev) else {
+                continue;
+            };
+            let _ = tx.send(frame(&req));
+            self.pending.push_back(Pending::Resume { client_id });
+        }
+        Ok(Attempt {
+            tx,
+            response,
+            member: pod.name,
+        })
+    }
+
+    /// Moves messages both ways until the upstream stream ends or the client goes away.
+    async fn pump(
+        &mut self,
+        client: &mut Incoming,
+        client_frames: &mut Deframer,
+        client_done: &mut bool,
+        attempt: Attempt,
+        out: &Out,
+    ) -> Ended {
+        let Attempt {
+            tx,
+            mut response,
+            member,
+        } = attempt;
+        // Once the client has half-closed, the upstream request ends after the re-creations.
+        let mut up_tx = (!*client_done).then_some(tx);
+        let mut upstream: Option<Incoming> = None;
+        let mut up_frames = Deframer::default();
+        let lost = |why: String, established: bool| Ended::Lost { why, established };
+        loop {
+            tokio::select! {
+                r = &mut response, if upstream.is_none() => match r {
+                    Ok(resp) if resp.status() == StatusCode::OK => {
+                        self.inner.health.record(&member, true);
+                        if resp.headers().contains_key("grpc-status") {
+                            // Trailers-Only: an immediate error such as a rejected token.
+                            let headers = resp.headers().clone();
+                            return self.trailers(headers, *client_done, out).await;
+                        }
+                        upstream = Some(resp.into_body());
+                    }
+                    Ok(resp) => return lost(format!("{member} answered HTTP {}", resp.status()), false),
+                    Err(e) => {
+                        self.inner.health.record(&member, false);
+                        return lost(e, false);
+                    }
+                },
+                f = client.frame(), if !*client_done => match f {
+                    Some(Ok(f)) => {
+                        let Ok(data) = f.into_data() else { continue };
+                        client_frames.push(&data);
+                        loop {
+                            match client_frames.next_message() {
+                                Ok(Some(msg)) => {
+                                    let Some(req) = self.on_client_message(&msg) else { continue };
+                                    if let Some(tx) = up_tx.as_ref() {
+                                        let _ = tx.send(frame(&req));
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    let _ = out.send(Ok(Frame::trailers(grpc_trailers("13", &e.to_string())))).await;
+                                    return Ended::Done;
+                                }
+                            }
+                        }
+                    }
+                    Some(Err(_)) => return Ended::Done,
+                    None => {
+                        *client_done = true;
+                        up_tx = None;
+                    }
+                },
+                f = next_frame(&mut upstream) => match f {
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(data) => {
+                            up_frames.push(&data);
+                            loop {
+                                match up_frames.next_message() {
+                                    Ok(Some(msg)) => {
+                                        if let Some(resp) = self.on_upstream_message(&msg) {
+                                            if out.send(Ok(Frame::data(frame(&resp)))).await.is_err() {
+                                                return Ended::Done;
+                                            }
+                                        }
+                                    }
+                                    Ok(None) => break,
+                                    Err(e) => return lost(e.to_string(), true),
+                                }
+                            }
+                        }
+                        Err(f) => {
+                            let trailers = f.into_trailers().unwrap_or_default();
+                            return self.trailers(trailers, *client_done, out).await;
+                        }
+                    },
+                    Some(Err(e)) => return lost(format!("{member}: {}", one_line(&e)), true),
+                    None => return lost(format!("{member} ended the stream without a status"), true),
+                },
+                _ = out.closed() => return Ended::Done,
+            }
+        }
+    }
+
+    /// The upstream ended with a status: pass it on, unless it says the member is unavailable
+    /// (for example it lost its leader) and the client still wants events.
+    async fn trailers(&mut self, trailers: HeaderMap, client_done: bool, out: &Out) -> Ended {
+        let status = trailers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("2")
+            .to_owned();
+        if status == "14" && !client_done {
+            let why = format!("etcd said UNAVAILABLE: {:?}", trailers.get("grpc-message"));
+            return Ended::Lost {
+                why,
+                established: true,
+            };
+        }
+        let _ = out.send(Ok(Frame::trailers(trailers))).await;
+        Ended::Done
+    }
+
+    /// A client request, translated for the current upstream stream (`None`: nothing to send).
+    fn on_client_message(&mut self, msg: &[u8]) -> Option<Vec<u8>> {
+        match proto::parse_request(msg) {
+            Ok(proto::Request::Create {
+                create,
+                start_revision,
+                watch_id,
+            }) => {
+                let client_id = if watch_id != 0 {
+                    watch_id
+                } else {
+                    self.allocate_id()
+                };
+                let req = proto::recreate(&create, start_revision).ok()?;
+                self.pending.push_back(Pending::New {
+                    client_id,
+                    create,
+                    start_revision,
+                });
+                Some(req)
+            }
+            Ok(proto::Request::Cancel { watch_id }) => {
+                let upstream_id = self
+                    .ids
+                    .iter()
+                    .find(|(_, c)| **c == watch_id)
+                    .map(|(u, _)| *u);
+                Some(proto::cancel(upstream_id.unwrap_or(watch_id)))
+            }
+            Ok(proto::Request::Other) | Err(_) => Some(msg.to_vec()),
+        }
+    }
+
+    /// The lowest free client ID at or above the counter, as etcd assigns them.
+    fn allocate_id(&mut self) -> i64 {
+        while self.watches.contains_key(&self.next_client_id)
+            || self.pending.iter().any(|p| matches!(p, Pending::New { client_id, .. } if *client_id == self.next_client_id))
+        {
+            self.next_client_id += 1;
+        }
+        let id = self.next_client_id;
+        self.next_client_id += 1;
+        id
+    }
+
+    /// An upstream response, translated for the client (`None`: swallow it).
+    fn on_upstream_message(&mut self, msg: &[u8]) -> Option<Vec<u8>> {
+        let Ok(r) = proto::parse_response(msg) else {
+            return Some(msg.to_vec());
+        };
+        if r.created {
+            match self.pending.pop_front() {
+                Some(Pending::New {
+                    client_id,
+                    create,
+                    start_revision,
+                }) => {
+                    let next_rev = if start_revision > 0 {
+                        start_revision
+                    } else {
+                        r.revision + 1
+                    };
+                    self.ids.insert(r.watch_id, client_id);
+                    if !r.canceled {
+                        self.watches.insert(client_id, Watch { create, next_rev });
+                    }
+                    return proto::with_watch_id(msg, client_id).ok();
+                }
+                Some(Pending::Resume { client_id }) => {
+                    self.ids.insert(r.watch_id, client_id);
+                    if r.canceled {
+                        self.watches.remove(&client_id);
+                        return proto::with_watch_id(msg, client_id).ok();
+                    }
+                    return None;
+                }
+                None => return Some(msg.to_vec()),
+            }
+        }
+        let client_id = self.ids.get(&r.watch_id).copied().unwrap_or(r.watch_id);
+        if let Some(w) = self.watches.get_mut(&client_id) {
+            match r.last_event {
+                Some(rev) if !r.fragment => w.next_rev = w.next_rev.max(rev + 1),
+                None if !r.canceled && r.revision > 0 => {
+                    w.next_rev = w.next_rev.max(r.revision + 1)
+                }
+                _ => {}
+            }
+        }
+        if r.canceled {
+            self.watches.remove(&client_id);
+            self.ids.remove(&r.watch_id);
+        }
+        if client_id == r.watch_id {
+            Some(msg.to_vec())
+        } else {
+            proto::with_watch_id(msg, client_id).ok()
+        }
+    }
+}
+
+fn grpc_trailers(status: &'static str, msg: &str) -> HeaderMap {
+    let mut t = HeaderMap::new();
+    t.insert("grpc-status", HeaderValue::from_static(status));
+    if let Ok(v) = HeaderValue::from_str(&super::reply::percent_encode(msg)) {
+        t.insert("grpc-message", v);
+    }
+    t
+}
