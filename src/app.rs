@@ -16,13 +16,13 @@ use http::{header, Request, Version};
 use http_body_util::{BodyExt, Empty, Full};
 use tokio::sync::watch;
 
-use crate::config::{Config, MemberPorts};
+use crate::config::Config;
+use crate::endpoints::MemberEndpoints;
 use crate::error::{find_cause, one_line, BoxError};
 use crate::k8s::discovery::{Discovery, EtcdPod, Selection};
 use crate::k8s::{self, tunnel};
 use crate::listener::{self, Endpoint};
 use crate::proxy::Proxy;
-use crate::rewrite::{AddrMap, LocalEndpoint};
 use crate::router::Backends;
 use crate::upstream::health::{Health, HealthConfig};
 use crate::upstream::{Dial, DialFuture, Upstream, UpstreamBody};
@@ -95,16 +95,16 @@ impl fmt::Display for Summary {
 /// A proxy whose endpoints are bound and whose members answered.
 pub struct Running {
     summary: Summary,
-    endpoints: Vec<Endpoint>,
+    cluster: Endpoint,
+    members: MemberEndpoints,
     proxy: Proxy,
     discovery: Discovery,
     selection: Selection,
     pods_tx: watch::Sender<Arc<Vec<EtcdPod>>>,
-    map_tx: watch::Sender<Arc<AddrMap>>,
-    local: Vec<(String, String)>,
     health: Health,
     upstream: Upstream,
     legacy: HashSet<String>,
+    stop_tx: watch::Sender<bool>,
 }
 
 /// Connects to Kubernetes, finds the pods, binds the endpoints and probes each member.
@@ -118,43 +118,22 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let discovery = Discovery::new(kube.client.clone(), &kube.namespace, cfg.remote_port);
     let (resolved, pods) = discovery.find(&cfg.target).await?;
 
-    let cluster = listener::bind(cfg.listen).await?;
-    let cluster_url = url_of(
-        cluster
-            .local_addr()
-            .map_err(|source| listener::Error::Bind {
-                addr: cfg.listen,
-                source,
-            })?,
-    );
-    let mut endpoints = vec![Endpoint {
-        listener: cluster,
+    let listener = listener::bind(cfg.listen).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| listener::Error::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let cluster = Endpoint {
+        listener,
         name: Arc::from("cluster"),
         pinned: None,
-    }];
-    let mut local = Vec::new();
-    for (i, pod) in pods.iter().enumerate() {
-        let port = match cfg.member_ports {
-            MemberPorts::From(base) => base.checked_add(i as u16).unwrap_or(0),
-            MemberPorts::Ephemeral => 0,
-        };
-        let addr = SocketAddr::new(cfg.listen.ip(), port);
-        let l = listener::bind(addr).await?;
-        let url = url_of(
-            l.local_addr()
-                .map_err(|source| listener::Error::Bind { addr, source })?,
-        );
-        local.push((pod.name.clone(), url));
-        let name: Arc<str> = Arc::from(pod.name.as_str());
-        endpoints.push(Endpoint {
-            listener: l,
-            name: name.clone(),
-            pinned: Some(name),
-        });
-    }
+    };
+    let (mut members, map_rx) = MemberEndpoints::new(cfg.listen.ip(), cfg.member_ports);
+    members.bind_initial(&pods).await?;
 
     let (pods_tx, pods_rx) = watch::channel(Arc::new(pods.clone()));
-    let (map_tx, map_rx) = watch::channel(Arc::new(addr_map(&pods, &local)));
     let tunnels = tunnel::Tunneler::new(kube.client.clone(), &kube.namespace);
     let upstream = Upstream::new(
         Arc::new(TunnelDial(tunnels)),
@@ -173,6 +152,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         timeout: cfg.keepalive_timeout,
         ..HealthConfig::default()
     });
+    let (stop_tx, stop_rx) = watch::channel(false);
     let backends = Backends::new(pods_rx, health.clone());
     let proxy = Proxy::new(
         upstream.clone(),
@@ -180,37 +160,36 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         map_rx,
         health.clone(),
         legacy.clone(),
+        stop_rx,
     );
-    let members = local
-        .iter()
-        .zip(versions)
-        .map(|((name, url), version)| {
-            let note = match version {
-                Ok(v) => format!("(etcd {v})"),
-                Err(e) => format!("(unreachable: {e})"),
-            };
-            (name.clone(), url.clone(), note)
-        })
-        .collect();
+    let notes = versions.into_iter().map(|v| match v {
+        Ok(v) => format!("(etcd {v})"),
+        Err(e) => format!("(unreachable: {e})"),
+    });
     let summary = Summary {
         namespace: kube.namespace.clone(),
         target: resolved.description.clone(),
         context: kube.context.clone(),
-        cluster_url,
-        members,
+        cluster_url: url_of(addr),
+        members: members
+            .urls(&pods)
+            .into_iter()
+            .zip(notes)
+            .map(|((n, u), note)| (n, u, note))
+            .collect(),
     };
     Ok(Running {
         summary,
-        endpoints,
+        cluster,
+        members,
         proxy,
         discovery,
         selection: resolved.selection,
         pods_tx,
-        map_tx,
-        local,
         health,
         upstream,
         legacy,
+        stop_tx,
     })
 }
 
@@ -220,66 +199,36 @@ impl Running {
         &self.summary
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight requests.
+    /// Serves until `shutdown` resolves, then drains in-flight requests (a second SIGINT or
+    /// SIGTERM stops the wait).
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut tasks = Vec::new();
-        for endpoint in self.endpoints {
-            tasks.push(tokio::spawn(listener::serve(
-                endpoint,
-                self.proxy.clone(),
-                stop_rx.clone(),
-            )));
-        }
-        let watcher = tokio::spawn(self.discovery.watch(self.selection, self.pods_tx.clone()));
-        let map_task = tokio::spawn(follow_pods(
-            self.pods_tx.subscribe(),
-            self.map_tx,
-            self.local,
+        let stop_rx = self.stop_tx.subscribe();
+        let cluster = tokio::spawn(listener::serve(
+            self.cluster,
+            self.proxy.clone(),
+            stop_rx.clone(),
         ));
+        let members = tokio::spawn(self.members.run(
+            self.proxy.clone(),
+            self.pods_tx.subscribe(),
+            stop_rx,
+        ));
+        let watcher = tokio::spawn(self.discovery.watch(self.selection, self.pods_tx.clone()));
         let probes = tokio::spawn(self.health.run_probes(
             self.upstream,
             self.pods_tx.subscribe(),
             self.legacy,
         ));
         shutdown.await;
-        let _ = stop_tx.send(true);
+        let _ = self.stop_tx.send(true);
         watcher.abort();
-        map_task.abort();
         probes.abort();
-        for t in tasks {
-            let _ = t.await;
+        tokio::select! {
+            _ = async { let _ = tokio::join!(cluster, members); } => {}
+            _ = crate::shutdown::signal() => tracing::warn!("second signal: exiting without waiting for open requests"),
         }
         Ok(())
     }
-}
-
-/// Keeps the rewrite map in step with pod IPs.
-async fn follow_pods(
-    mut pods: watch::Receiver<Arc<Vec<EtcdPod>>>,
-    map_tx: watch::Sender<Arc<AddrMap>>,
-    local: Vec<(String, String)>,
-) {
-    while pods.changed().await.is_ok() {
-        let current = pods.borrow_and_update().clone();
-        map_tx.send_replace(Arc::new(addr_map(&current, &local)));
-    }
-}
-
-fn addr_map(pods: &[EtcdPod], local: &[(String, String)]) -> AddrMap {
-    AddrMap::new(
-        local
-            .iter()
-            .map(|(name, url)| LocalEndpoint {
-                pod: name.clone(),
-                pod_ip: pods
-                    .iter()
-                    .find(|p| &p.name == name)
-                    .and_then(|p| p.ip.clone()),
-                url: url.clone(),
-            })
-            .collect(),
-    )
 }
 
 fn url_of(addr: SocketAddr) -> String {

@@ -23,6 +23,7 @@
 //!
 //! * [`cli`] → [`config`]: flags, then a validated configuration.
 //! * [`app`]: the composition root; the only module that wires the others.
+//! * [`endpoints`]: one local endpoint per member, following scale-up and scale-down.
 //! * [`listener`]: local endpoints (cluster and one per member), a span per connection.
 //! * [`router`]: protocol class, rewrite needed, member choice.
 //! * [`proxy`]: the per-request pipeline and protocol-correct errors.
@@ -34,6 +35,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod endpoints;
 pub mod error;
 pub mod k8s;
 pub mod listener;

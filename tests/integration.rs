@@ -8,6 +8,8 @@ mod support;
 mod clients;
 /// Bad input: one clear line, a non-zero exit, never a panic or a hang.
 mod errors;
+/// Shutdown on SIGTERM/SIGINT and resuming after SIGSTOP/SIGCONT (a laptop sleeping).
+mod lifecycle;
 /// Failover, reconnects and isolation under faults injected in the simulated cluster.
 mod resilience;
 /// etcdctl v2 through the proxy, syncing endpoints from the member list.

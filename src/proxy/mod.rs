@@ -64,6 +64,8 @@ struct Inner {
     health: Health,
     /// Members running etcd 2.x: HTTP only, no gRPC on the client port.
     legacy: HashSet<String>,
+    /// Turns true when the proxy shuts down: long-lived streams end then.
+    stopping: watch::Receiver<bool>,
 }
 
 /// A request body: streamed once, or buffered so that it can be sent again.
@@ -96,13 +98,15 @@ impl ReqBody {
 
 impl Proxy {
     /// A proxy forwarding through `upstream` to the members `backends` picks, reporting each
-    /// attempt's outcome to `health`; `legacy` names the members that run etcd 2.x.
+    /// attempt's outcome to `health`; `legacy` names the members that run etcd 2.x, and
+    /// `stopping` turning true ends the watch streams it holds.
     pub fn new(
         upstream: Upstream,
         backends: Backends,
         addr_map: watch::Receiver<Arc<AddrMap>>,
         health: Health,
         legacy: HashSet<String>,
+        stopping: watch::Receiver<bool>,
     ) -> Self {
         let inner = Inner {
             upstream,
@@ -110,6 +114,7 @@ impl Proxy {
             addr_map,
             health,
             legacy,
+            stopping,
         };
         Self {
             inner: Arc::new(inner),

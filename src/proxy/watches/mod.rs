@@ -256,6 +256,7 @@ impl Session {
         let mut upstream: Option<Incoming> = None;
         let mut up_frames = Deframer::default();
         let lost = |why: String, established: bool| Ended::Lost { why, established };
+        let mut stopping = self.inner.stopping.clone();
         loop {
             tokio::select! {
                 r = &mut response, if upstream.is_none() => match r {
@@ -327,6 +328,11 @@ impl Session {
                     None => return lost(format!("{member} ended the stream without a status"), true),
                 },
                 _ = out.closed() => return Ended::Done,
+                _ = async { let _ = stopping.wait_for(|s| *s).await; } => {
+                    let msg = "etcd-proxy is shutting down";
+                    let _ = out.send(Ok(Frame::trailers(grpc_trailers("14", msg)))).await;
+                    return Ended::Done;
+                }
             }
         }
     }
