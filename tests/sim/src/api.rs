@@ -238,8 +238,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             }
         }
         ("statefulsets", _) => {
-            let (ready, rv) = shared.store.statefulset_status();
-            let sts = objects::statefulset(&shared.store.id, ready, rv);
+            let sts = objects::statefulset(&shared.store.id, shared.store.statefulset_status());
             single_or_list(
                 &shared,
                 ns_ok,

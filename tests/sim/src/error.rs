@@ -47,6 +47,9 @@ pub enum SimError {
     /// The named pod is not part of this simulated cluster.
     #[error("no such pod: {0}")]
     NoSuchPod(String),
+    /// An etcd membership change or member list failed.
+    #[error("etcd {action} failed: {reason}")]
+    Membership { action: String, reason: String },
     /// The configuration cannot describe a cluster.
     #[error("invalid configuration: {0}")]
     Config(String),

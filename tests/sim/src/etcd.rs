@@ -55,6 +55,9 @@ pub(crate) struct MemberSpec {
     /// `etcd-0=http://127.0.0.1:p0,...` shared by all members.
     pub initial_cluster: String,
     pub cluster_token: String,
+    /// `--initial-cluster-state existing`: the member joins a running cluster
+    /// it was added to (scale-up) instead of bootstrapping a new one.
+    pub join_existing: bool,
     /// The in-cluster DNS URL the member advertises (never resolvable from a laptop).
     pub advertise_client_url: String,
     pub enable_v2: bool,
@@ -115,7 +118,7 @@ impl Member {
             .arg("--initial-cluster")
             .arg(&s.initial_cluster)
             .arg("--initial-cluster-state")
-            .arg("new")
+            .arg(if s.join_existing { "existing" } else { "new" })
             .arg("--initial-cluster-token")
             .arg(&s.cluster_token)
             .arg("--logger")
@@ -196,6 +199,26 @@ impl Member {
                 .map_err(|e| SimError::io(format!("killing etcd member {}", self.spec.name), e))?;
         }
         Ok(())
+    }
+
+    /// Waits until the process exits on its own (etcd shuts itself down once
+    /// it learns it was removed from the cluster: "the member has been
+    /// permanently removed from the cluster"); SIGKILLs it at the deadline.
+    pub async fn wait_exit_or_kill(&self, deadline: Instant) -> Result<(), SimError> {
+        loop {
+            if self.lock_child().is_none() {
+                return Ok(());
+            }
+            if self.exited()?.is_some() {
+                self.lock_child().take();
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                tracing::debug!("etcd {} did not exit by itself; killing it", self.spec.name);
+                return self.kill().await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Best-effort, non-blocking kill for `Drop` paths.

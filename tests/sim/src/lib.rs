@@ -8,7 +8,8 @@
 //! wire protocols: apiserver JSON and `Status` errors, list/watch semantics
 //! with resourceVersions, bearer-token auth with RBAC-style denials, and the
 //! kubelet's WebSocket port-forward protocol (`v4.channel.k8s.io`). Faults
-//! (killed pods, cut tunnels, latency) can be injected from tests.
+//! (killed pods, cut tunnels, latency, the kubelet's idle timeout, API server
+//! outages, scaling with real etcd membership changes) can be injected from tests.
 //!
 //! Fidelity matters more than convenience here: this is what proves
 //! etcd-proxy works, so behaviour follows the Kubernetes source, cited in
@@ -18,10 +19,14 @@ mod api;
 mod auth;
 mod error;
 mod etcd;
+mod idle;
+mod membership;
 mod objects;
 mod portforward;
 mod random;
+mod scale;
 mod selector;
+mod server;
 mod status;
 mod store;
 mod tls;
@@ -30,11 +35,10 @@ mod watch;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use error::SimError;
@@ -43,6 +47,7 @@ use auth::Auth;
 use etcd::{Member, MemberSpec};
 use objects::{Identity, PodState};
 use portforward::Tunnels;
+use server::ApiServer;
 use store::Store;
 
 /// How long members get to report healthy.
@@ -82,7 +87,10 @@ pub(crate) struct Shared {
     pub cfg: SimConfig,
     pub store: Store,
     pub auth: Auth,
-    pub members: Vec<Member>,
+    /// The temp dir holding every member's data dir and log.
+    pub root: PathBuf,
+    /// The running members, in ordinal order; changes when scaling.
+    members: Mutex<Vec<Arc<Member>>>,
     pub tunnels: Arc<Tunnels>,
     latency_nanos: AtomicU64,
 }
@@ -93,8 +101,29 @@ impl Shared {
         Duration::from_nanos(self.latency_nanos.load(Ordering::Relaxed))
     }
 
-    fn member(&self, pod: &str) -> Option<&Member> {
-        self.members.iter().find(|m| m.spec.name == pod)
+    fn lock_members(&self) -> MutexGuard<'_, Vec<Arc<Member>>> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A snapshot of the members.
+    pub fn members(&self) -> Vec<Arc<Member>> {
+        self.lock_members().clone()
+    }
+
+    /// The member backing `pod`.
+    pub fn member(&self, pod: &str) -> Option<Arc<Member>> {
+        self.lock_members()
+            .iter()
+            .find(|m| m.spec.name == pod)
+            .cloned()
+    }
+
+    fn add_member(&self, member: Arc<Member>) {
+        self.lock_members().push(member);
+    }
+
+    fn remove_member(&self, pod: &str) {
+        self.lock_members().retain(|m| m.spec.name != pod);
     }
 }
 
@@ -102,7 +131,9 @@ impl Shared {
 /// effort); call [`SimCluster::shutdown`] for an orderly stop.
 pub struct SimCluster {
     shared: Arc<Shared>,
-    server: JoinHandle<()>,
+    server: ApiServer,
+    /// Serialises scaling: etcd allows one membership change at a time.
+    scaling: tokio::sync::Mutex<()>,
     api_addr: SocketAddr,
     kubeconfig: PathBuf,
     // Declared last: removed after the processes using it are gone.
@@ -134,7 +165,6 @@ impl SimCluster {
         let id = Identity {
             namespace: cfg.namespace.clone(),
             name: cfg.name.clone(),
-            members: cfg.members,
             statefulset_uid: random::uuid_v4()?,
             service_uid: random::uuid_v4()?,
             created: objects::now(),
@@ -154,22 +184,15 @@ impl SimCluster {
             return Err(e);
         }
 
-        let now = objects::now();
         let mut pods = Vec::with_capacity(cfg.members);
         for ordinal in 0..cfg.members {
-            pods.push(PodState {
+            pods.push(PodState::new(
                 ordinal,
-                name: id.pod_name(ordinal),
-                uid: random::uuid_v4()?,
-                sandbox_id: random::random_hex(32)?,
-                netns_id: random::uuid_v4()?,
-                created: now,
-                ready: true,
-                restart_count: 0,
-                transition: now,
-                resource_version: 0,
-            });
+                id.pod_name(ordinal),
+                store::pod_ip(FIRST_POD_IP + ordinal_u32(ordinal)),
+            )?);
         }
+        let next_ip = FIRST_POD_IP + ordinal_u32(cfg.members);
 
         let tls = tls::generate()?;
         let listener = TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
@@ -199,18 +222,20 @@ impl SimCluster {
         )?;
 
         let shared = Arc::new(Shared {
-            store: Store::new(id, pods),
+            store: Store::new(id, pods, next_ip),
             cfg,
             auth,
-            members,
+            root: dir.path().to_path_buf(),
+            members: Mutex::new(members.into_iter().map(Arc::new).collect()),
             tunnels: Arc::new(Tunnels::default()),
             latency_nanos: AtomicU64::new(0),
         });
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
-        let server = tokio::spawn(api::serve(listener, acceptor, shared.clone()));
+        let server = ApiServer::start(listener, acceptor, shared.clone())?;
         Ok(SimCluster {
             shared,
             server,
+            scaling: tokio::sync::Mutex::new(()),
             api_addr,
             kubeconfig,
             dir: Some(dir),
@@ -240,6 +265,11 @@ impl SimCluster {
     /// The member's real client URL (`http://127.0.0.1:PORT`), for test assertions only.
     pub fn member_client_url(&self, pod: &str) -> Option<String> {
         self.shared.member(pod).map(|m| m.spec.client_url())
+    }
+
+    /// The pod's current `status.podIP`.
+    pub fn pod_ip(&self, pod: &str) -> Option<String> {
+        self.shared.store.pod_state(pod).map(|p| p.ip)
     }
 
     /// The URL the member advertises: `http://etcd-0.etcd.<ns>.svc.cluster.local:2379`.
@@ -277,7 +307,9 @@ impl SimCluster {
     }
 
     /// Starts the pod's etcd again on the same data dir and ports; the pod is
-    /// Ready again once `/health` answers.
+    /// Ready again once `/health` answers. The kubelet re-created the pod
+    /// sandbox, so the pod keeps its name and uid but gets a new IP (see
+    /// `objects::PodState::new_sandbox`); the restart count goes up.
     pub async fn restart_pod(&self, pod: &str) -> Result<(), SimError> {
         let member = self
             .shared
@@ -288,8 +320,82 @@ impl SimCluster {
         member
             .wait_healthy(Instant::now() + HEALTH_DEADLINE)
             .await?;
-        self.shared.store.set_ready(pod, true, true);
-        Ok(())
+        let ip = self.shared.store.alloc_ip();
+        let mut sandbox = Ok(());
+        self.shared.store.update_pod(pod, |p| {
+            sandbox = p.new_sandbox(ip);
+            p.ready = true;
+            p.transition = objects::now();
+            p.restart_count += 1;
+            true
+        });
+        sandbox
+    }
+
+    /// Scales the StatefulSet to `members` pods, one etcd member at a time:
+    /// real `member add` + start on the way up, `member remove` + stop on the
+    /// way down (highest ordinal first). The `scale` module documents the sequence.
+    /// Scaling down right after a scale-up takes about 5 s: etcd's strict
+    /// reconfiguration check refuses the removal until the new member has
+    /// been connected for its `HealthInterval`, and this waits it out.
+    /// Returns once every change is done; stops at the first failure.
+    pub async fn scale(&self, members: usize) -> Result<(), SimError> {
+        if members == 0 {
+            return Err(SimError::Config("members must be at least 1".into()));
+        }
+        let _one_at_a_time = self.scaling.lock().await;
+        self.shared.store.set_spec_replicas(members);
+        loop {
+            let names = self.shared.store.pod_names();
+            let current = names.len();
+            if current < members {
+                scale::add_member(&self.shared, current).await?;
+            } else if current > members {
+                let last = names.last().cloned().unwrap_or_default();
+                scale::remove_member(&self.shared, &last).await?;
+            } else {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The kubelet's `--streaming-connection-idle-timeout` for port-forward
+    /// sockets: a socket with no data message received or sent for this long
+    /// is closed. `None` (the default) disables it. Applies to open sockets too.
+    pub fn set_kubelet_idle_timeout(&self, timeout: Option<Duration>) {
+        self.shared.tunnels.set_idle_timeout(timeout);
+    }
+
+    /// Port-forward sockets closed by the idle timeout so far.
+    pub fn idle_closures(&self) -> u64 {
+        self.shared.tunnels.idle_closures()
+    }
+
+    /// Fault: the API server is unavailable for `down`. New connections are
+    /// refused and every in-flight API request and watch ends; open
+    /// port-forward sockets keep working. Then it serves again on the same
+    /// port with the same resourceVersion history. Returns once it is back.
+    /// (If the port cannot be bound again, which needs another process to
+    /// take it meanwhile, the error is logged and the server stays down.)
+    pub async fn pause_api(&self, down: Duration) {
+        self.server.stop().await;
+        tokio::time::sleep(down).await;
+        self.resume_api().await;
+    }
+
+    /// Fault: an API server restart. Like [`SimCluster::pause_api`] with no
+    /// downtime, but every port-forward socket is cut too (a restarting
+    /// apiserver drops the tunnels it proxies).
+    pub async fn restart_api(&self) {
+        self.server.stop().await;
+        self.shared.tunnels.cut();
+        self.resume_api().await;
+    }
+
+    async fn resume_api(&self) {
+        if let Err(e) = self.server.resume().await {
+            tracing::error!("the simulated API server could not come back: {e}");
+        }
     }
 
     /// Fault: delays every port-forward frame (each direction) and every API response.
@@ -300,10 +406,9 @@ impl SimCluster {
 
     /// Kills the members, stops the server and removes the temp dir.
     pub async fn shutdown(mut self) {
-        self.server.abort();
-        let _ = (&mut self.server).await;
+        self.server.stop().await;
         self.shared.tunnels.cut();
-        for m in &self.shared.members {
+        for m in &self.shared.members() {
             if let Err(e) = m.kill().await {
                 tracing::warn!("{e}");
             }
@@ -320,10 +425,17 @@ impl Drop for SimCluster {
     fn drop(&mut self) {
         self.server.abort();
         self.shared.tunnels.cut();
-        for m in &self.shared.members {
+        for m in &self.shared.members() {
             m.start_kill();
         }
     }
+}
+
+/// Index (see [`store::pod_ip`]) of the first pod's IP: 10.244.0.10.
+const FIRST_POD_IP: u32 = 10;
+
+fn ordinal_u32(ordinal: usize) -> u32 {
+    u32::try_from(ordinal).unwrap_or(u32::MAX)
 }
 
 /// Picks ports and builds the member specs (data dirs under `root`).
@@ -351,6 +463,7 @@ fn plan_members(cfg: &SimConfig, id: &Identity, root: &Path) -> Result<Vec<Membe
             log_path: member_dir.join("etcd.log"),
             initial_cluster: String::new(),
             cluster_token: token.clone(),
+            join_existing: false,
             advertise_client_url: id.advertised_client_url(ordinal),
             enable_v2: cfg.enable_v2,
             name,

@@ -23,12 +23,17 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
 
+use crate::store::StsStatus;
+use crate::{random, SimError};
+
 /// The image the simulated pods claim to run (matches the installed etcd 3.4.23).
 pub(crate) const ETCD_IMAGE: &str = "registry.k8s.io/etcd:3.4.23-0";
 /// The container port etcd clients use.
 pub(crate) const CLIENT_PORT: u16 = 2379;
 /// The container port etcd peers use.
 pub(crate) const PEER_PORT: u16 = 2380;
+/// The pods' `terminationGracePeriodSeconds` (the API default).
+const TERMINATION_GRACE_SECONDS: i64 = 30;
 /// The node every simulated pod is scheduled on.
 const NODE_NAME: &str = "sim-node-0";
 
@@ -37,7 +42,6 @@ const NODE_NAME: &str = "sim-node-0";
 pub(crate) struct Identity {
     pub namespace: String,
     pub name: String,
-    pub members: usize,
     pub statefulset_uid: String,
     pub service_uid: String,
     pub created: Timestamp,
@@ -81,9 +85,43 @@ pub(crate) struct PodState {
     /// When Ready last flipped.
     pub transition: Timestamp,
     pub resource_version: u64,
+    /// `status.podIP`: fixed for the life of a pod sandbox, new with each sandbox.
+    pub ip: String,
+    /// Set once the pod is being deleted (`metadata.deletionTimestamp`).
+    pub deleting: Option<Timestamp>,
 }
 
 impl PodState {
+    /// A freshly created, Running and Ready pod with a new uid and sandbox.
+    pub fn new(ordinal: usize, name: String, ip: String) -> Result<Self, SimError> {
+        let now = now();
+        Ok(PodState {
+            ordinal,
+            name,
+            uid: random::uuid_v4()?,
+            sandbox_id: random::random_hex(32)?,
+            netns_id: random::uuid_v4()?,
+            created: now,
+            ready: true,
+            restart_count: 0,
+            transition: now,
+            resource_version: 0,
+            ip,
+            deleting: None,
+        })
+    }
+
+    /// The kubelet re-created the pod sandbox (`kuberuntime_manager.go`
+    /// `computePodActions`: a changed/dead sandbox is killed and re-created,
+    /// and every container with it). Same pod (name, uid), but a new sandbox,
+    /// network namespace and IP, and the container's restart count goes up.
+    pub fn new_sandbox(&mut self, ip: String) -> Result<(), SimError> {
+        self.sandbox_id = random::random_hex(32)?;
+        self.netns_id = random::uuid_v4()?;
+        self.ip = ip;
+        Ok(())
+    }
+
     /// The pod's labels, as the StatefulSet controller sets them.
     pub fn labels(&self, id: &Identity) -> BTreeMap<String, String> {
         let mut l = id.selector_labels();
@@ -96,11 +134,6 @@ impl PodState {
             self.ordinal.to_string(),
         );
         l
-    }
-
-    /// The fake pod IP (never dialled; port-forward goes through the "kubelet").
-    pub fn pod_ip(&self) -> String {
-        format!("10.244.0.{}", 10 + self.ordinal)
     }
 }
 
@@ -138,7 +171,7 @@ fn pod_spec(id: &Identity, hostname: Option<String>) -> PodSpec {
         restart_policy: Some("Always".into()),
         dns_policy: Some("ClusterFirst".into()),
         scheduler_name: Some("default-scheduler".into()),
-        termination_grace_period_seconds: Some(30),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
         ..Default::default()
     }
 }
@@ -192,6 +225,10 @@ pub(crate) fn pod(id: &Identity, p: &PodState) -> Pod {
             uid: Some(p.uid.clone()),
             resource_version: Some(p.resource_version.to_string()),
             creation_timestamp: Some(Time(p.created)),
+            // A graceful delete sets both (`staging/src/k8s.io/apiserver/pkg/registry/rest/delete.go`
+            // `BeforeDelete`): the grace period is the pod's terminationGracePeriodSeconds.
+            deletion_timestamp: p.deleting.map(Time),
+            deletion_grace_period_seconds: p.deleting.map(|_| TERMINATION_GRACE_SECONDS),
             labels: Some(p.labels(id)),
             owner_references: Some(vec![OwnerReference {
                 api_version: "apps/v1".into(),
@@ -210,8 +247,8 @@ pub(crate) fn pod(id: &Identity, p: &PodState) -> Pod {
         status: Some(PodStatus {
             phase: Some("Running".into()),
             host_ip: Some("10.0.0.4".into()),
-            pod_ip: Some(p.pod_ip()),
-            pod_ips: Some(vec![PodIP { ip: p.pod_ip() }]),
+            pod_ip: Some(p.ip.clone()),
+            pod_ips: Some(vec![PodIP { ip: p.ip.clone() }]),
             start_time: Some(Time(p.created)),
             qos_class: Some("BestEffort".into()),
             conditions: Some(vec![
@@ -239,21 +276,22 @@ pub(crate) fn pod(id: &Identity, p: &PodState) -> Pod {
 }
 
 /// The StatefulSet that owns the pods.
-pub(crate) fn statefulset(id: &Identity, ready_replicas: i32, rv: u64) -> StatefulSet {
-    let replicas = i32::try_from(id.members).unwrap_or(i32::MAX);
+pub(crate) fn statefulset(id: &Identity, st: StsStatus) -> StatefulSet {
+    let replicas = st.replicas;
+    let ready_replicas = st.ready;
     StatefulSet {
         metadata: ObjectMeta {
             name: Some(id.name.clone()),
             namespace: Some(id.namespace.clone()),
             uid: Some(id.statefulset_uid.clone()),
-            resource_version: Some(rv.to_string()),
-            generation: Some(1),
+            resource_version: Some(st.rv.to_string()),
+            generation: Some(st.generation),
             creation_timestamp: Some(Time(id.created)),
             labels: Some(id.selector_labels()),
             ..Default::default()
         },
         spec: Some(StatefulSetSpec {
-            replicas: Some(replicas),
+            replicas: Some(st.spec_replicas),
             service_name: Some(id.name.clone()),
             pod_management_policy: Some("Parallel".into()),
             selector: LabelSelector {
@@ -270,7 +308,7 @@ pub(crate) fn statefulset(id: &Identity, ready_replicas: i32, rv: u64) -> Statef
             ..Default::default()
         }),
         status: Some(StatefulSetStatus {
-            observed_generation: Some(1),
+            observed_generation: Some(st.generation),
             replicas,
             ready_replicas: Some(ready_replicas),
             available_replicas: Some(ready_replicas),

@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -40,6 +40,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::api::{full, status_response, Body};
+use crate::idle::{self, Activity};
 use crate::objects::{PodState, CLIENT_PORT, PEER_PORT};
 use crate::{etcd, status, Shared};
 
@@ -53,15 +54,37 @@ const CHUNK: usize = 32 * 1024;
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Registry of live port-forward sockets, for counting and fault injection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Tunnels {
     next_id: AtomicU64,
     upgrades: AtomicU64,
-    open: Mutex<HashMap<u64, AbortHandle>>,
+    open: Mutex<HashMap<u64, OpenSocket>>,
+    /// The kubelet's streaming idle timeout (see [`crate::idle`]).
+    idle_timeout: watch::Sender<Option<Duration>>,
+    idle_closures: AtomicU64,
+}
+
+/// One open socket: which pod it forwards to, and how to kill it.
+#[derive(Debug)]
+struct OpenSocket {
+    pod: String,
+    task: AbortHandle,
+}
+
+impl Default for Tunnels {
+    fn default() -> Self {
+        Tunnels {
+            next_id: AtomicU64::new(0),
+            upgrades: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+            idle_timeout: watch::Sender::new(None),
+            idle_closures: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Tunnels {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, AbortHandle>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, OpenSocket>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -77,10 +100,40 @@ impl Tunnels {
 
     /// Aborts every open socket: its WebSocket and pod TCP connection are dropped without a Close.
     pub fn cut(&self) {
-        let handles: Vec<AbortHandle> = self.lock().drain().map(|(_, h)| h).collect();
+        self.cut_where(|_| true);
+    }
+
+    /// Aborts the sockets forwarding to `pod`.
+    pub fn cut_pod(&self, pod: &str) {
+        self.cut_where(|s| s.pod == pod);
+    }
+
+    fn cut_where(&self, pick: impl Fn(&OpenSocket) -> bool) {
+        let handles: Vec<AbortHandle> = {
+            let mut open = self.lock();
+            let ids: Vec<u64> = open
+                .iter()
+                .filter(|(_, s)| pick(s))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter()
+                .filter_map(|id| open.remove(id))
+                .map(|s| s.task)
+                .collect()
+        };
         for h in handles {
             h.abort();
         }
+    }
+
+    /// Sets the idle timeout; open sockets pick it up at once.
+    pub fn set_idle_timeout(&self, timeout: Option<Duration>) {
+        self.idle_timeout.send_replace(timeout);
+    }
+
+    /// Sockets closed by the idle timeout so far.
+    pub fn idle_closures(&self) -> u64 {
+        self.idle_closures.load(Ordering::SeqCst)
     }
 }
 
@@ -261,6 +314,7 @@ pub(crate) fn handle(
             tunnels: tunnels.clone(),
             id,
         };
+        let pod_name = pod.name.clone();
         let task = tokio::spawn(async move {
             let _reg = reg;
             match on_upgrade.await {
@@ -276,7 +330,13 @@ pub(crate) fn handle(
                 Err(e) => tracing::debug!("port-forward upgrade failed: {e}"),
             }
         });
-        open.insert(id, task.abort_handle());
+        open.insert(
+            id,
+            OpenSocket {
+                pod: pod_name,
+                task: task.abort_handle(),
+            },
+        );
     }
 
     let mut res = Response::new(full(Bytes::new()));
@@ -296,8 +356,8 @@ pub(crate) fn handle(
 /// Where "localhost:<port> inside the pod" really is.
 fn pod_local_target(shared: &Shared, pod: &PodState, port: u16) -> SocketAddr {
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let member = shared.members.get(pod.ordinal).map(|m| &m.spec);
-    let real = match (port, member) {
+    let member = shared.member(&pod.name);
+    let real = match (port, member.as_ref().map(|m| &m.spec)) {
         // etcd's client listener. When the simulated etcd listens "only on the
         // pod IP" it is bound to 127.0.0.2, so 127.0.0.1 genuinely refuses.
         (CLIENT_PORT, Some(m)) => Some(m.client_port),
@@ -352,11 +412,19 @@ async fn session<S>(
     let (mut sink, mut stream) = ws.split();
     let mut tasks = JoinSet::new();
     let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(64);
+    let activity = Arc::new(Activity::new());
+    let idle = idle::expired(&activity, shared.tunnels.idle_timeout.subscribe());
+    tokio::pin!(idle);
     // Writer: delivers queued messages in order, each after its due time.
+    let sent = activity.clone();
     tasks.spawn(async move {
         while let Some((due, msg)) = out_rx.recv().await {
             tokio::time::sleep_until(due).await;
             let closing = msg.is_close();
+            if !closing {
+                // conn.go `write` resets the idle deadline before sending.
+                sent.touch();
+            }
             if sink.send(msg).await.is_err() || closing {
                 break;
             }
@@ -444,6 +512,11 @@ async fn session<S>(
             msg = stream.next() => match msg {
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(m)) => {
+                    if m.is_binary() || m.is_text() {
+                        // A received message resets the idle deadline, whatever
+                        // its channel; Ping/Pong do not (see `idle`).
+                        activity.touch();
+                    }
                     let Some((ch, payload)) = codec.decode(&m) else { continue };
                     let idx = usize::from(ch / 2);
                     // Odd channels are write-only (error); unknown channels are ignored (conn.go).
@@ -470,6 +543,13 @@ async fn session<S>(
                 }
             }
             _ = grace => break,
+            _ = &mut idle => {
+                // conn.go's receive fails with an i/o timeout and `Close` cannot
+                // write its Close frame past the deadline: the socket just ends.
+                shared.tunnels.idle_closures.fetch_add(1, Ordering::SeqCst);
+                tracing::debug!("port-forward to {} closed by the idle timeout", pod.name);
+                break;
+            }
         }
     }
     // Dropping `tasks` aborts the pod connections and the writer.

@@ -23,11 +23,28 @@ const HISTORY: usize = 100;
 /// with some past, so a client asking for resourceVersion "1" really is too old.
 const FIRST_RV: u64 = 1000;
 
+/// What the StatefulSet object reports.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StsStatus {
+    pub spec_replicas: i32,
+    pub generation: i64,
+    pub replicas: i32,
+    pub ready: i32,
+    pub rv: u64,
+}
+
+/// The `n`-th address of the pod CIDR 10.244.0.0/16.
+pub(crate) fn pod_ip(n: u32) -> String {
+    let n = n % (1 << 16);
+    format!("10.244.{}.{}", n >> 8, n & 0xff)
+}
+
 /// A watch event type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EventType {
     Added,
     Modified,
+    Deleted,
 }
 
 impl EventType {
@@ -35,6 +52,7 @@ impl EventType {
         match self {
             EventType::Added => "ADDED",
             EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
         }
     }
 }
@@ -51,6 +69,11 @@ struct Inner {
     rv: u64,
     /// resourceVersion of the StatefulSet (bumped when readyReplicas changes).
     sts_rv: u64,
+    /// The StatefulSet's `spec.replicas` and `metadata.generation` (bumped by a scale).
+    sts_replicas: usize,
+    sts_generation: i64,
+    /// Index of the next pod IP handed out (see [`pod_ip`]).
+    next_ip: u32,
     /// resourceVersion of the Service (set once).
     svc_rv: u64,
     pods: Vec<PodState>,
@@ -77,7 +100,7 @@ pub(crate) enum WatchStart {
 
 impl Store {
     /// A store holding the given pods (each recorded as an ADDED event).
-    pub fn new(id: Identity, mut pods: Vec<PodState>) -> Self {
+    pub fn new(id: Identity, mut pods: Vec<PodState>, next_ip: u32) -> Self {
         let (events, _) = broadcast::channel(1024);
         let mut rv = FIRST_RV;
         rv += 1;
@@ -99,6 +122,9 @@ impl Store {
             inner: Mutex::new(Inner {
                 rv,
                 sts_rv,
+                sts_replicas: pods.len(),
+                sts_generation: 1,
+                next_ip,
                 svc_rv,
                 pods,
                 history,
@@ -137,11 +163,40 @@ impl Store {
         self.lock().pods.iter().map(|p| p.name.clone()).collect()
     }
 
-    /// Number of Ready pods and the StatefulSet's resourceVersion.
-    pub fn statefulset_status(&self) -> (i32, u64) {
+    /// What the StatefulSet object shows: spec, generation and status counts.
+    pub fn statefulset_status(&self) -> StsStatus {
         let inner = self.lock();
-        let ready = inner.pods.iter().filter(|p| p.ready).count();
-        (i32::try_from(ready).unwrap_or(i32::MAX), inner.sts_rv)
+        let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+        StsStatus {
+            spec_replicas: count(inner.sts_replicas),
+            generation: inner.sts_generation,
+            replicas: count(inner.pods.len()),
+            ready: count(inner.pods.iter().filter(|p| p.ready).count()),
+            rv: inner.sts_rv,
+        }
+    }
+
+    /// A user scaled the StatefulSet: `spec.replicas` changes and the
+    /// generation goes up (an update of the spec).
+    pub fn set_spec_replicas(&self, replicas: usize) {
+        let mut inner = self.lock();
+        if inner.sts_replicas == replicas {
+            return;
+        }
+        inner.sts_replicas = replicas;
+        inner.sts_generation += 1;
+        inner.rv += 1;
+        inner.sts_rv = inner.rv;
+    }
+
+    /// A fresh pod IP. Every pod sandbox gets a new address from the node's
+    /// pod CIDR (10.244.0.0/16 here); addresses are not reused while the
+    /// simulator runs, so a changed IP is always visible.
+    pub fn alloc_ip(&self) -> String {
+        let mut inner = self.lock();
+        let n = inner.next_ip;
+        inner.next_ip = inner.next_ip.wrapping_add(1);
+        pod_ip(n)
     }
 
     /// The Service's resourceVersion.
@@ -152,40 +207,84 @@ impl Store {
     /// Flips a pod's readiness (a no-op if unchanged); returns false for an unknown pod.
     /// `restarted` also bumps the container restart count.
     pub fn set_ready(&self, name: &str, ready: bool, restarted: bool) -> bool {
-        let mut inner = self.lock();
-        let Some(idx) = inner.pods.iter().position(|p| p.name == name) else {
-            return false;
-        };
-        if inner.pods[idx].ready == ready {
-            return true;
-        }
-        inner.rv += 1;
-        let rv = inner.rv;
-        let pod = {
-            let p = &mut inner.pods[idx];
+        self.update_pod(name, |p| {
+            if p.ready == ready {
+                return false;
+            }
             p.ready = ready;
             p.transition = objects::now();
             if restarted {
                 p.restart_count += 1;
             }
-            p.resource_version = rv;
-            objects::pod(&self.id, p)
+            true
+        })
+    }
+
+    /// Applies `change` to the named pod; if it reports a change, records a
+    /// MODIFIED event. Returns false for an unknown pod.
+    pub fn update_pod(&self, name: &str, change: impl FnOnce(&mut PodState) -> bool) -> bool {
+        let mut inner = self.lock();
+        let Some(idx) = inner.pods.iter().position(|p| p.name == name) else {
+            return false;
         };
+        if !change(&mut inner.pods[idx]) {
+            return true;
+        }
+        inner.rv += 1;
+        let rv = inner.rv;
+        inner.pods[idx].resource_version = rv;
+        let pod = objects::pod(&self.id, &inner.pods[idx]);
+        self.record(&mut inner, EventType::Modified, pod);
+        true
+    }
+
+    /// Creates a pod (an ADDED event); the StatefulSet status follows.
+    pub fn add_pod(&self, mut state: PodState) {
+        let mut inner = self.lock();
+        inner.rv += 1;
+        state.resource_version = inner.rv;
+        let pod = objects::pod(&self.id, &state);
+        let at = inner
+            .pods
+            .iter()
+            .position(|p| p.ordinal > state.ordinal)
+            .unwrap_or(inner.pods.len());
+        inner.pods.insert(at, state);
+        self.record(&mut inner, EventType::Added, pod);
+    }
+
+    /// Removes a pod for good (a DELETED event). As with etcd under the
+    /// apiserver, the DELETED object is the last state carrying the
+    /// resourceVersion of the deletion (`storage/etcd3/watcher.go`).
+    pub fn remove_pod(&self, name: &str) -> bool {
+        let mut inner = self.lock();
+        let Some(idx) = inner.pods.iter().position(|p| p.name == name) else {
+            return false;
+        };
+        let mut state = inner.pods.remove(idx);
+        inner.rv += 1;
+        state.resource_version = inner.rv;
+        let pod = objects::pod(&self.id, &state);
+        self.record(&mut inner, EventType::Deleted, pod);
+        true
+    }
+
+    /// Appends an event at the current resourceVersion, then the
+    /// StatefulSet controller's status update (another write).
+    fn record(&self, inner: &mut Inner, kind: EventType, pod: Pod) {
         let event = PodEvent {
-            rv,
-            kind: EventType::Modified,
+            rv: inner.rv,
+            kind,
             pod,
         };
         inner.history.push_back(event.clone());
         while inner.history.len() > HISTORY {
             inner.history.pop_front();
         }
-        // The StatefulSet controller then updates readyReplicas: another write.
         inner.rv += 1;
         inner.sts_rv = inner.rv;
         // Sent under the lock so watchers see events in resourceVersion order.
         let _ = self.events.send(event);
-        true
     }
 
     /// Where a watch from `since` starts. `None` means "" / "0": synthetic ADDED
