@@ -10,6 +10,8 @@ mod clients;
 mod errors;
 /// Shutdown on SIGTERM/SIGINT and resuming after SIGSTOP/SIGCONT (a laptop sleeping).
 mod lifecycle;
+/// Scaling, API server outages, kubelet idle timeouts and restarted pods.
+mod membership;
 /// Failover, reconnects and isolation under faults injected in the simulated cluster.
 mod resilience;
 /// etcdctl v2 through the proxy, syncing endpoints from the member list.
