@@ -1,10 +1,11 @@
 //! Logging: `tracing` to stderr, so stdout carries only the startup summary a user (or a
 //! script) reads. The filter comes from `--log`, else `ETCD_PROXY_LOG`, else `RUST_LOG`, else
-//! `etcd_proxy=info,warn`.
+//! `etcd_proxy=info,error`: other crates only speak up for errors (kube-client logs an API
+//! server going away as a debug-formatted warning; our own watch logs say it plainly).
 
 use tracing_subscriber::EnvFilter;
 
-const DEFAULT_FILTER: &str = "etcd_proxy=info,warn";
+const DEFAULT_FILTER: &str = "etcd_proxy=info,error";
 
 /// Installs the global subscriber.
 pub fn init(filter: Option<&str>) {

@@ -247,3 +247,93 @@ async fn watch_sees_every_revision_once_while_tunnels_are_cut() {
     drop(proxy);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumed_past_a_compaction_gets_etcds_compaction_error() {
+    use etcd_client::CompactionOptions;
+
+    let sim = cluster(1).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let direct = sim.member_client_url("etcd-0").expect("member url");
+    let mut d = Client::connect([direct.as_str()], None)
+        .await
+        .expect("direct");
+    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
+        .await
+        .expect("connect");
+    let mut w = c
+        .watch("c/", Some(etcd_client::WatchOptions::new().with_prefix()))
+        .await
+        .expect("watch");
+    assert!(w.message().await.expect("created").expect("msg").created());
+    d.put("c/1", "1", None).await.expect("put");
+    let ev = w.message().await.expect("event").expect("msg");
+    assert_eq!(ev.events().len(), 1);
+
+    // The tunnels die and no new one can be opened for 3 s; meanwhile history is compacted.
+    let pause = sim.pause_api(Duration::from_secs(3));
+    let compact = async {
+        sim.cut_tunnels();
+        d.put("c/2", "2", None).await.expect("put");
+        let rev = d
+            .put("c/3", "3", None)
+            .await
+            .expect("put")
+            .header()
+            .expect("header")
+            .revision();
+        d.compact(rev, Some(CompactionOptions::new().with_physical()))
+            .await
+            .expect("compact");
+        rev
+    };
+    let ((), compacted_at) = tokio::join!(pause, compact);
+
+    let resp = tokio::time::timeout(Duration::from_secs(30), w.message())
+        .await
+        .expect("the client hears back, not silence")
+        .expect("a response, not a transport error")
+        .expect("message");
+    assert!(resp.canceled(), "the resumed watch was cancelled: {resp:?}");
+    assert_eq!(
+        resp.compact_revision(),
+        compacted_at,
+        "etcd's compaction error reaches the client"
+    );
+    drop(proxy);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_members_failure_leaves_other_connections_alone() {
+    let sim = cluster(3).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let (victim, _) = proxy.members[0].clone();
+    let (_, other_url) = proxy.members[1].clone();
+    let mut pinned = Client::connect([other_url.as_str()], None)
+        .await
+        .expect("connect");
+    let mut w = pinned.watch("iso", None).await.expect("watch");
+    assert!(w.message().await.expect("created").expect("msg").created());
+    let opened = sim.portforward_count();
+
+    sim.kill_pod(&victim).await.expect("kill");
+    pinned
+        .put("iso", "1", None)
+        .await
+        .expect("the other member's connection still works");
+    let ev = tokio::time::timeout(Duration::from_secs(10), w.message())
+        .await
+        .expect("event")
+        .expect("ok")
+        .expect("msg");
+    assert_eq!(ev.events()[0].kv().expect("kv").value(), b"1");
+    // Nothing had to be re-opened for the untouched member (the victim's probes may open some).
+    let reopened_for_other = sim.portforward_count() - opened;
+    assert!(
+        reopened_for_other <= 2,
+        "{reopened_for_other} tunnels opened after the kill"
+    );
+    drop(proxy);
+    sim.shutdown().await;
+}

@@ -256,7 +256,9 @@ impl Discovery {
                     .remove(p.metadata.name.as_deref().unwrap_or_default())
                     .is_some(),
                 Err(e) => {
-                    tracing::warn!(error = %e, "pod watch failed; retrying");
+                    // Open tunnels keep working meanwhile; the watch relists when it is back.
+                    let error = crate::error::one_line(&e);
+                    tracing::warn!(%error, "lost the pod watch (is the API server reachable?); retrying");
                     false
                 }
             };

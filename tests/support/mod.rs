@@ -57,7 +57,7 @@ pub fn proxy_command(args: &[&str]) -> Command {
         .env_remove("KUBECONFIG")
         .env(
             "ETCD_PROXY_LOG",
-            std::env::var("ETCD_PROXY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            std::env::var("ETCD_PROXY_TEST_LOG").unwrap_or_else(|_| "etcd_proxy=warn,error".into()),
         )
         .stdin(Stdio::null())
         .kill_on_drop(true);
