@@ -337,3 +337,33 @@ async fn one_members_failure_leaves_other_connections_alone() {
     drop(proxy);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v2_long_poll_ends_cleanly_when_its_tunnel_drops() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let sim = cluster(1).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let ep = proxy.cluster_addr.clone();
+    let mut s = tokio::net::TcpStream::connect(&ep).await.expect("connect");
+    let req = format!("GET /v2/keys/lp?wait=true HTTP/1.1\r\nHost: {ep}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.expect("headers");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    sim.cut_tunnels();
+    // The client's request ends (v2 clients then retry with waitIndex); it does not hang.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the long-poll hung after its tunnel dropped");
+    drop(proxy);
+    sim.shutdown().await;
+}
