@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,12 +16,12 @@ use http::{header, Request, Version};
 use http_body_util::{BodyExt, Empty, Full};
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, TlsSource};
 use crate::endpoints::MemberEndpoints;
 use crate::error::{find_cause, one_line, BoxError};
 use crate::k8s::discovery::{Discovery, EtcdPod, Selection};
 use crate::k8s::{self, tunnel};
-use crate::listener::{self, Endpoint};
+use crate::listener::{self, tls, Endpoint};
 use crate::proxy::Proxy;
 use crate::router::Backends;
 use crate::upstream::health::{Health, HealthConfig};
@@ -42,6 +42,9 @@ pub enum Error {
     /// A local port could not be opened.
     #[error(transparent)]
     Listen(#[from] listener::Error),
+    /// The local TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] listener::tls::Error),
     /// A tunnel problem every member has (RBAC, etcd not on loopback …).
     #[error(transparent)]
     Tunnel(#[from] tunnel::Error),
@@ -63,6 +66,8 @@ pub struct Summary {
     pub cluster_url: String,
     /// Each member: name, local URL, and a note (version or problem).
     pub members: Vec<(String, String, String)>,
+    /// The CA certificate clients need, when --tls-auto made it.
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl fmt::Display for Summary {
@@ -88,6 +93,13 @@ impl fmt::Display for Summary {
         for (name, url, note) in &self.members {
             write!(f, "\n  {name:width$}  {url}  {note}")?;
         }
+        if let Some(ca) = &self.ca_cert {
+            write!(
+                f,
+                "\nTLS with a local CA: etcdctl --cacert {}",
+                ca.display()
+            )?;
+        }
         Ok(())
     }
 }
@@ -105,6 +117,7 @@ pub struct Running {
     upstream: Upstream,
     legacy: HashSet<String>,
     stop_tx: watch::Sender<bool>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Connects to Kubernetes, finds the pods, binds the endpoints and probes each member.
@@ -118,6 +131,8 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let discovery = Discovery::new(kube.client.clone(), &kube.namespace, cfg.remote_port);
     let (resolved, pods) = discovery.find(&cfg.target).await?;
 
+    let (tls, ca_cert) = tls_config(&cfg)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = listener::bind(cfg.listen).await?;
     let addr = listener
         .local_addr()
@@ -130,7 +145,8 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         name: Arc::from("cluster"),
         pinned: None,
     };
-    let (mut members, map_rx) = MemberEndpoints::new(cfg.listen.ip(), cfg.member_ports);
+    let (mut members, map_rx) =
+        MemberEndpoints::new(cfg.listen.ip(), cfg.member_ports, scheme, tls.clone());
     members.bind_initial(&pods).await?;
 
     let (pods_tx, pods_rx) = watch::channel(Arc::new(pods.clone()));
@@ -170,13 +186,14 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         namespace: kube.namespace.clone(),
         target: resolved.description.clone(),
         context: kube.context.clone(),
-        cluster_url: url_of(addr),
+        cluster_url: format!("{scheme}://{addr}"),
         members: members
             .urls(&pods)
             .into_iter()
             .zip(notes)
             .map(|((n, u), note)| (n, u, note))
             .collect(),
+        ca_cert,
     };
     Ok(Running {
         summary,
@@ -190,6 +207,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         upstream,
         legacy,
         stop_tx,
+        tls,
     })
 }
 
@@ -206,6 +224,7 @@ impl Running {
         let cluster = tokio::spawn(listener::serve(
             self.cluster,
             self.proxy.clone(),
+            self.tls,
             stop_rx.clone(),
         ));
         let members = tokio::spawn(self.members.run(
@@ -231,8 +250,23 @@ impl Running {
     }
 }
 
-fn url_of(addr: SocketAddr) -> String {
-    format!("http://{addr}")
+/// The local TLS configuration, and the CA path to show when --tls-auto made it.
+fn tls_config(cfg: &Config) -> Result<(Option<Arc<rustls::ServerConfig>>, Option<PathBuf>), Error> {
+    let client_ca = cfg.client_ca.as_deref();
+    match &cfg.tls {
+        None => Ok((None, None)),
+        Some(TlsSource::Files { cert, key }) => {
+            Ok((Some(tls::server_config(cert, key, client_ca)?), None))
+        }
+        Some(TlsSource::Auto { sans }) => {
+            let dir = tls::auto::default_dir().map_err(tls::Error::from)?;
+            let made = tls::auto::ensure(&dir, sans).map_err(tls::Error::from)?;
+            Ok((
+                Some(tls::server_config(&made.cert, &made.key, client_ca)?),
+                Some(made.ca_cert),
+            ))
+        }
+    }
 }
 
 /// Port-forward tunnels as the upstream pool's dialer.

@@ -91,6 +91,50 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: std::time::Duration,
 
+    /// Serve TLS with this certificate chain (PEM); rewritten member URLs become `https://`.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "tls_key",
+        help_heading = "TLS and authentication"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) for --tls-cert.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "tls_cert",
+        help_heading = "TLS and authentication"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve TLS with a local CA and certificate generated once and kept in the config
+    /// directory; prints the `--cacert` path for etcdctl.
+    #[arg(
+        long,
+        conflicts_with = "tls_cert",
+        help_heading = "TLS and authentication"
+    )]
+    pub tls_auto: bool,
+
+    /// Extra DNS name or IP for the --tls-auto certificate (repeatable).
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "tls_auto",
+        help_heading = "TLS and authentication"
+    )]
+    pub tls_san: Vec<String>,
+
+    /// Require client certificates signed by this CA (PEM).
+    #[arg(long, value_name = "PATH", help_heading = "TLS and authentication")]
+    pub client_ca: Option<PathBuf>,
+
+    /// Allow listening on a non-loopback address without both TLS and --auth-file.
+    #[arg(long, help_heading = "TLS and authentication")]
+    pub insecure_expose: bool,
+
     /// Log filter, e.g. `debug` or `etcd_proxy=trace` [env: ETCD_PROXY_LOG, RUST_LOG].
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,

@@ -34,6 +34,23 @@ pub enum MemberPorts {
     Ephemeral,
 }
 
+/// Where the local TLS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// `--tls-cert` and `--tls-key`.
+    Files {
+        /// Certificate chain (PEM).
+        cert: PathBuf,
+        /// Private key (PEM).
+        key: PathBuf,
+    },
+    /// `--tls-auto`, with extra subject alternative names.
+    Auto {
+        /// Names beyond 127.0.0.1, ::1 and localhost.
+        sans: Vec<String>,
+    },
+}
+
 /// The proxy's configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -55,6 +72,10 @@ pub struct Config {
     pub keepalive: Duration,
     /// How long a check or ping may go unanswered.
     pub keepalive_timeout: Duration,
+    /// Local TLS, if any.
+    pub tls: Option<TlsSource>,
+    /// CA for client certificates (requires TLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// A flag combination that cannot work.
@@ -78,15 +99,19 @@ pub enum Error {
         /// The flag.
         flag: &'static str,
     },
-    /// A wildcard or remote listen address (TLS and auth arrive later).
+    /// An off-host listener without TLS (and authentication).
     #[error(
-        "refusing to listen on {addr}: etcd-proxy serves etcd without TLS or authentication, \
-         so it only listens on loopback (e.g. --listen 127.0.0.1:4001)"
+        "refusing to listen on {addr} without TLS and authentication: anyone who can reach it \
+         could use etcd. Add --tls-auto (or --tls-cert/--tls-key) and --auth-file, listen on \
+         127.0.0.1, or pass --insecure-expose if you really mean it"
     )]
     NotLoopback {
         /// The address.
         addr: SocketAddr,
     },
+    /// `--client-ca` without TLS.
+    #[error("--client-ca needs TLS: add --tls-auto or --tls-cert/--tls-key")]
+    ClientCaWithoutTls,
 }
 
 impl TryFrom<Cli> for Config {
@@ -100,7 +125,17 @@ impl TryFrom<Cli> for Config {
             (.., Some(p)) => Target::Pod(non_empty(p, "pod")?),
             _ => Target::Auto,
         };
-        if !cli.listen.ip().is_loopback() {
+        let tls = match (cli.tls_cert, cli.tls_key, cli.tls_auto) {
+            (Some(cert), Some(key), _) => Some(TlsSource::Files { cert, key }),
+            (_, _, true) => Some(TlsSource::Auto { sans: cli.tls_san }),
+            _ => None,
+        };
+        if cli.client_ca.is_some() && tls.is_none() {
+            return Err(Error::ClientCaWithoutTls);
+        }
+        // Authentication (--auth-file) arrives with the auth layer; until then TLS alone is
+        // not enough to expose the proxy.
+        if !cli.listen.ip().is_loopback() && !cli.insecure_expose {
             return Err(Error::NotLoopback { addr: cli.listen });
         }
         let member_ports = match cli.member_ports {
@@ -137,6 +172,8 @@ impl TryFrom<Cli> for Config {
             member_ports,
             keepalive: cli.keepalive,
             keepalive_timeout: cli.keepalive_timeout,
+            tls,
+            client_ca: cli.client_ca,
         })
     }
 }
@@ -181,10 +218,33 @@ mod tests {
     fn off_host_listeners_are_refused() {
         let err = cfg(&["--listen", "0.0.0.0:4001"]).unwrap_err();
         assert!(
-            err.to_string().contains("only listens on loopback"),
+            err.to_string().contains("without TLS and authentication"),
             "{err}"
         );
         assert!(cfg(&["--listen", "[::1]:4001"]).is_ok());
+        assert!(
+            cfg(&["--listen", "0.0.0.0:4001", "--tls-auto"]).is_err(),
+            "TLS alone is not enough"
+        );
+        assert!(cfg(&["--listen", "0.0.0.0:4001", "--insecure-expose"]).is_ok());
+    }
+
+    #[test]
+    fn tls_flags() {
+        assert_eq!(cfg(&[]).unwrap().tls, None);
+        let c = cfg(&["--tls-auto", "--tls-san", "proxy.example"]).unwrap();
+        assert_eq!(
+            c.tls,
+            Some(TlsSource::Auto {
+                sans: vec!["proxy.example".into()]
+            })
+        );
+        let c = cfg(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
+        assert!(matches!(c.tls, Some(TlsSource::Files { .. })));
+        assert!(matches!(
+            cfg(&["--client-ca", "ca.pem"]),
+            Err(Error::ClientCaWithoutTls)
+        ));
     }
 
     #[test]

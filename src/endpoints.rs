@@ -32,18 +32,29 @@ struct Open {
 pub struct MemberEndpoints {
     ip: IpAddr,
     ports: MemberPorts,
+    /// `http` or `https`, for the URLs.
+    scheme: &'static str,
+    tls: Option<Arc<rustls::ServerConfig>>,
     open: BTreeMap<String, Open>,
     map_tx: watch::Sender<Arc<AddrMap>>,
 }
 
 impl MemberEndpoints {
-    /// No endpoints yet, on `ip`; the receiver follows the rewrite map.
-    pub fn new(ip: IpAddr, ports: MemberPorts) -> (Self, watch::Receiver<Arc<AddrMap>>) {
+    /// No endpoints yet, on `ip`, serving TLS with `tls` if set; the receiver follows the
+    /// rewrite map.
+    pub fn new(
+        ip: IpAddr,
+        ports: MemberPorts,
+        scheme: &'static str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> (Self, watch::Receiver<Arc<AddrMap>>) {
         let (map_tx, map_rx) = watch::channel(Arc::new(AddrMap::default()));
         (
             Self {
                 ip,
                 ports,
+                scheme,
+                tls,
                 open: BTreeMap::new(),
                 map_tx,
             },
@@ -164,7 +175,7 @@ impl MemberEndpoints {
         let url = endpoint
             .listener
             .local_addr()
-            .map(|a| format!("http://{a}"))
+            .map(|a| format!("{}://{a}", self.scheme))
             .unwrap_or_default();
         self.open.insert(
             pod.name.clone(),
@@ -181,7 +192,12 @@ impl MemberEndpoints {
             if let Some(endpoint) = open.unstarted.take() {
                 let (tx, rx) = watch::channel(false);
                 open.stop = Some(tx);
-                tasks.spawn(listener::serve(endpoint, proxy.clone(), rx));
+                tasks.spawn(listener::serve(
+                    endpoint,
+                    proxy.clone(),
+                    self.tls.clone(),
+                    rx,
+                ));
             }
         }
     }
@@ -223,8 +239,12 @@ mod tests {
 
     #[tokio::test]
     async fn endpoints_follow_the_members() {
-        let (mut eps, map) =
-            MemberEndpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST), MemberPorts::Ephemeral);
+        let (mut eps, map) = MemberEndpoints::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            MemberPorts::Ephemeral,
+            "http",
+            None,
+        );
         let three: Vec<EtcdPod> = ["etcd-0", "etcd-1", "etcd-2"].map(pod).to_vec();
         eps.bind_initial(&three).await.unwrap();
         assert_eq!(eps.urls(&three).len(), 3);

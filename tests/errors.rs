@@ -27,7 +27,11 @@ async fn usage_and_kubeconfig_errors() {
     );
 
     let (status, err) = proxy_fails(&["--listen", "0.0.0.0:4001"]).await;
-    one_clear_line(status, &err, "only listens on loopback");
+    one_clear_line(
+        status,
+        &err,
+        "refusing to listen on 0.0.0.0:4001 without TLS and authentication",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

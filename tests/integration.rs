@@ -14,6 +14,8 @@ mod lifecycle;
 mod membership;
 /// Failover, reconnects and isolation under faults injected in the simulated cluster.
 mod resilience;
+/// TLS on the local endpoints: --tls-auto, given certificates, client certificates.
+mod tls;
 /// etcdctl v2 through the proxy, syncing endpoints from the member list.
 mod v2_etcdctl;
 /// etcdctl v3 through the proxy: KV, txn, watch, lease, member list, `--cluster`.

@@ -22,6 +22,7 @@ use tracing::Instrument;
 use crate::proxy::Proxy;
 
 mod authority;
+pub mod tls;
 
 /// How long in-flight requests may run after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -70,12 +71,23 @@ pub struct Endpoint {
     pub pinned: Option<Arc<str>>,
 }
 
-/// Serves `endpoint` until `shutdown` turns true, then drains for up to [`DRAIN`].
-pub async fn serve(endpoint: Endpoint, proxy: Proxy, mut shutdown: watch::Receiver<bool>) {
+/// How long a client may take to finish the TLS handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Serves `endpoint` (over TLS when `tls` is set) until `shutdown` turns true, then drains for
+/// up to [`DRAIN`].
+pub async fn serve(
+    endpoint: Endpoint,
+    proxy: Proxy,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    let builder = Arc::new(builder);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -101,17 +113,47 @@ pub async fn serve(endpoint: Endpoint, proxy: Proxy, mut shutdown: watch::Receiv
             let pinned = pinned.clone();
             async move { proxy.handle(pinned.as_deref(), req).await }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(authority::RepairAuthority::new(tcp)),
-                service,
-            )
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(
             async move {
                 tracing::debug!("accepted");
-                if let Err(e) = conn.await {
+                let result = match acceptor {
+                    None => {
+                        let io = TokioIo::new(authority::RepairAuthority::new(tcp));
+                        watcher
+                            .watch(
+                                builder
+                                    .serve_connection_with_upgrades(io, service)
+                                    .into_owned(),
+                            )
+                            .await
+                    }
+                    Some(acceptor) => {
+                        let stream =
+                            match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::info!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::info!("TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                        let io = TokioIo::new(authority::RepairAuthority::new(stream));
+                        watcher
+                            .watch(
+                                builder
+                                    .serve_connection_with_upgrades(io, service)
+                                    .into_owned(),
+                            )
+                            .await
+                    }
+                };
+                if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
             }

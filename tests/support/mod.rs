@@ -66,6 +66,11 @@ pub fn proxy_command(args: &[&str]) -> Command {
 
 /// Starts the proxy against `sim` on free ports and waits for its summary (its readiness).
 pub async fn start_proxy(sim: &SimCluster, extra: &[&str]) -> Proxy {
+    start_proxy_env(sim, extra, &[]).await
+}
+
+/// [`start_proxy`] with extra environment variables.
+pub async fn start_proxy_env(sim: &SimCluster, extra: &[&str], env: &[(&str, &str)]) -> Proxy {
     let kubeconfig = sim
         .kubeconfig_path()
         .to_str()
@@ -78,7 +83,9 @@ pub async fn start_proxy(sim: &SimCluster, extra: &[&str]) -> Proxy {
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
-    let mut child = proxy_command(&args)
+    let mut cmd = proxy_command(&args);
+    cmd.envs(env.iter().copied());
+    let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn etcd-proxy");
@@ -116,7 +123,10 @@ pub async fn start_proxy(sim: &SimCluster, extra: &[&str]) -> Proxy {
     };
     let (cluster_name, cluster_url) = rows.remove(0);
     assert_eq!(cluster_name, "cluster", "summary:\n{summary}");
-    let cluster_addr = cluster_url.trim_start_matches("http://").to_owned();
+    let cluster_addr = cluster_url
+        .split_once("://")
+        .map_or(cluster_url.as_str(), |(_, a)| a)
+        .to_owned();
     Proxy {
         child,
         cluster_url,

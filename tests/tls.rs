@@ -1,0 +1,182 @@
+use std::path::{Path, PathBuf};
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+use crate::support::{cluster, etcdctl, run, start_proxy, start_proxy_env};
+
+/// Writes a CA, a server certificate for 127.0.0.1 and a client certificate into `dir`.
+fn make_pki(dir: &Path) -> [PathBuf; 5] {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["client".to_string()])
+        .unwrap()
+        .signed_by(&client_key, &issuer)
+        .unwrap();
+    let files = [
+        ("ca.crt", ca_cert.pem()),
+        ("server.crt", server.pem()),
+        ("server.key", server_key.serialize_pem()),
+        ("client.crt", client.pem()),
+        ("client.key", client_key.serialize_pem()),
+    ];
+    files.map(|(name, pem)| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    })
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_auto_serves_etcdctl_v3_and_v2_with_https_member_urls() {
+    let sim = cluster(3).await;
+    let home = tempfile::tempdir().unwrap();
+    let env = [("XDG_CONFIG_HOME", s(home.path()))];
+    let proxy = start_proxy_env(&sim, &["--tls-auto"], &env).await;
+    let ca = home.path().join("etcd-proxy/tls/ca.crt");
+    assert!(ca.exists(), "CA written to the config dir");
+    assert!(
+        proxy.cluster_url.starts_with("https://127.0.0.1:"),
+        "{}",
+        proxy.summary
+    );
+    assert!(
+        proxy.members.iter().all(|(_, u)| u.starts_with("https://")),
+        "{}",
+        proxy.summary
+    );
+
+    let ep = proxy.cluster_url.as_str();
+    let v3 = |args: &[&str]| {
+        let mut all = vec!["--endpoints", ep, "--cacert", s(&ca)];
+        all.extend_from_slice(args);
+        etcdctl(3, &all)
+    };
+    run(v3(&["put", "tls", "yes"]), "").await.ok();
+    assert_eq!(
+        run(v3(&["get", "tls", "--print-value-only"]), "")
+            .await
+            .ok()
+            .stdout
+            .trim(),
+        "yes"
+    );
+    let list = run(v3(&["member", "list"]), "").await.ok().stdout;
+    for (_, url) in &proxy.members {
+        assert!(list.contains(url.as_str()), "{list}");
+    }
+    let status = run(v3(&["endpoint", "status", "--cluster", "-w", "json"]), "")
+        .await
+        .ok()
+        .stdout;
+    let rows: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 3, "{status}");
+
+    // v2 syncs to the https member URLs and trusts them with the same CA.
+    let v2 = run(
+        etcdctl(
+            2,
+            &["--endpoints", ep, "--ca-file", s(&ca), "set", "/t", "1"],
+        ),
+        "",
+    )
+    .await
+    .ok();
+    assert_eq!(v2.stdout.trim(), "1");
+    let ls = run(
+        etcdctl(2, &["--endpoints", ep, "--ca-file", s(&ca), "ls", "/"]),
+        "",
+    )
+    .await
+    .ok();
+    assert!(ls.stdout.contains("/t"), "{}", ls.stdout);
+
+    // Without the CA the client refuses the certificate.
+    let untrusted = run(
+        etcdctl(
+            3,
+            &["--endpoints", ep, "--dial-timeout", "2s", "get", "tls"],
+        ),
+        "",
+    )
+    .await;
+    assert!(!untrusted.status.success());
+    drop(proxy);
+
+    // A second run reuses the same CA.
+    let before = std::fs::read(&ca).unwrap();
+    let again = start_proxy_env(&sim, &["--tls-auto"], &env).await;
+    assert_eq!(std::fs::read(&ca).unwrap(), before);
+    drop(again);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_required_with_client_ca() {
+    let sim = cluster(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, cert, key, client_cert, client_key] = make_pki(dir.path());
+    let args = [
+        "--tls-cert",
+        s(&cert),
+        "--tls-key",
+        s(&key),
+        "--client-ca",
+        s(&ca),
+    ];
+    let proxy = start_proxy(&sim, &args).await;
+    let ep = proxy.cluster_url.as_str();
+
+    let with = etcdctl(
+        3,
+        &[
+            "--endpoints",
+            ep,
+            "--cacert",
+            s(&ca),
+            "--cert",
+            s(&client_cert),
+            "--key",
+            s(&client_key),
+            "put",
+            "m",
+            "1",
+        ],
+    );
+    run(with, "").await.ok();
+    let without = etcdctl(
+        3,
+        &[
+            "--endpoints",
+            ep,
+            "--cacert",
+            s(&ca),
+            "--dial-timeout",
+            "2s",
+            "--command-timeout",
+            "3s",
+            "get",
+            "m",
+        ],
+    );
+    let out = run(without, "").await;
+    assert!(
+        !out.status.success(),
+        "no client certificate must be refused: {}",
+        out.stdout
+    );
+    drop(proxy);
+    sim.shutdown().await;
+}
