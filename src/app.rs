@@ -16,6 +16,7 @@ use http::{header, Request, Version};
 use http_body_util::{BodyExt, Empty, Full};
 use tokio::sync::watch;
 
+use crate::auth::Auth;
 use crate::config::{Config, TlsSource};
 use crate::endpoints::MemberEndpoints;
 use crate::error::{find_cause, one_line, BoxError};
@@ -42,6 +43,9 @@ pub enum Error {
     /// A local port could not be opened.
     #[error(transparent)]
     Listen(#[from] listener::Error),
+    /// The users file is unusable.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::Error),
     /// The local TLS setup failed.
     #[error(transparent)]
     Tls(#[from] listener::tls::Error),
@@ -131,6 +135,12 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let discovery = Discovery::new(kube.client.clone(), &kube.namespace, cfg.remote_port);
     let (resolved, pods) = discovery.find(&cfg.target).await?;
 
+    let auth = cfg
+        .auth_file
+        .as_deref()
+        .map(Auth::load)
+        .transpose()?
+        .map(Arc::new);
     let (tls, ca_cert) = tls_config(&cfg)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = listener::bind(cfg.listen).await?;
@@ -177,6 +187,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         health.clone(),
         legacy.clone(),
         stop_rx,
+        auth,
     );
     let notes = versions.into_iter().map(|v| match v {
         Ok(v) => format!("(etcd {v})"),

@@ -131,6 +131,12 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", help_heading = "TLS and authentication")]
     pub client_ca: Option<PathBuf>,
 
+    /// Require users from this htpasswd-style file (bcrypt or argon2 hashes, e.g. made with
+    /// `htpasswd -B`): etcdctl `--user`, v2 `--username`, HTTP Basic, gateway tokens. Without
+    /// it, etcd's own authentication passes through untouched.
+    #[arg(long, value_name = "PATH", help_heading = "TLS and authentication")]
+    pub auth_file: Option<PathBuf>,
+
     /// Allow listening on a non-loopback address without both TLS and --auth-file.
     #[arg(long, help_heading = "TLS and authentication")]
     pub insecure_expose: bool,

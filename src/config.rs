@@ -76,6 +76,8 @@ pub struct Config {
     pub tls: Option<TlsSource>,
     /// CA for client certificates (requires TLS).
     pub client_ca: Option<PathBuf>,
+    /// Users file for local authentication.
+    pub auth_file: Option<PathBuf>,
 }
 
 /// A flag combination that cannot work.
@@ -133,9 +135,8 @@ impl TryFrom<Cli> for Config {
         if cli.client_ca.is_some() && tls.is_none() {
             return Err(Error::ClientCaWithoutTls);
         }
-        // Authentication (--auth-file) arrives with the auth layer; until then TLS alone is
-        // not enough to expose the proxy.
-        if !cli.listen.ip().is_loopback() && !cli.insecure_expose {
+        let protected = tls.is_some() && cli.auth_file.is_some();
+        if !cli.listen.ip().is_loopback() && !protected && !cli.insecure_expose {
             return Err(Error::NotLoopback { addr: cli.listen });
         }
         let member_ports = match cli.member_ports {
@@ -174,6 +175,7 @@ impl TryFrom<Cli> for Config {
             keepalive_timeout: cli.keepalive_timeout,
             tls,
             client_ca: cli.client_ca,
+            auth_file: cli.auth_file,
         })
     }
 }
@@ -227,6 +229,11 @@ mod tests {
             "TLS alone is not enough"
         );
         assert!(cfg(&["--listen", "0.0.0.0:4001", "--insecure-expose"]).is_ok());
+        assert!(
+            cfg(&["--listen", "0.0.0.0:4001", "--auth-file", "u"]).is_err(),
+            "auth alone is not enough"
+        );
+        assert!(cfg(&["--listen", "0.0.0.0:4001", "--tls-auto", "--auth-file", "u"]).is_ok());
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! * [`cli`] → [`config`]: flags, then a validated configuration.
 //! * [`app`]: the composition root; the only module that wires the others.
 //! * [`endpoints`]: one local endpoint per member, following scale-up and scale-down.
+//! * [`auth`]: users, proxy-issued tokens, Basic auth; etcd's own auth passes through.
 //! * [`listener`]: local endpoints (cluster and one per member), a span per connection.
 //! * [`router`]: protocol class, rewrite needed, member choice.
 //! * [`proxy`]: the per-request pipeline and protocol-correct errors.
@@ -33,6 +34,7 @@
 //! * [`error`], [`telemetry`], [`shutdown`]: leaves open to all: error plumbing, logging, signals.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod endpoints;

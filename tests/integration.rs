@@ -4,6 +4,8 @@
 
 mod support;
 
+/// Authentication: --auth-file users, proxy tokens, Basic auth, etcd auth passthrough.
+mod auth;
 /// The `etcd-client` crate, the JSON gateway and raw HTTP through the proxy.
 mod clients;
 /// Bad input: one clear line, a non-zero exit, never a panic or a hang.

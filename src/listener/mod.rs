@@ -111,7 +111,7 @@ pub async fn serve(
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
             let pinned = pinned.clone();
-            async move { proxy.handle(pinned.as_deref(), req).await }
+            async move { proxy.handle(pinned.as_deref(), peer.ip(), req).await }
         });
         let watcher = graceful.watcher();
         let builder = builder.clone();

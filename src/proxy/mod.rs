@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
+use crate::auth::Auth;
 use crate::error::{find_cause, one_line, BoxError};
 use crate::k8s::tunnel;
 use crate::rewrite::{self, AddrMap, Rewritten};
@@ -66,6 +68,8 @@ struct Inner {
     legacy: HashSet<String>,
     /// Turns true when the proxy shuts down: long-lived streams end then.
     stopping: watch::Receiver<bool>,
+    /// Local authentication, if `--auth-file` was given.
+    auth: Option<Arc<Auth>>,
 }
 
 /// A request body: streamed once, or buffered so that it can be sent again.
@@ -107,6 +111,7 @@ impl Proxy {
         health: Health,
         legacy: HashSet<String>,
         stopping: watch::Receiver<bool>,
+        auth: Option<Arc<Auth>>,
     ) -> Self {
         let inner = Inner {
             upstream,
@@ -115,19 +120,31 @@ impl Proxy {
             health,
             legacy,
             stopping,
+            auth,
         };
         Self {
             inner: Arc::new(inner),
         }
     }
 
-    /// Serves one request; `pinned` names the member of a per-member endpoint.
+    /// Serves one request from `peer`; `pinned` names the member of a per-member endpoint.
     pub async fn handle(
         &self,
         pinned: Option<&str>,
-        mut req: Request<Incoming>,
+        peer: IpAddr,
+        req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let route = router::classify(&req);
+        let mut req = match &self.inner.auth {
+            Some(auth) => {
+                let path = req.uri().path().to_owned();
+                match auth.check(route.class, peer, req).await {
+                    Ok(req) => req,
+                    Err(verdict) => return Ok(reply::verdict(&path, verdict)),
+                }
+            }
+            None => req,
+        };
         if route.class == Class::Grpc
             && req.uri().path() == watches::PATH
             && !self.is_legacy(pinned)

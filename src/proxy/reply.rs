@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 
 use super::ProxyBody;
+use crate::auth::Verdict;
 use crate::error::BoxError;
 use crate::router::Class;
 
@@ -81,6 +82,81 @@ pub(super) fn percent_encode(msg: &str) -> String {
         }
     }
     out
+}
+
+/// The answer to a request the auth layer did not let through.
+pub(super) fn verdict(path: &str, verdict: Verdict) -> Response<ProxyBody> {
+    match verdict {
+        Verdict::GrpcError { code, message } => {
+            error_response(Class::Grpc, StatusCode::OK, code, message)
+        }
+        Verdict::Unauthorized { message } => unauthorized(path, message),
+        Verdict::GrpcLogin(msg) => {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            let mut r = Response::new(with_trailers(grpc_frame(&msg), Some(trailers)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            r
+        }
+        Verdict::GatewayLogin(json) => {
+            let mut r = Response::new(full(json));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+    }
+}
+
+/// 401 in the dialect of the API the path belongs to (v2 error JSON, gateway error JSON, text).
+fn unauthorized(path: &str, message: &str) -> Response<ProxyBody> {
+    let (body, json) = if path.starts_with("/v2/") {
+        let v = serde_json::json!({
+            "errorCode": 110,
+            "message": "The request requires user authentication",
+            "cause": message,
+            "index": 0
+        });
+        (v.to_string(), true)
+    } else if path.starts_with("/v3") {
+        (
+            serde_json::json!({ "error": message, "message": message, "code": 16 }).to_string(),
+            true,
+        )
+    } else {
+        (format!("etcd-proxy: {message}\n"), false)
+    };
+    let mut r = Response::new(full(Bytes::from(body)));
+    *r.status_mut() = StatusCode::UNAUTHORIZED;
+    let ct = if json {
+        "application/json"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"etcd-proxy\""),
+    );
+    r
+}
+
+fn full(b: Bytes) -> ProxyBody {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+/// One gRPC message with its 5-byte prefix.
+fn grpc_frame(msg: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(5 + msg.len());
+    out.push(0);
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(msg);
+    Bytes::from(out)
 }
 
 #[cfg(test)]

@@ -1,0 +1,167 @@
+//! The users file (`--auth-file`): htpasswd-style `name:hash` lines with bcrypt (`$2a$`,
+//! `$2b$`, `$2y$`, as `htpasswd -B` writes) or argon2 (`$argon2id$…`, PHC strings) hashes.
+//! Plaintext and weak htpasswd schemes (MD5, SHA1, crypt) are refused when the file is loaded.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
+
+/// Why the users file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read --auth-file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line is not `name:hash` with a supported hash.
+    #[error("--auth-file {path} line {line}: {reason}")]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong (never the password or hash itself).
+        reason: &'static str,
+    },
+    /// No users at all.
+    #[error("--auth-file {path} has no users; add lines with `htpasswd -B {path} NAME`")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+enum Hash {
+    Bcrypt(String),
+    Argon2(String),
+}
+
+/// The users and their password hashes.
+pub struct Users {
+    users: HashMap<String, Hash>,
+}
+
+impl Users {
+    /// Loads and checks the users file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Self, Error> {
+        let err = |line: usize, reason: &'static str| Error::Line {
+            path: path.to_owned(),
+            line,
+            reason,
+        };
+        let mut users = HashMap::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (name, hash) = line
+                .split_once(':')
+                .ok_or_else(|| err(i + 1, "expected NAME:HASH"))?;
+            if name.is_empty() {
+                return Err(err(i + 1, "empty user name"));
+            }
+            let hash = if ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
+                Hash::Bcrypt(hash.to_owned())
+            } else if hash.starts_with("$argon2") {
+                PasswordHash::new(hash).map_err(|_| err(i + 1, "malformed argon2 hash"))?;
+                Hash::Argon2(hash.to_owned())
+            } else {
+                return Err(err(
+                    i + 1,
+                    "not a bcrypt or argon2 hash; plaintext and weak hashes are refused (make one with `htpasswd -B`)",
+                ));
+            };
+            users.insert(name.to_owned(), hash);
+        }
+        if users.is_empty() {
+            return Err(Error::Empty {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Self { users })
+    }
+
+    /// Whether `password` is `name`'s. Slow on purpose (the hash's cost); unknown users cost
+    /// the same as known ones so that names cannot be probed by timing.
+    pub fn verify(&self, name: &str, password: &str) -> bool {
+        match self.users.get(name) {
+            Some(Hash::Bcrypt(h)) => bcrypt::verify(password, h).unwrap_or(false),
+            Some(Hash::Argon2(h)) => PasswordHash::new(h)
+                .map(|parsed| {
+                    argon2::Argon2::default()
+                        .verify_password(password.as_bytes(), &parsed)
+                        .is_ok()
+                })
+                .unwrap_or(false),
+            None => {
+                // Spend the time a real check would take.
+                let _ = bcrypt::verify(password, DUMMY_BCRYPT);
+                false
+            }
+        }
+    }
+}
+
+/// Any valid bcrypt hash of cost 10: checked against for unknown users, result ignored.
+const DUMMY_BCRYPT: &str = "$2b$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bcrypt_and_argon2_users_verify() {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let b = bcrypt::hash("secret", 4).unwrap();
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let a = argon2::Argon2::default()
+            .hash_password(b"other", &salt)
+            .unwrap()
+            .to_string();
+        let text = format!("# users\nalice:{b}\n\nbob:{a}\n");
+        let users = Users::parse(&text, Path::new("users")).unwrap();
+        assert!(users.verify("alice", "secret"));
+        assert!(!users.verify("alice", "wrong"));
+        assert!(users.verify("bob", "other"));
+        assert!(!users.verify("carol", "secret"));
+    }
+
+    #[test]
+    fn plaintext_and_weak_hashes_are_refused_without_echoing_them() {
+        for bad in [
+            "alice:secret",
+            "alice:$apr1$abc$def",
+            "alice:{SHA}abc",
+            "nocolon",
+        ] {
+            let err = Users::parse(bad, Path::new("users"))
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains("line 1"), "{err}");
+            assert!(
+                !err.contains("secret") && !err.contains("abc"),
+                "no secret in {err}"
+            );
+        }
+        assert!(matches!(
+            Users::parse("# nobody\n", Path::new("u")),
+            Err(Error::Empty { .. })
+        ));
+    }
+}
