@@ -67,6 +67,16 @@ pub struct Cli {
     )]
     pub pod: Option<String>,
 
+    /// Connect straight to the pods' IPs instead of through port-forward: for running inside
+    /// the cluster (the gateway Deployment in deploy/gateway.yaml).
+    #[arg(long)]
+    pub direct: bool,
+
+    /// Serve these etcd members (comma-separated http://HOST:PORT) without Kubernetes,
+    /// connecting directly.
+    #[arg(long, value_name = "URLS", value_delimiter = ',', conflicts_with_all = ["target", "kubeconfig", "context", "namespace", "direct"])]
+    pub endpoints: Vec<String>,
+
     /// etcd's client port inside the pods [default: the container port named `client`, else
     /// 2379, else 4001].
     #[arg(long, value_name = "PORT")]

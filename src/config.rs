@@ -78,6 +78,10 @@ pub struct Config {
     pub client_ca: Option<PathBuf>,
     /// Users file for local authentication.
     pub auth_file: Option<PathBuf>,
+    /// Connect to pod IPs instead of port-forwarding.
+    pub direct: bool,
+    /// Fixed etcd URLs to serve without Kubernetes.
+    pub endpoints: Vec<String>,
 }
 
 /// A flag combination that cannot work.
@@ -176,6 +180,8 @@ impl TryFrom<Cli> for Config {
             tls,
             client_ca: cli.client_ca,
             auth_file: cli.auth_file,
+            direct: cli.direct,
+            endpoints: cli.endpoints,
         })
     }
 }

@@ -210,6 +210,7 @@ impl MemberEndpoints {
                 Some(LocalEndpoint {
                     pod: p.name.clone(),
                     pod_ip: p.ip.clone(),
+                    port: Some(p.port),
                     url: open.url.clone(),
                 })
             })

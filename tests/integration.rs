@@ -10,6 +10,8 @@ mod auth;
 mod clients;
 /// Bad input: one clear line, a non-zero exit, never a panic or a hang.
 mod errors;
+/// Gateway mode: --endpoints, straight to etcd, no Kubernetes.
+mod gateway;
 /// Shutdown on SIGTERM/SIGINT and resuming after SIGSTOP/SIGCONT (a laptop sleeping).
 mod lifecycle;
 /// Scaling, API server outages, kubelet idle timeouts and restarted pods.

@@ -45,6 +45,9 @@ pub enum Error {
         /// The contexts that exist.
         available: String,
     },
+    /// Running in a pod, but its service account is unusable.
+    #[error("no kubeconfig, and the in-cluster service account is unusable: {0}")]
+    InCluster(#[source] kube::config::InClusterError),
     /// kube could not build a client from the context.
     #[error("cannot use context \"{context}\": {source}")]
     Client {
@@ -78,7 +81,19 @@ pub async fn connect(
         Some(path) => Kubeconfig::read_from(path),
         None => Kubeconfig::read(),
     }
-    .map_err(kubeconfig_error)?;
+    .map_err(kubeconfig_error);
+    let file = match file {
+        Ok(f) => f,
+        // Inside a pod (the gateway Deployment) with no kubeconfig: the service account.
+        Err(Error::NoKubeconfig { .. } | Error::NoKubeconfigPath)
+            if kubeconfig.is_none()
+                && context.is_none()
+                && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() =>
+        {
+            return in_cluster(namespace);
+        }
+        Err(e) => return Err(e),
+    };
     let available = file
         .contexts
         .iter()
@@ -105,6 +120,24 @@ pub async fn connect(
     let config = kube::Config::from_custom_kubeconfig(file, &options)
         .await
         .map_err(Error::Kubeconfig)?;
+    let namespace = namespace
+        .map(str::to_owned)
+        .unwrap_or_else(|| config.default_namespace.clone());
+    let client = build_client(config, &namespace).map_err(|source| Error::Client {
+        context: context.clone(),
+        source,
+    })?;
+    Ok(Kube {
+        client,
+        namespace,
+        context,
+    })
+}
+
+/// The pod's service account, as kubectl does inside a pod.
+fn in_cluster(namespace: Option<&str>) -> Result<Kube, Error> {
+    let context = "in-cluster".to_owned();
+    let config = kube::Config::incluster().map_err(Error::InCluster)?;
     let namespace = namespace
         .map(str::to_owned)
         .unwrap_or_else(|| config.default_namespace.clone());

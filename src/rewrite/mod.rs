@@ -45,8 +45,12 @@ pub enum Error {
 pub struct LocalEndpoint {
     /// The pod that backs the member (member name = pod name in a StatefulSet).
     pub pod: String,
-    /// The pod's IP, if known: members advertising IP URLs map through it.
+    /// The pod's IP (or the host of a `--endpoints` URL), if known: members advertising IP
+    /// URLs map through it.
     pub pod_ip: Option<String>,
+    /// etcd's port at that address: with it, `host:port` matches exactly (several members on
+    /// one host, as with `--endpoints` on a single machine).
+    pub port: Option<u16>,
     /// The URL the client should use for this member, e.g. `http://127.0.0.1:4002`.
     pub url: String,
 }
@@ -83,9 +87,18 @@ impl AddrMap {
         client_urls.iter().find_map(|u| self.local_for_url(u))
     }
 
-    /// The local URL for one advertised client URL, by its host.
+    /// The local URL for one advertised client URL: by exact `host:port`, then by its host.
     pub fn local_for_url(&self, url: &str) -> Option<&str> {
         let host = url_host(url)?;
+        if let Some(port) = url_port(url) {
+            let exact = self
+                .endpoints
+                .iter()
+                .find(|e| e.pod_ip.as_deref() == Some(host) && e.port == Some(port));
+            if let Some(e) = exact {
+                return Some(&e.url);
+            }
+        }
         let first_label = host.split('.').next().unwrap_or(host);
         self.endpoints
             .iter()
@@ -106,6 +119,19 @@ fn url_host(url: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
+/// The explicit port of `scheme://host:port/...`.
+fn url_port(url: &str) -> Option<u16> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let after_host = match authority.rsplit_once(']') {
+        Some((_, tail)) => tail,
+        None => authority,
+    };
+    after_host
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -117,6 +143,7 @@ pub(crate) mod tests {
                 .map(|i| LocalEndpoint {
                     pod: format!("etcd-{i}"),
                     pod_ip: Some(format!("10.244.0.{}", 10 + i)),
+                    port: Some(2379),
                     url: format!("http://127.0.0.1:{}", 4002 + i),
                 })
                 .collect(),
@@ -140,6 +167,30 @@ pub(crate) mod tests {
         );
         assert_eq!(m.local_for_member("other", &["http://db-0.x:2379"]), None);
         assert_eq!(m.local_for_url("http://[::1]:2379"), None);
+    }
+
+    #[test]
+    fn same_host_members_map_by_port() {
+        let m = AddrMap::new(
+            (0..2)
+                .map(|i| LocalEndpoint {
+                    pod: format!("endpoint-{i}"),
+                    pod_ip: Some("127.0.0.1".into()),
+                    port: Some(2379 + 10 * i),
+                    url: format!("http://127.0.0.1:{}", 4002 + i),
+                })
+                .collect(),
+        );
+        assert_eq!(
+            m.local_for_member("m2", &["http://127.0.0.1:2389"]),
+            Some("http://127.0.0.1:4003")
+        );
+        assert_eq!(
+            m.local_for_url("http://127.0.0.1:2379"),
+            Some("http://127.0.0.1:4002")
+        );
+        assert_eq!(url_port("https://[::1]:2379/x"), Some(2379));
+        assert_eq!(url_port("http://a"), None);
     }
 
     #[test]

@@ -85,6 +85,11 @@ pub async fn start_proxy_env(sim: &SimCluster, extra: &[&str], env: &[(&str, &st
     args.extend_from_slice(extra);
     let mut cmd = proxy_command(&args);
     cmd.envs(env.iter().copied());
+    spawn_and_read_summary(cmd).await
+}
+
+/// Spawns the proxy and parses its start-up summary (which it prints once ready).
+async fn spawn_and_read_summary(mut cmd: Command) -> Proxy {
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
@@ -232,4 +237,84 @@ pub fn missing_path(dir: &Path) -> String {
     dir.join("no-such-kubeconfig")
         .to_string_lossy()
         .into_owned()
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A standalone etcd member outside any (simulated) Kubernetes, advertising its real URL.
+pub struct Etcd {
+    pub child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a single real etcd member on free ports and waits until `/health` answers.
+pub async fn standalone_etcd(extra: &[&str]) -> Etcd {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", "solo", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("solo={peer_url}"),
+            "--enable-v2",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let child = cmd.spawn().expect("spawn etcd");
+    let addr = format!("127.0.0.1:{client}");
+    let healthy = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await {
+                use tokio::io::AsyncWriteExt;
+                let req =
+                    format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+                if s.write_all(req.as_bytes()).await.is_ok() {
+                    let mut out = String::new();
+                    if s.read_to_string(&mut out).await.is_ok()
+                        && out.contains("\"health\":\"true\"")
+                    {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(healthy.is_ok(), "standalone etcd did not become healthy");
+    Etcd {
+        child,
+        url,
+        _dir: dir,
+    }
+}
+
+/// Starts the proxy with exactly `args` (no simulated cluster) and waits for its summary.
+pub async fn start_proxy_args(args: &[&str]) -> Proxy {
+    spawn_and_read_summary(proxy_command(args)).await
 }

@@ -9,27 +9,27 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, Request, Version};
-use http_body_util::{BodyExt, Empty, Full};
 use tokio::sync::watch;
 
 use crate::auth::Auth;
 use crate::config::{Config, TlsSource};
 use crate::endpoints::MemberEndpoints;
-use crate::error::{find_cause, one_line, BoxError};
 use crate::k8s::discovery::{Discovery, EtcdPod, Selection};
 use crate::k8s::{self, tunnel};
 use crate::listener::{self, tls, Endpoint};
 use crate::proxy::Proxy;
 use crate::router::Backends;
 use crate::upstream::health::{Health, HealthConfig};
-use crate::upstream::{Dial, DialFuture, Upstream, UpstreamBody};
+use crate::upstream::{Dial, Upstream};
 
-/// How long the start-up probe of one member may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+mod dial;
+mod probe;
+mod source;
+
+use dial::{DirectDial, TunnelDial};
+use probe::probe_all;
+use source::{Connect, Source};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,9 @@ pub enum Error {
     /// A tunnel problem every member has (RBAC, etcd not on loopback …).
     #[error(transparent)]
     Tunnel(#[from] tunnel::Error),
+    /// A `--endpoints` URL is unusable.
+    #[error(transparent)]
+    Endpoint(#[from] source::EndpointError),
     /// No member answered the probe.
     #[error("no etcd member is reachable: {0}")]
     Unreachable(String),
@@ -60,12 +63,9 @@ pub enum Error {
 /// What the proxy serves, for the start-up summary.
 #[derive(Debug, Clone)]
 pub struct Summary {
-    /// Namespace of the pods.
-    pub namespace: String,
-    /// How they were found, e.g. `statefulset etcd`.
-    pub target: String,
-    /// The kubeconfig context.
-    pub context: String,
+    /// What is served and how, e.g. `statefulset etcd in namespace etcd through port-forward
+    /// via context aks-admin`.
+    pub origin: String,
     /// The cluster endpoint's URL.
     pub cluster_url: String,
     /// Each member: name, local URL, and a note (version or problem).
@@ -81,11 +81,9 @@ impl fmt::Display for Summary {
         let noun = if n == 1 { "member" } else { "members" };
         writeln!(
             f,
-            "Forwarding {} in namespace {} ({n} {noun}: {}) via context {}",
-            self.target,
-            self.namespace,
-            names.join(" "),
-            self.context
+            "Forwarding {} ({n} {noun}: {})",
+            self.origin,
+            names.join(" ")
         )?;
         let width = names
             .iter()
@@ -114,8 +112,7 @@ pub struct Running {
     cluster: Endpoint,
     members: MemberEndpoints,
     proxy: Proxy,
-    discovery: Discovery,
-    selection: Selection,
+    follow: Option<(Discovery, Selection)>,
     pods_tx: watch::Sender<Arc<Vec<EtcdPod>>>,
     health: Health,
     upstream: Upstream,
@@ -126,14 +123,12 @@ pub struct Running {
 
 /// Connects to Kubernetes, finds the pods, binds the endpoints and probes each member.
 pub async fn start(cfg: Config) -> Result<Running, Error> {
-    let kube = k8s::connect(
-        cfg.kubeconfig.as_ref(),
-        cfg.context.as_deref(),
-        cfg.namespace.as_deref(),
-    )
-    .await?;
-    let discovery = Discovery::new(kube.client.clone(), &kube.namespace, cfg.remote_port);
-    let (resolved, pods) = discovery.find(&cfg.target).await?;
+    let Source {
+        pods,
+        connect,
+        follow,
+        origin,
+    } = Source::find(&cfg).await?;
 
     let auth = cfg
         .auth_file
@@ -160,12 +155,13 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     members.bind_initial(&pods).await?;
 
     let (pods_tx, pods_rx) = watch::channel(Arc::new(pods.clone()));
-    let tunnels = tunnel::Tunneler::new(kube.client.clone(), &kube.namespace);
-    let upstream = Upstream::new(
-        Arc::new(TunnelDial(tunnels)),
-        cfg.keepalive,
-        cfg.keepalive_timeout,
-    );
+    let dial: Arc<dyn Dial> = match connect {
+        Connect::Tunnels(tunnels) => Arc::new(TunnelDial(*tunnels)),
+        Connect::Direct => Arc::new(DirectDial {
+            pods: pods_rx.clone(),
+        }),
+    };
+    let upstream = Upstream::new(dial, cfg.keepalive, cfg.keepalive_timeout);
     let versions = probe_all(&upstream, &pods).await?;
     let legacy: HashSet<String> = pods
         .iter()
@@ -194,9 +190,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         Err(e) => format!("(unreachable: {e})"),
     });
     let summary = Summary {
-        namespace: kube.namespace.clone(),
-        target: resolved.description.clone(),
-        context: kube.context.clone(),
+        origin,
         cluster_url: format!("{scheme}://{addr}"),
         members: members
             .urls(&pods)
@@ -211,8 +205,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         cluster,
         members,
         proxy,
-        discovery,
-        selection: resolved.selection,
+        follow,
         pods_tx,
         health,
         upstream,
@@ -243,7 +236,13 @@ impl Running {
             self.pods_tx.subscribe(),
             stop_rx,
         ));
-        let watcher = tokio::spawn(self.discovery.watch(self.selection, self.pods_tx.clone()));
+        let pods_tx = self.pods_tx.clone();
+        let watcher = tokio::spawn(async move {
+            match self.follow {
+                Some((discovery, selection)) => discovery.watch(selection, pods_tx).await,
+                None => std::future::pending().await,
+            }
+        });
         let probes = tokio::spawn(self.health.run_probes(
             self.upstream,
             self.pods_tx.subscribe(),
@@ -278,125 +277,4 @@ fn tls_config(cfg: &Config) -> Result<(Option<Arc<rustls::ServerConfig>>, Option
             ))
         }
     }
-}
-
-/// Port-forward tunnels as the upstream pool's dialer.
-struct TunnelDial(tunnel::Tunneler);
-
-impl Dial for TunnelDial {
-    fn dial(&self, pod: &str, port: u16) -> DialFuture {
-        let tunneler = self.0.clone();
-        let pod = pod.to_owned();
-        Box::pin(async move {
-            let stream = tunneler.open(&pod, port).await?;
-            Ok(Box::pin(stream) as crate::upstream::BoxIo)
-        })
-    }
-}
-
-/// Probes every member: opens its tunnel, asks `/version` over HTTP/1.1 and warms the HTTP/2
-/// connection gRPC will use. Returns each member's etcd version or why it is unreachable;
-/// fails if RBAC forbids tunnels or no member answers.
-async fn probe_all(
-    upstream: &Upstream,
-    pods: &[EtcdPod],
-) -> Result<Vec<Result<String, String>>, Error> {
-    let results = futures::future::join_all(pods.iter().map(|p| probe(upstream, p))).await;
-    let mut notes = Vec::new();
-    let mut first_error = None;
-    let mut ok = 0;
-    for (pod, result) in pods.iter().zip(results) {
-        match result {
-            Ok(version) => {
-                ok += 1;
-                notes.push(Ok(version));
-            }
-            Err(e) => {
-                if let Some(t @ tunnel::Error::Forbidden { .. }) =
-                    find_cause::<tunnel::Error>(e.as_ref())
-                {
-                    return Err(Error::Unreachable(t.to_string()));
-                }
-                let msg = match find_cause::<tunnel::Error>(e.as_ref()) {
-                    Some(t) => t.to_string(),
-                    None => one_line(e.as_ref()),
-                };
-                tracing::warn!(member = %pod.name, error = %msg, "member not reachable at start-up");
-                first_error.get_or_insert(msg.clone());
-                notes.push(Err(msg));
-            }
-        }
-    }
-    match (ok, first_error) {
-        (0, Some(e)) => Err(Error::Unreachable(e)),
-        _ => Ok(notes),
-    }
-}
-
-/// The probe failed with this message.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct ProbeError(String);
-
-async fn probe(upstream: &Upstream, pod: &EtcdPod) -> Result<String, BoxError> {
-    let attempt = async {
-        let req = Request::builder()
-            .uri(format!("http://{}:{}/version", pod.name, pod.port))
-            .header(header::HOST, format!("{}:{}", pod.name, pod.port))
-            .version(Version::HTTP_11)
-            .body(empty_body())?;
-        let resp = upstream.send(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        if !status.is_success() {
-            return Err(ProbeError(format!("GET /version answered {status}")).into());
-        }
-        let v: serde_json::Value = serde_json::from_slice(&body)?;
-        let version = v
-            .get("etcdserver")
-            .and_then(|s| s.as_str())
-            .unwrap_or("?")
-            .to_owned();
-        if !version.starts_with("2.") {
-            warm_grpc(upstream, pod).await;
-        }
-        Ok::<_, BoxError>(version)
-    };
-    match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(ProbeError(format!(
-            "no answer from {} within {PROBE_TIMEOUT:?}",
-            pod.name
-        ))
-        .into()),
-    }
-}
-
-/// Opens the member's HTTP/2 connection ahead of the first gRPC call with a gRPC health check.
-async fn warm_grpc(upstream: &Upstream, pod: &EtcdPod) {
-    let req = Request::builder()
-        .method("POST")
-        .uri(format!(
-            "http://{}:{}/grpc.health.v1.Health/Check",
-            pod.name, pod.port
-        ))
-        .version(Version::HTTP_2)
-        .header(header::CONTENT_TYPE, "application/grpc")
-        .header(header::TE, "trailers")
-        .body(
-            Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-    let Ok(req) = req else { return };
-    match upstream.send(req).await {
-        Ok(resp) => {
-            let _ = resp.into_body().collect().await;
-        }
-        Err(e) => tracing::debug!(member = %pod.name, error = %one_line(&e), "gRPC warm-up failed"),
-    }
-}
-
-fn empty_body() -> UpstreamBody {
-    Empty::new().map_err(|never| match never {}).boxed()
 }
