@@ -151,6 +151,33 @@ pub struct Cli {
     #[arg(long, help_heading = "TLS and authentication")]
     pub insecure_expose: bool,
 
+    /// etcd serves TLS: verify its certificates with this CA (PEM), as etcdctl's --cacert.
+    #[arg(long, value_name = "PATH", help_heading = "TLS to etcd")]
+    pub etcd_cacert: Option<PathBuf>,
+
+    /// Client certificate for etcd (`--client-cert-auth`), as etcdctl's --cert.
+    #[arg(long, value_name = "PATH", requires_all = ["etcd_key", "etcd_cacert"], help_heading = "TLS to etcd")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Key of --etcd-cert, as etcdctl's --key.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "etcd_cert",
+        help_heading = "TLS to etcd"
+    )]
+    pub etcd_key: Option<PathBuf>,
+
+    /// Name to verify etcd's certificates against [default: each member's DNS name,
+    /// `<pod>.<service>.<namespace>.svc`, or the host of its --endpoints URL].
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "etcd_cacert",
+        help_heading = "TLS to etcd"
+    )]
+    pub etcd_server_name: Option<String>,
+
     /// Log filter, e.g. `debug` or `etcd_proxy=trace` [env: ETCD_PROXY_LOG, RUST_LOG].
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,

@@ -82,6 +82,19 @@ pub struct Config {
     pub direct: bool,
     /// Fixed etcd URLs to serve without Kubernetes.
     pub endpoints: Vec<String>,
+    /// TLS to etcd: CA, optional client identity, optional fixed server name.
+    pub etcd_tls: Option<EtcdTls>,
+}
+
+/// TLS settings toward etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// CA certificates.
+    pub cacert: PathBuf,
+    /// Client certificate and key.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// Fixed server name.
+    pub server_name: Option<String>,
 }
 
 /// A flag combination that cannot work.
@@ -182,6 +195,11 @@ impl TryFrom<Cli> for Config {
             auth_file: cli.auth_file,
             direct: cli.direct,
             endpoints: cli.endpoints,
+            etcd_tls: cli.etcd_cacert.map(|cacert| EtcdTls {
+                cacert,
+                identity: cli.etcd_cert.zip(cli.etcd_key),
+                server_name: cli.etcd_server_name,
+            }),
         })
     }
 }

@@ -235,6 +235,7 @@ mod tests {
             ip: Some(format!("10.0.0.{}", name.len())),
             ready: true,
             port: 2379,
+            dns_name: None,
         }
     }
 

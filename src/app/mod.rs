@@ -21,6 +21,7 @@ use crate::listener::{self, tls, Endpoint};
 use crate::proxy::Proxy;
 use crate::router::Backends;
 use crate::upstream::health::{Health, HealthConfig};
+use crate::upstream::tls::{Names, UpstreamTls};
 use crate::upstream::{Dial, Upstream};
 
 mod dial;
@@ -46,6 +47,9 @@ pub enum Error {
     /// The users file is unusable.
     #[error(transparent)]
     Auth(#[from] crate::auth::Error),
+    /// TLS to etcd could not be set up.
+    #[error(transparent)]
+    UpstreamTls(#[from] crate::upstream::tls::Error),
     /// The local TLS setup failed.
     #[error(transparent)]
     Tls(#[from] listener::tls::Error),
@@ -161,7 +165,26 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
             pods: pods_rx.clone(),
         }),
     };
-    let upstream = Upstream::new(dial, cfg.keepalive, cfg.keepalive_timeout);
+    let upstream_tls = match &cfg.etcd_tls {
+        Some(t) => {
+            let pods = pods_rx.clone();
+            let names: Names = Arc::new(move |pod: &str| {
+                pods.borrow()
+                    .iter()
+                    .find(|p| p.name == pod)
+                    .and_then(|p| p.dns_name.clone())
+            });
+            let identity = t.identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+            Some(UpstreamTls::load(
+                &t.cacert,
+                identity,
+                t.server_name.clone(),
+                names,
+            )?)
+        }
+        None => None,
+    };
+    let upstream = Upstream::new(dial, upstream_tls, cfg.keepalive, cfg.keepalive_timeout);
     let versions = probe_all(&upstream, &pods).await?;
     let legacy: HashSet<String> = pods
         .iter()

@@ -32,14 +32,15 @@ pub(super) struct Source {
 /// A `--endpoints` URL that cannot be served.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
-    /// Not `http://host:port`.
-    #[error("--endpoints {0}: expected http://HOST:PORT")]
+    /// Not `http(s)://host:port`.
+    #[error("--endpoints {0}: expected http://HOST:PORT (or https:// with --etcd-cacert)")]
     Malformed(String),
-    /// `https://` needs upstream TLS.
-    #[error(
-        "--endpoints {0}: https:// etcd endpoints need upstream TLS, which is not supported yet"
-    )]
+    /// `https://` needs upstream TLS settings.
+    #[error("--endpoints {0}: https:// etcd endpoints need --etcd-cacert (and --etcd-cert/--etcd-key for client-cert auth)")]
     Tls(String),
+    /// `http://` with upstream TLS on.
+    #[error("--endpoints {0}: plain http:// endpoint while --etcd-cacert turns on TLS to etcd")]
+    Plain(String),
 }
 
 impl Source {
@@ -50,7 +51,7 @@ impl Source {
                 .endpoints
                 .iter()
                 .enumerate()
-                .map(|(i, url)| endpoint_member(i, url))
+                .map(|(i, url)| endpoint_member(i, url, cfg.etcd_tls.is_some()))
                 .collect::<Result<Vec<_>, _>>()?;
             let origin = format!(
                 "{} etcd endpoints from --endpoints, connecting directly",
@@ -96,13 +97,14 @@ impl Source {
 }
 
 /// A member for the i-th `--endpoints` URL: named `endpoint-i`, its host as the address.
-fn endpoint_member(i: usize, url: &str) -> Result<EtcdPod, EndpointError> {
+fn endpoint_member(i: usize, url: &str, tls: bool) -> Result<EtcdPod, EndpointError> {
     let uri: Uri = url
         .parse()
         .map_err(|_| EndpointError::Malformed(url.to_owned()))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(EndpointError::Tls(url.to_owned())),
+    match (uri.scheme_str(), tls) {
+        (Some("http"), false) | (Some("https"), true) => {}
+        (Some("https"), false) => return Err(EndpointError::Tls(url.to_owned())),
+        (Some("http"), true) => return Err(EndpointError::Plain(url.to_owned())),
         _ => return Err(EndpointError::Malformed(url.to_owned())),
     }
     let host = uri
@@ -115,9 +117,10 @@ fn endpoint_member(i: usize, url: &str) -> Result<EtcdPod, EndpointError> {
         .to_owned();
     Ok(EtcdPod {
         name: format!("endpoint-{i}"),
-        ip: Some(host),
+        ip: Some(host.clone()),
         ready: true,
         port,
+        dns_name: Some(host),
     })
 }
 
@@ -127,25 +130,30 @@ mod tests {
 
     #[test]
     fn endpoint_urls() {
-        let m = endpoint_member(1, "http://127.0.0.1:12379").unwrap();
+        let m = endpoint_member(1, "http://127.0.0.1:12379", false).unwrap();
         assert_eq!(
             (m.name.as_str(), m.ip.as_deref(), m.port),
             ("endpoint-1", Some("127.0.0.1"), 12379)
         );
         assert_eq!(
-            endpoint_member(0, "http://etcd:2379")
+            endpoint_member(0, "http://etcd:2379", false)
                 .unwrap()
                 .ip
                 .as_deref(),
             Some("etcd")
         );
         assert!(matches!(
-            endpoint_member(0, "https://a:1"),
+            endpoint_member(0, "https://a:1", false),
             Err(EndpointError::Tls(_))
         ));
         assert!(matches!(
-            endpoint_member(0, "a:1"),
+            endpoint_member(0, "a:1", false),
             Err(EndpointError::Malformed(_))
+        ));
+        assert!(endpoint_member(0, "https://a:1", true).is_ok());
+        assert!(matches!(
+            endpoint_member(0, "http://a:1", true),
+            Err(EndpointError::Plain(_))
         ));
     }
 }

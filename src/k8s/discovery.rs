@@ -93,6 +93,9 @@ pub struct EtcdPod {
     pub ready: bool,
     /// etcd's client port inside the pod.
     pub port: u16,
+    /// The DNS name a TLS member's certificate should carry: `<hostname>.<subdomain>.<ns>.svc`
+    /// for StatefulSet pods (or the host of a `--endpoints` URL).
+    pub dns_name: Option<String>,
 }
 
 /// How the pods are selected once the target is resolved.
@@ -331,11 +334,16 @@ impl Discovery {
             && status
                 .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let spec = pod.spec.as_ref();
+        let dns_name = spec
+            .and_then(|s| s.hostname.as_deref().zip(s.subdomain.as_deref()))
+            .map(|(host, sub)| format!("{host}.{sub}.{}.svc", self.namespace));
         Some(EtcdPod {
             name,
             ip: status.and_then(|s| s.pod_ip.clone()),
             ready,
             port: self.remote_port.unwrap_or_else(|| client_port(pod)),
+            dns_name,
         })
     }
 
@@ -500,6 +508,7 @@ mod tests {
                 ip: None,
                 ready: true,
                 port: 2379,
+                dns_name: None,
             })
             .collect();
         sort_pods(&mut pods);

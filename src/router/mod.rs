@@ -222,6 +222,7 @@ mod tests {
             ip: None,
             ready,
             port: 2379,
+            dns_name: None,
         }
     }
 

@@ -12,6 +12,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::tls::UpstreamTls;
 use super::BoxError;
 
 /// A boxed byte stream.
@@ -34,11 +35,13 @@ pub trait Dial: Send + Sync + 'static {
 #[derive(Clone)]
 pub(super) struct Connector {
     dial: Arc<dyn Dial>,
+    /// TLS to etcd, and whether this connector serves the HTTP/2 client (for ALPN).
+    tls: Option<(UpstreamTls, bool)>,
 }
 
 impl Connector {
-    pub(super) fn new(dial: Arc<dyn Dial>) -> Self {
-        Self { dial }
+    pub(super) fn new(dial: Arc<dyn Dial>, tls: Option<(UpstreamTls, bool)>) -> Self {
+        Self { dial, tls }
     }
 }
 
@@ -62,9 +65,17 @@ impl tower::Service<Uri> for Connector {
             .zip(uri.port_u16())
             .map(|(h, p)| (h.to_owned(), p));
         let dial = self.dial.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
             let (pod, port) = target.ok_or_else(|| BadUri(uri.to_string()))?;
             let io = dial.dial(&pod, port).await?;
+            let io = match tls {
+                None => io,
+                Some((tls, h2)) => {
+                    let name = tls.server_name(&pod)?;
+                    Box::pin(tls.connector(h2).connect(name, io).await?) as BoxIo
+                }
+            };
             Ok(Conn {
                 io: TokioIo::new(io),
             })

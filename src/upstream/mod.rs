@@ -12,6 +12,7 @@
 
 mod connect;
 pub mod health;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,19 +45,25 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Clients that open connections with `dial`. HTTP/2 connections with open streams (a
+    /// Clients that open connections with `dial` (wrapped in TLS to etcd if `tls`). HTTP/2 connections with open streams (a
     /// watch, a lease keep-alive) are pinged every `keepalive` (at least 5 s, etcd's minimum)
     /// and dropped when a ping goes unanswered for `timeout`, so a dead tunnel under a silent
     /// watch is found in seconds. Idle connections are not pinged: grpc-go counts pings on a
     /// connection without streams as abuse (its `defaultPingTimeout` is 2 hours) and closes it
     /// with `too_many_pings`; the health checks keep idle tunnels busy instead.
-    pub fn new(dial: Arc<dyn Dial>, keepalive: Duration, timeout: Duration) -> Self {
-        let connector = connect::Connector::new(dial);
+    pub fn new(
+        dial: Arc<dyn Dial>,
+        tls: Option<tls::UpstreamTls>,
+        keepalive: Duration,
+        timeout: Duration,
+    ) -> Self {
+        let h1_connector = connect::Connector::new(dial.clone(), tls.clone().map(|t| (t, false)));
+        let h2_connector = connect::Connector::new(dial, tls.map(|t| (t, true)));
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(H1_IDLE)
             .pool_max_idle_per_host(64)
-            .build(connector.clone());
+            .build(h1_connector);
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .timer(TokioTimer::new())
@@ -68,7 +75,7 @@ impl Upstream {
             .http2_initial_stream_window_size(1 << 20)
             .http2_initial_connection_window_size(4 << 20)
             .http2_max_frame_size(1 << 16)
-            .build(connector);
+            .build(h2_connector);
         Self { h1, h2 }
     }
 
