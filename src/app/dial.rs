@@ -47,6 +47,16 @@ struct ConnectTimeout {
     port: u16,
 }
 
+/// The TCP connect failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to member {pod} at {host}:{port}: {source}")]
+struct ConnectFailed {
+    pod: String,
+    host: String,
+    port: u16,
+    source: std::io::Error,
+}
+
 impl Dial for DirectDial {
     fn dial(&self, pod: &str, port: u16) -> DialFuture {
         let host = self
@@ -62,10 +72,16 @@ impl Dial for DirectDial {
             let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect)
                 .await
                 .map_err(|_| ConnectTimeout {
-                    pod,
+                    pod: pod.clone(),
                     host: host.clone(),
                     port,
-                })??;
+                })?
+                .map_err(|source| ConnectFailed {
+                    pod,
+                    host,
+                    port,
+                    source,
+                })?;
             tcp.set_nodelay(true)?;
             Ok(Box::pin(tcp) as BoxIo)
         })

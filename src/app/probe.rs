@@ -27,7 +27,7 @@ pub(super) async fn probe_all(
     let mut notes = Vec::new();
     let mut first_error = None;
     let mut ok = 0;
-    for (pod, result) in pods.iter().zip(results) {
+    for result in results {
         match result {
             Ok(version) => {
                 ok += 1;
@@ -43,7 +43,6 @@ pub(super) async fn probe_all(
                     Some(t) => t.to_string(),
                     None => one_line(e.as_ref()),
                 };
-                tracing::warn!(member = %pod.name, error = %msg, "member not reachable at start-up");
                 first_error.get_or_insert(msg.clone());
                 notes.push(Err(msg));
             }
@@ -51,7 +50,15 @@ pub(super) async fn probe_all(
     }
     match (ok, first_error) {
         (0, Some(e)) => Err(Error::Unreachable(e)),
-        _ => Ok(notes),
+        _ => {
+            // Some members answered: the proxy starts, and says which did not.
+            for (pod, note) in pods.iter().zip(&notes) {
+                if let Err(error) = note {
+                    tracing::warn!(member = %pod.name, %error, "member not reachable at start-up");
+                }
+            }
+            Ok(notes)
+        }
     }
 }
 
