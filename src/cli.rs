@@ -178,6 +178,11 @@ pub struct Cli {
     )]
     pub etcd_server_name: Option<String>,
 
+    /// Print `export ETCDCTL_ENDPOINTS=…` (and `ETCDCTL_CACERT` with --tls-auto) for the proxy
+    /// these flags start, and exit: `eval "$(etcd-proxy --env)"`.
+    #[arg(long)]
+    pub env: bool,
+
     /// Log filter, e.g. `debug` or `etcd_proxy=trace` [env: ETCD_PROXY_LOG, RUST_LOG].
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,

@@ -3,11 +3,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use etcd_proxy::{app, cli::Cli, config::Config, error::one_line, shutdown, telemetry};
+use etcd_proxy::{app, cli::Cli, config::Config, env, error::one_line, shutdown, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log.as_deref());
+    let print_env = cli.env;
     let config = match Config::try_from(cli) {
         Ok(c) => c,
         Err(e) => {
@@ -15,6 +16,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if print_env {
+        return match env::exports(&config) {
+            Ok(lines) => {
+                println!("{lines}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("etcd-proxy: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

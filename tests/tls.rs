@@ -180,3 +180,33 @@ async fn client_certificates_are_required_with_client_ca() {
     drop(proxy);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_flag_points_etcdctl_at_the_proxy() {
+    let sim = cluster(1).await;
+    let home = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", crate::support::free_port());
+    let flags = ["--tls-auto", "--listen", listen.as_str()];
+    let mut cmd = crate::support::proxy_command(&[&["--env"][..], &flags[..]].concat());
+    cmd.env("XDG_CONFIG_HOME", home.path());
+    let out = run(cmd, "").await.ok().stdout;
+    let vars: Vec<(String, String)> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+        .collect();
+    assert!(
+        vars.iter()
+            .any(|(k, v)| k == "ETCDCTL_ENDPOINTS" && *v == format!("https://{listen}")),
+        "{out}"
+    );
+    assert!(vars.iter().any(|(k, _)| k == "ETCDCTL_CACERT"), "{out}");
+
+    let proxy = start_proxy_env(&sim, &flags, &[("XDG_CONFIG_HOME", s(home.path()))]).await;
+    let mut put = tokio::process::Command::new("etcdctl");
+    put.envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .args(["put", "env", "ok"]);
+    run(put, "").await.ok();
+    drop(proxy);
+    sim.shutdown().await;
+}

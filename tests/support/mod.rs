@@ -76,12 +76,10 @@ pub async fn start_proxy_env(sim: &SimCluster, extra: &[&str], env: &[(&str, &st
         .to_str()
         .expect("utf-8 path")
         .to_owned();
-    let mut args = vec![
-        "--kubeconfig",
-        kubeconfig.as_str(),
-        "--listen",
-        "127.0.0.1:0",
-    ];
+    let mut args = vec!["--kubeconfig", kubeconfig.as_str()];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
     args.extend_from_slice(extra);
     let mut cmd = proxy_command(&args);
     cmd.envs(env.iter().copied());
