@@ -1,0 +1,2 @@
+//! Placeholder: the side-by-side benchmark (being written).
+fn main() {}
