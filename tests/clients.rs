@@ -223,3 +223,55 @@ async fn v2_long_poll_and_gateway_streams_are_not_buffered() {
     drop(proxy);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_the_cluster_endpoint_go_to_the_raft_leader() {
+    let sim = cluster(3).await;
+    let proxy = start_proxy(&sim, &["--keepalive", "200ms"]).await;
+    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
+        .await
+        .expect("connect");
+    let leader = c.status().await.expect("status").leader();
+    // The proxy learns the leader from its status probes; wait (bounded) until a put shows it.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let served_by = c
+            .put("lead", "x", None)
+            .await
+            .expect("put")
+            .header()
+            .expect("header")
+            .member_id();
+        if served_by == leader {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "puts never reached the leader {leader:x}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for _ in 0..10 {
+        let r = c.put("lead", "y", None).await.expect("put");
+        assert_eq!(
+            r.header().expect("header").member_id(),
+            leader,
+            "every write goes to the leader"
+        );
+    }
+    // Reads still spread over the members.
+    let mut readers = BTreeSet::new();
+    for _ in 0..12 {
+        readers.insert(
+            c.get("lead", None)
+                .await
+                .expect("get")
+                .header()
+                .expect("header")
+                .member_id(),
+        );
+    }
+    assert!(readers.len() > 1, "reads are spread: {readers:?}");
+    drop(proxy);
+    sim.shutdown().await;
+}

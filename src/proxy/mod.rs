@@ -173,8 +173,9 @@ impl Proxy {
             }
         };
         let mut tried: Vec<String> = Vec::new();
+        let leader_first = router::replay::is_write(route.class, &parts.method, &path);
         let mut resp = loop {
-            let pod = match self.inner.backends.pick(pinned, &tried) {
+            let pod = match self.inner.backends.pick(pinned, &tried, leader_first) {
                 Ok(pod) => pod,
                 Err(e) => {
                     let status = StatusCode::SERVICE_UNAVAILABLE;

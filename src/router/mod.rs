@@ -119,7 +119,15 @@ impl Backends {
     /// The pod for a request: the pinned one, or the next ready one round-robin, preferring
     /// healthy members and skipping those in `tried`. If every candidate is marked down, the
     /// ready ones are tried anyway: a wrong health verdict must not stop all traffic.
-    pub fn pick(&self, pinned: Option<&str>, tried: &[String]) -> Result<EtcdPod, PickError> {
+    ///
+    /// With `leader_first`, the raft leader is chosen when it is among the best candidates:
+    /// a write sent to a follower costs one more hop inside the cluster.
+    pub fn pick(
+        &self,
+        pinned: Option<&str>,
+        tried: &[String],
+        leader_first: bool,
+    ) -> Result<EtcdPod, PickError> {
         let pods = self.pods.borrow().clone();
         if let Some(name) = pinned {
             return pods
@@ -143,6 +151,13 @@ impl Backends {
             ready.iter().copied().filter(up).collect(),
         ];
         let ready = tiers.into_iter().find(|t| !t.is_empty()).unwrap_or(ready);
+        if leader_first {
+            if let Some(leader) = self.health.leader_pod() {
+                if let Some(p) = ready.iter().find(|p| p.name == leader) {
+                    return Ok((*p).clone());
+                }
+            }
+        }
         if ready.is_empty() {
             let names = pods
                 .iter()
@@ -231,15 +246,51 @@ mod tests {
         let pods = vec![pod("a", true), pod("b", false), pod("c", true)];
         let (_tx, rx) = watch::channel(Arc::new(pods));
         let b = Backends::new(rx, Health::default());
-        let picks: Vec<String> = (0..4).map(|_| b.pick(None, &[]).unwrap().name).collect();
+        let picks: Vec<String> = (0..4)
+            .map(|_| b.pick(None, &[], false).unwrap().name)
+            .collect();
         assert_eq!(picks, ["a", "c", "a", "c"]);
-        assert_eq!(b.pick(Some("b"), &[]).unwrap().name, "b");
-        assert!(matches!(b.pick(Some("z"), &[]), Err(PickError::Gone(_))));
+        assert_eq!(b.pick(Some("b"), &[], false).unwrap().name, "b");
+        assert!(matches!(
+            b.pick(Some("z"), &[], false),
+            Err(PickError::Gone(_))
+        ));
         let (_tx, rx) = watch::channel(Arc::new(vec![pod("a", false)]));
         let err = Backends::new(rx, Health::default())
-            .pick(None, &[])
+            .pick(None, &[], false)
             .unwrap_err();
         assert!(err.to_string().contains("a not ready"), "{err}");
+    }
+
+    #[test]
+    fn writes_go_to_the_leader_when_it_is_a_good_candidate() {
+        let pods = vec![pod("a", true), pod("b", true), pod("c", true)];
+        let (_tx, rx) = watch::channel(Arc::new(pods));
+        let health = Health::default();
+        let b = Backends::new(rx, health.clone());
+        health.record("b", true);
+        assert!(health.leader_pod().is_none());
+        assert_ne!(
+            b.pick(None, &[], true).unwrap().name,
+            "",
+            "no leader known: round-robin"
+        );
+        health.learn_for_tests("b", 2, 2);
+        for _ in 0..4 {
+            assert_eq!(b.pick(None, &[], true).unwrap().name, "b");
+        }
+        assert_ne!(
+            b.pick(None, &["b".into()], true).unwrap().name,
+            "b",
+            "a failed leader is skipped"
+        );
+        let reads: Vec<String> = (0..3)
+            .map(|_| b.pick(None, &[], false).unwrap().name)
+            .collect();
+        assert!(
+            reads.iter().any(|n| n != "b"),
+            "reads still spread: {reads:?}"
+        );
     }
 
     #[test]
@@ -251,13 +302,16 @@ mod tests {
         health.record("b", false);
         let b = Backends::new(rx, health.clone());
         for _ in 0..6 {
-            assert_ne!(b.pick(None, &[]).unwrap().name, "b");
+            assert_ne!(b.pick(None, &[], false).unwrap().name, "b");
         }
-        assert_eq!(b.pick(None, &["a".into()]).unwrap().name, "c");
+        assert_eq!(b.pick(None, &["a".into()], false).unwrap().name, "c");
         // Only the down member is untried: try it rather than fail.
-        assert_eq!(b.pick(None, &["a".into(), "c".into()]).unwrap().name, "b");
+        assert_eq!(
+            b.pick(None, &["a".into(), "c".into()], false).unwrap().name,
+            "b"
+        );
         // Everything was tried: healthy members again, on new connections.
         let all: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
-        assert_ne!(b.pick(None, &all).unwrap().name, "b");
+        assert_ne!(b.pick(None, &all, false).unwrap().name, "b");
     }
 }

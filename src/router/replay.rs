@@ -103,6 +103,39 @@ pub fn http<B>(req: &Request<B>) -> Replay {
     }
 }
 
+/// gRPC methods that change the keyspace or leases: raft proposals, best sent to the leader.
+const GRPC_WRITES: [&str; 6] = [
+    "/etcdserverpb.KV/Put",
+    "/etcdserverpb.KV/DeleteRange",
+    "/etcdserverpb.KV/Txn",
+    "/etcdserverpb.KV/Compact",
+    "/etcdserverpb.Lease/LeaseGrant",
+    "/etcdserverpb.Lease/LeaseRevoke",
+];
+
+/// Whether a request is a write that the raft leader should take (a follower forwards it).
+pub fn is_write(class: super::Class, method: &Method, path: &str) -> bool {
+    match class {
+        super::Class::Grpc => GRPC_WRITES.contains(&path),
+        super::Class::Http => {
+            let gateway = ["/v3/", "/v3beta/", "/v3alpha/"]
+                .iter()
+                .find_map(|p| path.strip_prefix(p));
+            match gateway {
+                Some(rest) => matches!(
+                    rest,
+                    "kv/put" | "kv/deleterange" | "kv/txn" | "lease/grant" | "lease/revoke"
+                ),
+                None => {
+                    path.starts_with("/v2/keys")
+                        && *method != Method::GET
+                        && *method != Method::HEAD
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +160,21 @@ mod tests {
             Replay::Never,
             "unknown services may stream"
         );
+    }
+
+    #[test]
+    fn writes() {
+        use super::super::Class;
+        assert!(is_write(Class::Grpc, &Method::POST, "/etcdserverpb.KV/Put"));
+        assert!(!is_write(
+            Class::Grpc,
+            &Method::POST,
+            "/etcdserverpb.KV/Range"
+        ));
+        assert!(is_write(Class::Http, &Method::PUT, "/v2/keys/a"));
+        assert!(!is_write(Class::Http, &Method::GET, "/v2/keys/a"));
+        assert!(is_write(Class::Http, &Method::POST, "/v3/kv/put"));
+        assert!(!is_write(Class::Http, &Method::POST, "/v3/kv/range"));
     }
 
     #[test]

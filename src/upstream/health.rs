@@ -1,8 +1,9 @@
 //! Member health, so the cluster endpoint stops sending work to a member that cannot answer.
 //!
 //! Two signals feed one state per member: passive (every forwarded request's transport
-//! outcome) and active (a periodic `GET /health` over HTTP/1.1 and a gRPC health check over
-//! HTTP/2, through the member's tunnels — which also keeps those tunnels from idling out). A member falls
+//! outcome) and active (a periodic `GET /health` over HTTP/1.1 and a gRPC `Status` over HTTP/2,
+//! through the member's tunnels — which also keeps those tunnels from idling out). The
+//! `Status` answers also say which member leads raft, so writes can go straight to it. A member falls
 //! after [`HealthConfig::fall`] consecutive failures and rises after [`HealthConfig::rise`]
 //! consecutive successes, so one blip does not flap it (pingora's `health_check.rs` thresholds).
 //! A member that is down is probed with capped exponential backoff and jitter: each probe
@@ -19,6 +20,7 @@ use tokio::sync::watch;
 
 use super::Upstream;
 use crate::k8s::discovery::EtcdPod;
+use crate::protowire::{varint_value, Fields, LEN};
 
 /// Health-check settings.
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +71,16 @@ impl Default for State {
 pub struct Health {
     states: Arc<Mutex<HashMap<String, State>>>,
     config: HealthConfig,
+    leader: Arc<Mutex<Leader>>,
+}
+
+/// What the status probes taught us about raft leadership.
+#[derive(Default)]
+struct Leader {
+    /// Member ID of each pod.
+    ids: HashMap<String, u64>,
+    /// The leader's member ID, as the last probe that answered saw it.
+    leader: Option<u64>,
 }
 
 impl Health {
@@ -77,7 +89,36 @@ impl Health {
         Self {
             states: Arc::default(),
             config,
+            leader: Arc::default(),
         }
+    }
+
+    /// Records a status probe: `pod` is member `member`, and `leader` leads (0: no leader).
+    fn learn(&self, pod: &str, member: u64, leader: u64) {
+        let mut l = self.leader.lock().unwrap_or_else(|p| p.into_inner());
+        l.ids.insert(pod.to_owned(), member);
+        let new = (leader != 0).then_some(leader);
+        if l.leader != new {
+            tracing::debug!(leader = ?new.map(|id| format!("{id:x}")), "raft leader changed");
+            l.leader = new;
+        }
+    }
+
+    /// [`Self::learn`], for other modules' tests.
+    #[cfg(test)]
+    pub(crate) fn learn_for_tests(&self, pod: &str, member: u64, leader: u64) {
+        self.learn(pod, member, leader);
+    }
+
+    /// The pod whose member leads the cluster, if known. Writes go there: a follower would
+    /// forward them to the leader, one more hop.
+    pub fn leader_pod(&self) -> Option<String> {
+        let l = self.leader.lock().unwrap_or_else(|p| p.into_inner());
+        let leader = l.leader?;
+        l.ids
+            .iter()
+            .find(|(_, id)| **id == leader)
+            .map(|(pod, _)| pod.clone())
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, State>> {
@@ -158,11 +199,14 @@ impl Health {
         loop {
             let timeout = self.config.timeout;
             let ok = if grpc {
-                let (http, grpc) = tokio::join!(
+                let (http, ids) = tokio::join!(
                     probe_http(&upstream, &pod, timeout),
                     probe_grpc(&upstream, &pod, timeout)
                 );
-                http && grpc
+                if let Some((member, leader)) = ids {
+                    self.learn(&pod.name, member, leader);
+                }
+                http && ids.is_some()
             } else {
                 probe_http(&upstream, &pod, timeout).await
             };
@@ -208,13 +252,13 @@ async fn probe_http(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> bo
     ok
 }
 
-/// `grpc.health.v1.Health/Check` over the member's HTTP/2 connection: up if it answers with
-/// grpc-status 0. It runs on the same pooled connection as client gRPC traffic.
-async fn probe_grpc(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> bool {
+/// `etcdserverpb.Maintenance/Status` over the member's HTTP/2 connection (the one client gRPC
+/// traffic uses): the member's ID and the raft leader's, if it answered with grpc-status 0.
+async fn probe_grpc(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> Option<(u64, u64)> {
     let req = Request::builder()
         .method("POST")
         .uri(format!(
-            "http://{}:{}/grpc.health.v1.Health/Check",
+            "http://{}:{}/etcdserverpb.Maintenance/Status",
             pod.name, pod.port
         ))
         .version(Version::HTTP_2)
@@ -224,8 +268,8 @@ async fn probe_grpc(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> bo
             Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]))
                 .map_err(|never| match never {})
                 .boxed(),
-        );
-    let Ok(req) = req else { return false };
+        )
+        .ok()?;
     let attempt = async {
         let resp = upstream.send(req).await.ok()?;
         let in_headers = resp.headers().get("grpc-status").cloned();
@@ -235,13 +279,39 @@ async fn probe_grpc(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> bo
                 .trailers()
                 .and_then(|t| t.get("grpc-status").cloned())
         });
-        Some(status.is_some_and(|s| s == "0"))
+        if status.is_none_or(|s| s != "0") {
+            return None;
+        }
+        status_ids(&collected.to_bytes())
     };
-    let ok = matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)));
-    if !ok {
-        tracing::debug!(member = %pod.name, "gRPC health probe failed");
+    let ids = tokio::time::timeout(timeout, attempt).await.ok().flatten();
+    if ids.is_none() {
+        tracing::debug!(member = %pod.name, "gRPC status probe failed");
     }
-    ok
+    ids
+}
+
+/// `(header.member_id, leader)` of a framed `StatusResponse` (`rpc.proto`: header = 1 with
+/// member_id = 2; leader = 4).
+fn status_ids(body: &[u8]) -> Option<(u64, u64)> {
+    let msg = body.get(5..)?;
+    let (mut member, mut leader) = (0, 0);
+    for field in Fields::new(msg) {
+        let field = field.ok()?;
+        match (field.number, field.wire_type) {
+            (1, LEN) => {
+                for f in Fields::new(field.payload) {
+                    let f = f.ok()?;
+                    if (f.number, f.wire_type) == (2, 0) {
+                        member = varint_value(f.raw).ok()?;
+                    }
+                }
+            }
+            (4, 0) => leader = varint_value(field.raw).ok()?,
+            _ => {}
+        }
+    }
+    Some((member, leader))
 }
 
 #[cfg(test)]
@@ -263,6 +333,35 @@ mod tests {
         h.record("a", true);
         assert!(h.is_up("a"));
         assert!(h.is_up("b"), "members are independent");
+    }
+
+    #[test]
+    fn the_leader_is_learned_from_status_answers() {
+        let h = Health::new(HealthConfig::default());
+        assert_eq!(h.leader_pod(), None);
+        h.learn("etcd-0", 10, 11);
+        assert_eq!(h.leader_pod(), None, "leader 11 not mapped to a pod yet");
+        h.learn("etcd-1", 11, 11);
+        assert_eq!(h.leader_pod().as_deref(), Some("etcd-1"));
+        h.learn("etcd-0", 10, 0);
+        assert_eq!(h.leader_pod(), None, "no leader during an election");
+    }
+
+    #[test]
+    fn status_response_ids() {
+        use crate::protowire::{put_len_field, put_varint_field};
+        let mut header = Vec::new();
+        put_varint_field(&mut header, 1, 99);
+        put_varint_field(&mut header, 2, 0xb71f);
+        let mut msg = Vec::new();
+        put_len_field(&mut msg, 1, &header);
+        put_len_field(&mut msg, 2, b"3.4.23");
+        put_varint_field(&mut msg, 4, 0xabc);
+        let mut body = vec![0];
+        body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        body.extend_from_slice(&msg);
+        assert_eq!(status_ids(&body), Some((0xb71f, 0xabc)));
+        assert_eq!(status_ids(&body[..8]), None);
     }
 
     #[test]

@@ -202,7 +202,7 @@ impl Session {
         let pod = self
             .inner
             .backends
-            .pick(self.pinned.as_deref(), &[])
+            .pick(self.pinned.as_deref(), &[], false)
             .map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         let stream = futures::stream::unfold(rx, |mut rx| async move {
