@@ -1,2 +1,786 @@
-//! Placeholder: the side-by-side benchmark (being written).
-fn main() {}
+//! etcd-proxy side by side with etcd's own proxies, on the same real 3-member etcd cluster.
+//!
+//! `cargo bench --bench compare` — not a test: it prints markdown tables, it asserts nothing.
+//!
+//! Targets, all in one invocation against the simulated cluster's real etcd 3.4 members:
+//!
+//! * **direct**: the members themselves (the physical limit). Serial latency and cold starts
+//!   use `etcd-0`; throughput spreads the client connections over the three members.
+//! * **etcd gateway** (L4 TCP round robin) and **etcd grpc-proxy** (L7), both from `/usr/bin/etcd`.
+//! * **etcd-proxy gateway mode** (`--endpoints`, direct TCP to the members).
+//! * **etcd-proxy tunnel mode** (through the simulated cluster's port-forward tunnels).
+//!
+//! Measured: serial linearizable get latency, get and put throughput with 100 clients over 10
+//! connections, cold `etcdctl get` processes, the RSS of each proxy idle and holding 1,000 HTTP/2
+//! connections, and (tunnel mode with injected latency) a cold `etcdctl get` through etcd-proxy
+//! against a naive forwarder that opens one port-forward per accepted connection.
+//!
+//! Environment overrides (defaults in brackets): `BENCH_SECONDS` [5] per throughput run,
+//! `BENCH_WARMUP_MS` [500] of unrecorded load before each run, `BENCH_REPEAT` [3] runs per
+//! target (median reported), `BENCH_CLIENTS` [100], `BENCH_CONNS` [10] connections,
+//! `BENCH_SERIAL_GETS` [2000], `BENCH_COLD_GETS` [50], `BENCH_H2_CONNS` [1000],
+//! `BENCH_LATENCY_MS` [10] one-way, `BENCH_LATENCY_GETS` [11].
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use etcd_client::Client;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::task::{JoinHandle, JoinSet};
+
+const GET_KEY: &str = "bench/get";
+const VALUE_BYTES: usize = 256;
+/// Bound on any single request; a request that takes longer counts as an error.
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Settings {
+    seconds: u64,
+    warmup: Duration,
+    repeat: usize,
+    clients: usize,
+    conns: usize,
+    serial_gets: usize,
+    cold_gets: usize,
+    h2_conns: usize,
+    latency: Duration,
+    latency_gets: usize,
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        Settings {
+            seconds: env_u64("BENCH_SECONDS", 5).max(1),
+            warmup: Duration::from_millis(env_u64("BENCH_WARMUP_MS", 500)),
+            repeat: env_u64("BENCH_REPEAT", 3).max(1) as usize,
+            clients: env_u64("BENCH_CLIENTS", 100).max(1) as usize,
+            conns: env_u64("BENCH_CONNS", 10).max(1) as usize,
+            serial_gets: env_u64("BENCH_SERIAL_GETS", 2000).max(1) as usize,
+            cold_gets: env_u64("BENCH_COLD_GETS", 50).max(1) as usize,
+            h2_conns: env_u64("BENCH_H2_CONNS", 1000) as usize,
+            latency: Duration::from_millis(env_u64("BENCH_LATENCY_MS", 10)),
+            latency_gets: env_u64("BENCH_LATENCY_GETS", 11).max(1) as usize,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics and formatting
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+fn median_f64(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn median_dur(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    let m = d.as_secs_f64() * 1000.0;
+    if m < 10.0 {
+        format!("{m:.3} ms")
+    } else {
+        format!("{m:.1} ms")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "?".into()
+    }
+}
+
+fn dratio(a: Duration, b: Duration) -> String {
+    ratio(a.as_secs_f64(), b.as_secs_f64())
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn host_port(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(_, a)| a)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Targets
+
+/// Something to benchmark: where a lone client goes, where a crowd of clients goes, and the
+/// process behind it (none for direct).
+struct Target {
+    name: &'static str,
+    /// One endpoint, for serial latency and cold starts.
+    serial: String,
+    /// Client connection `i` goes to `spread[i % len]`.
+    spread: Vec<String>,
+    pid: Option<u32>,
+}
+
+/// `etcd gateway` or `etcd grpc-proxy` from the installed etcd.
+struct GoProxy {
+    child: Child,
+    addr: String,
+}
+
+async fn start_go_proxy(kind: &str, members: &[String], dir: &Path) -> GoProxy {
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let endpoints = members
+        .iter()
+        .map(|m| host_port(m))
+        .collect::<Vec<_>>()
+        .join(",");
+    let log_path = dir.join(format!("{kind}.log"));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut cmd = Command::new("etcd");
+    cmd.args([kind, "start"])
+        .arg(format!("--listen-addr={addr}"))
+        .arg(format!("--endpoints={endpoints}"));
+    if kind == "grpc-proxy" {
+        cmd.arg(format!(
+            "--data-dir={}",
+            dir.join("grpc-proxy.data").display()
+        ));
+    }
+    cmd.current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .kill_on_drop(true);
+    let child = cmd.spawn().expect("spawn etcd proxy");
+    if !wait_ready(&addr).await {
+        panic!(
+            "etcd {kind} did not serve a get within {:?}; its log:\n{}",
+            support::DEADLINE,
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+    GoProxy { child, addr }
+}
+
+/// Waits until a linearizable get through `addr` succeeds.
+async fn wait_ready(addr: &str) -> bool {
+    let deadline = Instant::now() + support::DEADLINE;
+    while Instant::now() < deadline {
+        let attempt = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut c = Client::connect([addr], None).await.ok()?;
+            c.get(GET_KEY, None).await.ok()
+        })
+        .await;
+        if let Ok(Some(_)) = attempt {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serial latency
+
+async fn serial_latency(endpoint: &str, gets: usize) -> (Duration, Duration) {
+    let mut c = Client::connect([endpoint], None).await.expect("connect");
+    for _ in 0..(gets / 10).max(50) {
+        c.get(GET_KEY, None).await.expect("warm-up get");
+    }
+    let mut lat = Vec::with_capacity(gets);
+    for _ in 0..gets {
+        let t = Instant::now();
+        c.get(GET_KEY, None).await.expect("get");
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    (percentile(&lat, 50), percentile(&lat, 99))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Get,
+    Put,
+}
+
+struct Run {
+    ops_per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+    errors: u64,
+}
+
+/// `clients` tasks over `conns` connections (connection `i` to `spread[i % len]`), each
+/// repeating `op` back to back; ops that start during the warm-up are not recorded.
+async fn load(spread: &[String], op: Op, s: &Settings) -> Run {
+    let mut conns = Vec::with_capacity(s.conns);
+    for i in 0..s.conns {
+        let ep = spread[i % spread.len()].as_str();
+        let mut c = Client::connect([ep], None).await.expect("connect");
+        c.get(GET_KEY, None).await.expect("first get");
+        conns.push(c);
+    }
+    let start = Instant::now() + s.warmup;
+    let end = start + Duration::from_secs(s.seconds);
+    let value = vec![b'v'; VALUE_BYTES];
+    let mut tasks = Vec::with_capacity(s.clients);
+    for task in 0..s.clients {
+        let mut c = conns[task % s.conns].clone();
+        let key = format!("bench/put/{task}");
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let ok = match op {
+                    Op::Get => matches!(
+                        tokio::time::timeout(OP_TIMEOUT, c.get(GET_KEY, None)).await,
+                        Ok(Ok(_))
+                    ),
+                    Op::Put => matches!(
+                        tokio::time::timeout(OP_TIMEOUT, c.put(key.as_str(), value.clone(), None))
+                            .await,
+                        Ok(Ok(_))
+                    ),
+                };
+                if t >= start {
+                    if ok {
+                        lat.push(t.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await.expect("load task");
+        all.extend(lat);
+        errors += e;
+    }
+    all.sort();
+    Run {
+        ops_per_sec: all.len() as f64 / s.seconds as f64,
+        p50: percentile(&all, 50),
+        p99: percentile(&all, 99),
+        errors,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cold starts
+
+/// Wall time of `n` sequential `etcdctl get` processes against `endpoint`, and their median.
+async fn cold_gets(endpoint: &str, n: usize) -> (Duration, Duration) {
+    let mut each = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        support::ctl3(endpoint, &["get", GET_KEY]).await;
+        each.push(t.elapsed());
+    }
+    (t0.elapsed(), median_dur(each))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Open HTTP/2 connections
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_SETTINGS: u8 = 4;
+const FLAG_ACK: u8 = 1;
+
+/// Opens a TCP connection, sends the HTTP/2 preface and an empty SETTINGS frame, waits for the
+/// server's SETTINGS and acknowledges it. The returned task keeps reading (and discarding)
+/// until the connection ends; it reports whether it is still open.
+async fn h2_connection(addr: &str) -> std::io::Result<JoinHandle<()>> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let mut hello = H2_PREFACE.to_vec();
+    hello.extend_from_slice(&[0, 0, 0, FRAME_SETTINGS, 0, 0, 0, 0, 0]);
+    s.write_all(&hello).await?;
+    let handshake = async {
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await?;
+            if head[3] == FRAME_SETTINGS && head[4] & FLAG_ACK == 0 {
+                s.write_all(&[0, 0, 0, FRAME_SETTINGS, FLAG_ACK, 0, 0, 0, 0])
+                    .await?;
+                return Ok::<_, std::io::Error>(());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), handshake)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no SETTINGS"))??;
+    Ok(tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    }))
+}
+
+/// RSS of `pid` while `n` HTTP/2 connections to `addr` are held: (established, still open
+/// when sampled, RSS).
+async fn rss_with_connections(
+    addr: &str,
+    pid: Option<u32>,
+    n: usize,
+) -> (usize, usize, Option<u64>) {
+    let results: Vec<_> = futures::stream::iter(0..n)
+        .map(|_| h2_connection(addr))
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    let held: Vec<JoinHandle<()>> = results.into_iter().filter_map(Result::ok).collect();
+    let established = held.len();
+    tokio::time::sleep(Duration::from_millis(1000)).await; // let the proxy settle
+    let rss = rss_kib(pid);
+    let open = held.iter().filter(|h| !h.is_finished()).count();
+    for h in &held {
+        h.abort();
+    }
+    (established, open, rss)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A naive port-forward per connection, as kube-rs' example and kftray do
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Listens on a free loopback port; every accepted connection gets its own port-forward to
+/// `pod`:2379 and is copied both ways until either side ends.
+async fn naive_forwarder(sim: &etcd_proxy_sim::SimCluster, pod: &str) -> (String, AbortOnDrop) {
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(sim.kubeconfig_path()).expect("read kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("kube config");
+    let client = kube::Client::try_from(config).expect("kube client");
+    let pods: Api<Pod> = Api::namespaced(client, sim.namespace());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let pod = pod.to_owned();
+    let task = tokio::spawn(async move {
+        // Dropping the set (when this task is aborted) aborts every connection's task.
+        let mut conns = JoinSet::new();
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (pods, pod) = (pods.clone(), pod.clone());
+            conns.spawn(async move {
+                let Ok(mut forwarder) = pods.portforward(&pod, &[2379]).await else {
+                    return;
+                };
+                let Some(mut upstream) = forwarder.take_stream(2379) else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+                drop(upstream);
+                let _ = forwarder.join().await;
+            });
+            while conns.try_join_next().is_some() {}
+        }
+    });
+    (addr, AbortOnDrop(task))
+}
+
+/// Median wall time of `n` cold `etcdctl get` processes against `endpoint`, and how many
+/// port-forwards they opened.
+async fn cold_through_tunnels(
+    sim: &etcd_proxy_sim::SimCluster,
+    endpoint: &str,
+    n: usize,
+) -> (Duration, u64) {
+    support::ctl3(endpoint, &["get", GET_KEY]).await; // warm-up, not counted
+    let before = sim.portforward_count();
+    let mut each = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        support::ctl3(endpoint, &["get", GET_KEY]).await;
+        each.push(t.elapsed());
+    }
+    (median_dur(each), sim.portforward_count() - before)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+async fn leader_of(sim: &etcd_proxy_sim::SimCluster) -> String {
+    for pod in sim.pod_names() {
+        let url = sim.member_client_url(&pod).expect("member url");
+        let mut c = Client::connect([url.as_str()], None)
+            .await
+            .expect("connect");
+        let s = c.status().await.expect("status");
+        if s.leader() == s.header().expect("header").member_id() {
+            return pod;
+        }
+    }
+    "?".into()
+}
+
+fn command_line() -> String {
+    let mut vars: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("BENCH_"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    vars.sort();
+    vars.push("cargo bench --bench compare".into());
+    vars.join(" ")
+}
+
+fn machine_note() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let etcd = std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "etcd ?".into());
+    format!(
+        "nproc {cpus} ({model}); {etcd}; {} build",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    std::env::set_var("ETCD_PROXY_TEST_LOG", "warn");
+    let s = Settings::from_env();
+    let work = tempfile::tempdir().expect("tempdir");
+
+    println!("# etcd-proxy compared with etcd's own proxies");
+    println!();
+    println!("* command: `{}`", command_line());
+    println!("* machine: {}", machine_note());
+    println!(
+        "* one real 3-member etcd cluster (simulated Kubernetes); load generator: etcd-client \
+         in this process (tokio, all cores), sharing the machine with etcd, the proxies and \
+         the simulated API server; ratio = value / direct"
+    );
+
+    let sim = support::cluster(3).await;
+    let members: Vec<String> = sim
+        .pod_names()
+        .iter()
+        .map(|p| sim.member_client_url(p).expect("member url"))
+        .collect();
+    {
+        let mut c = Client::connect([members[0].as_str()], None)
+            .await
+            .expect("connect");
+        c.put(GET_KEY, vec![b'g'; VALUE_BYTES], None)
+            .await
+            .expect("seed put");
+    }
+    let leader = leader_of(&sim).await;
+    println!(
+        "* members: {} (leader: {leader}); direct serial/cold = {}",
+        sim.pod_names().join(" "),
+        sim.pod_names()[0]
+    );
+
+    eprintln!("starting etcd gateway, etcd grpc-proxy and etcd-proxy (both modes)");
+    let gateway = start_go_proxy("gateway", &members, work.path()).await;
+    let grpc_proxy = start_go_proxy("grpc-proxy", &members, work.path()).await;
+    let endpoints_arg = members.join(",");
+    let ep_gateway =
+        support::start_proxy_args(&["--endpoints", &endpoints_arg, "--listen", "127.0.0.1:0"])
+            .await;
+    let ep_tunnel = support::start_proxy(&sim, &[]).await;
+    for addr in [&ep_gateway.cluster_addr, &ep_tunnel.cluster_addr] {
+        assert!(wait_ready(addr).await, "etcd-proxy at {addr} serves no get");
+    }
+
+    let targets = vec![
+        Target {
+            name: "direct",
+            serial: members[0].clone(),
+            spread: members.clone(),
+            pid: None,
+        },
+        Target {
+            name: "etcd gateway (L4)",
+            serial: gateway.addr.clone(),
+            spread: vec![gateway.addr.clone()],
+            pid: gateway.child.id(),
+        },
+        Target {
+            name: "etcd grpc-proxy (L7)",
+            serial: grpc_proxy.addr.clone(),
+            spread: vec![grpc_proxy.addr.clone()],
+            pid: grpc_proxy.child.id(),
+        },
+        Target {
+            name: "etcd-proxy --endpoints",
+            serial: ep_gateway.cluster_addr.clone(),
+            spread: vec![ep_gateway.cluster_addr.clone()],
+            pid: ep_gateway.child.id(),
+        },
+        Target {
+            name: "etcd-proxy tunnels",
+            serial: ep_tunnel.cluster_addr.clone(),
+            spread: vec![ep_tunnel.cluster_addr.clone()],
+            pid: ep_tunnel.child.id(),
+        },
+    ];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_fresh: Vec<Option<u64>> = targets.iter().map(|t| rss_kib(t.pid)).collect();
+
+    // Serial latency.
+    eprintln!("serial gets");
+    let mut serial = Vec::new();
+    for t in &targets {
+        serial.push(serial_latency(&t.serial, s.serial_gets).await);
+    }
+    println!();
+    println!(
+        "## Serial linearizable get, 1 client ({} gets after {} warm-up gets)",
+        s.serial_gets,
+        (s.serial_gets / 10).max(50)
+    );
+    println!();
+    println!("| target | p50 | p99 | p50 ratio | p99 ratio |");
+    println!("|---|---|---|---|---|");
+    for (t, (p50, p99)) in targets.iter().zip(&serial) {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            t.name,
+            ms(*p50),
+            ms(*p99),
+            dratio(*p50, serial[0].0),
+            dratio(*p99, serial[0].1)
+        );
+    }
+
+    // Throughput, repeats interleaved across targets so drift hits every target alike.
+    let tunnels_before = sim.portforward_count();
+    for op in [Op::Get, Op::Put] {
+        let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
+        for rep in 0..s.repeat {
+            for (i, t) in targets.iter().enumerate() {
+                eprintln!(
+                    "{} throughput, run {}/{}: {}",
+                    if op == Op::Get { "get" } else { "put" },
+                    rep + 1,
+                    s.repeat,
+                    t.name
+                );
+                runs[i].push(load(&t.spread, op, &s).await);
+            }
+        }
+        let summary: Vec<(f64, Duration, Duration, u64, Vec<f64>)> = runs
+            .iter()
+            .map(|r| {
+                (
+                    median_f64(r.iter().map(|x| x.ops_per_sec).collect()),
+                    median_dur(r.iter().map(|x| x.p50).collect()),
+                    median_dur(r.iter().map(|x| x.p99).collect()),
+                    r.iter().map(|x| x.errors).sum(),
+                    r.iter().map(|x| x.ops_per_sec).collect(),
+                )
+            })
+            .collect();
+        println!();
+        println!(
+            "## {} throughput: {} clients over {} connections, {} s per run, median of {} runs",
+            if op == Op::Get {
+                "Linearizable get"
+            } else {
+                "Put (256-byte values)"
+            },
+            s.clients,
+            s.conns,
+            s.seconds,
+            s.repeat
+        );
+        println!();
+        println!("| target | ops/s | p50 | p99 | ops/s ratio | p50 ratio | p99 ratio | errors | ops/s of each run |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        let d = &summary[0];
+        for (t, x) in targets.iter().zip(&summary) {
+            println!(
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                t.name,
+                x.0,
+                ms(x.1),
+                ms(x.2),
+                ratio(x.0, d.0),
+                dratio(x.1, d.1),
+                dratio(x.2, d.2),
+                x.3,
+                x.4.iter()
+                    .map(|v| format!("{v:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            );
+        }
+    }
+    let tunnels_during_load = sim.portforward_count() - tunnels_before;
+
+    // Cold starts.
+    eprintln!("cold etcdctl gets");
+    let mut cold = Vec::new();
+    for t in &targets {
+        cold.push(cold_gets(&t.serial, s.cold_gets).await);
+    }
+    println!();
+    println!(
+        "## Cold start: {} sequential `etcdctl get` processes (ETCDCTL_API=3)",
+        s.cold_gets
+    );
+    println!();
+    println!("| target | wall time | median per get | ratio |");
+    println!("|---|---|---|---|");
+    for (t, (total, each)) in targets.iter().zip(&cold) {
+        println!(
+            "| {} | {} | {} | {} |",
+            t.name,
+            ms(*total),
+            ms(*each),
+            dratio(*total, cold[0].0)
+        );
+    }
+
+    // Memory.
+    eprintln!("memory with {} HTTP/2 connections", s.h2_conns);
+    let rss_after_load: Vec<Option<u64>> = targets.iter().map(|t| rss_kib(t.pid)).collect();
+    let mut held = Vec::new();
+    for t in &targets[1..] {
+        held.push(rss_with_connections(&t.serial, t.pid, s.h2_conns).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!();
+    println!(
+        "## Resident memory (VmRSS) of each proxy process; {} connections = TCP + HTTP/2 preface \
+         + SETTINGS exchange, held open",
+        s.h2_conns
+    );
+    println!();
+    println!(
+        "| process | idle, fresh | idle, after the load runs | with {} h2 connections | per connection | connections established / open at sample |",
+        s.h2_conns
+    );
+    println!("|---|---|---|---|---|---|");
+    for (i, t) in targets.iter().enumerate().skip(1) {
+        let (est, open, rss) = held[i - 1];
+        let per = match (rss, rss_after_load[i]) {
+            (Some(a), Some(b)) if est > 0 => {
+                format!("{:.1} KiB", (a as f64 - b as f64) / est as f64)
+            }
+            _ => "?".into(),
+        };
+        println!(
+            "| {} | {} | {} | {} | {per} | {est} / {open} |",
+            t.name,
+            mib(rss_fresh[i]),
+            mib(rss_after_load[i]),
+            mib(rss)
+        );
+    }
+
+    // Tunnel mode with latency: etcd-proxy vs a port-forward per connection.
+    eprintln!("cold gets through tunnels, with and without latency");
+    let pod = sim.pod_names()[0].clone();
+    let (naive_addr, _naive) = naive_forwarder(&sim, &pod).await;
+    let mut rows = Vec::new();
+    for one_way in [Duration::ZERO, s.latency] {
+        sim.set_latency(one_way);
+        let naive = cold_through_tunnels(&sim, &naive_addr, s.latency_gets).await;
+        let proxy = cold_through_tunnels(&sim, &ep_tunnel.cluster_addr, s.latency_gets).await;
+        rows.push((one_way, naive, proxy));
+    }
+    sim.set_latency(Duration::ZERO);
+    println!();
+    println!(
+        "## Cold `etcdctl get` through port-forward tunnels: median of {} (after one warm-up), \
+         RTT = 2 x injected one-way latency per port-forward frame",
+        s.latency_gets
+    );
+    println!();
+    println!(
+        "| one-way latency | naive: one port-forward per connection (to {pod}) | etcd-proxy tunnels | etcd-proxy / naive | port-forwards opened: naive / etcd-proxy |"
+    );
+    println!("|---|---|---|---|---|");
+    for (one_way, naive, proxy) in &rows {
+        println!(
+            "| {} ms | {} | {} | {} | {} / {} |",
+            one_way.as_millis(),
+            ms(naive.0),
+            ms(proxy.0),
+            dratio(proxy.0, naive.0),
+            naive.1,
+            proxy.1
+        );
+    }
+    println!();
+    println!(
+        "* port-forwards opened by etcd-proxy during all throughput runs: {tunnels_during_load}"
+    );
+
+    drop(ep_tunnel);
+    drop(ep_gateway);
+    drop(grpc_proxy);
+    drop(gateway);
+    sim.shutdown().await;
+}

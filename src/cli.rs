@@ -178,6 +178,10 @@ pub struct Cli {
     )]
     pub etcd_server_name: Option<String>,
 
+    /// Serve `/metrics` (Prometheus) and `/healthz` on this address.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+
     /// Print `export ETCDCTL_ENDPOINTS=…` (and `ETCDCTL_CACERT` with --tls-auto) for the proxy
     /// these flags start, and exit: `eval "$(etcd-proxy --env)"`.
     #[arg(long)]

@@ -84,6 +84,8 @@ pub struct Config {
     pub endpoints: Vec<String>,
     /// TLS to etcd: CA, optional client identity, optional fixed server name.
     pub etcd_tls: Option<EtcdTls>,
+    /// The admin listener (`/metrics`, `/healthz`).
+    pub admin: Option<SocketAddr>,
 }
 
 /// TLS settings toward etcd.
@@ -128,6 +130,12 @@ pub enum Error {
         /// The address.
         addr: SocketAddr,
     },
+    /// An off-host admin listener.
+    #[error("refusing to serve --admin on {addr}: metrics have no authentication; use a loopback address or --insecure-expose")]
+    AdminNotLoopback {
+        /// The address.
+        addr: SocketAddr,
+    },
     /// `--client-ca` without TLS.
     #[error("--client-ca needs TLS: add --tls-auto or --tls-cert/--tls-key")]
     ClientCaWithoutTls,
@@ -151,6 +159,11 @@ impl TryFrom<Cli> for Config {
         };
         if cli.client_ca.is_some() && tls.is_none() {
             return Err(Error::ClientCaWithoutTls);
+        }
+        if let Some(admin) = cli.admin.filter(|a| !a.ip().is_loopback()) {
+            if !cli.insecure_expose {
+                return Err(Error::AdminNotLoopback { addr: admin });
+            }
         }
         let protected = tls.is_some() && cli.auth_file.is_some();
         if !cli.listen.ip().is_loopback() && !protected && !cli.insecure_expose {
@@ -195,6 +208,7 @@ impl TryFrom<Cli> for Config {
             auth_file: cli.auth_file,
             direct: cli.direct,
             endpoints: cli.endpoints,
+            admin: cli.admin,
             etcd_tls: cli.etcd_cacert.map(|cacert| EtcdTls {
                 cacert,
                 identity: cli.etcd_cert.zip(cli.etcd_key),

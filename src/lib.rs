@@ -32,8 +32,10 @@
 //! * [`rewrite`]: pure byte-exact rewriting of member URLs (gRPC, v2, gateway).
 //! * [`upstream`]: pooled HTTP/2 and HTTP/1.1 connections over a dialer seam.
 //! * [`k8s`]: kubeconfig, pod discovery, port-forward tunnels.
+//! * [`admin`], [`metrics`]: the optional admin listener, `/metrics` and `/healthz`.
 //! * [`error`], [`telemetry`], [`shutdown`]: leaves open to all: error plumbing, logging, signals.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;
@@ -43,6 +45,7 @@ pub mod env;
 pub mod error;
 pub mod k8s;
 pub mod listener;
+pub mod metrics;
 mod protowire;
 pub mod proxy;
 pub mod rewrite;

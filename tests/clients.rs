@@ -275,3 +275,46 @@ async fn writes_through_the_cluster_endpoint_go_to_the_raft_leader() {
     drop(proxy);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listener_serves_metrics_and_healthz() {
+    let sim = cluster(3).await;
+    let mut proxy = start_proxy(&sim, &["--admin", "127.0.0.1:0"]).await;
+    let line = tokio::time::timeout(DEADLINE, proxy.stdout.next_line())
+        .await
+        .expect("admin line")
+        .unwrap()
+        .unwrap();
+    let admin = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("admin address")
+        .to_owned();
+    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
+        .await
+        .expect("connect");
+    c.put("m", "1", None).await.expect("put");
+
+    let metrics = http1(&admin, "GET", "/metrics", "").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("etcd_proxy_requests_total{class=\"grpc\",member="),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("etcd_proxy_tunnels_opened_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("etcd_proxy_upstream_latency_seconds_bucket"),
+        "{metrics}"
+    );
+    let healthz = http1(&admin, "GET", "/healthz", "").await;
+    assert!(
+        healthz.starts_with("HTTP/1.1 200") && healthz.contains("3 of 3 members"),
+        "{healthz}"
+    );
+    drop(proxy);
+    sim.shutdown().await;
+}

@@ -76,6 +76,8 @@ pub struct Summary {
     pub members: Vec<(String, String, String)>,
     /// The CA certificate clients need, when --tls-auto made it.
     pub ca_cert: Option<std::path::PathBuf>,
+    /// The admin listener's address, if any.
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 impl fmt::Display for Summary {
@@ -98,6 +100,9 @@ impl fmt::Display for Summary {
         write!(f, "  {:width$}  {}", "cluster", self.cluster_url)?;
         for (name, url, note) in &self.members {
             write!(f, "\n  {name:width$}  {url}  {note}")?;
+        }
+        if let Some(admin) = &self.admin {
+            write!(f, "\nAdmin: http://{admin}/metrics and /healthz")?;
         }
         if let Some(ca) = &self.ca_cert {
             write!(
@@ -123,6 +128,7 @@ pub struct Running {
     legacy: HashSet<String>,
     stop_tx: watch::Sender<bool>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    admin: Option<tokio::net::TcpListener>,
 }
 
 /// Connects to Kubernetes, finds the pods, binds the endpoints and probes each member.
@@ -134,6 +140,10 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         origin,
     } = Source::find(&cfg).await?;
 
+    let admin = match cfg.admin {
+        Some(addr) => Some(listener::bind(addr).await?),
+        None => None,
+    };
     let auth = cfg
         .auth_file
         .as_deref()
@@ -222,6 +232,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
             .map(|((n, u), note)| (n, u, note))
             .collect(),
         ca_cert,
+        admin: admin.as_ref().and_then(|l| l.local_addr().ok()),
     };
     Ok(Running {
         summary,
@@ -235,6 +246,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         legacy,
         stop_tx,
         tls,
+        admin,
     })
 }
 
@@ -259,6 +271,15 @@ impl Running {
             self.pods_tx.subscribe(),
             stop_rx,
         ));
+        if let Some(admin) = self.admin {
+            let (health, pods) = (self.health.clone(), self.pods_tx.subscribe());
+            tokio::spawn(crate::admin::serve(
+                admin,
+                health,
+                pods,
+                self.stop_tx.subscribe(),
+            ));
+        }
         let pods_tx = self.pods_tx.clone();
         let watcher = tokio::spawn(async move {
             match self.follow {

@@ -102,11 +102,15 @@ impl Tunneler {
             });
         };
         let span = tracing::debug_span!("tunnel", pod, port);
+        let m = crate::metrics::get();
+        m.tunnels_opened.inc();
+        m.tunnels_open.inc();
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 if let Err(e) = forwarder.join().await {
                     tracing::debug!(error = %e, "tunnel ended with an error");
                 }
+                crate::metrics::get().tunnels_open.dec();
             },
             span,
         ));

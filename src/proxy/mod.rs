@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::auth::Auth;
 use crate::error::{find_cause, one_line, BoxError};
 use crate::k8s::tunnel;
+use crate::metrics;
 use crate::rewrite::{self, AddrMap, Rewritten};
 use crate::router::{self, Backends, Class, Replay, Rewrite, Route};
 use crate::upstream::health::Health;
@@ -70,6 +71,14 @@ struct Inner {
     stopping: watch::Receiver<bool>,
     /// Local authentication, if `--auth-file` was given.
     auth: Option<Arc<Auth>>,
+}
+
+/// The `class` label of a route.
+fn class_label(class: Class) -> &'static str {
+    match class {
+        Class::Grpc => "grpc",
+        Class::Http => "http",
+    }
 }
 
 /// A request body: streamed once, or buffered so that it can be sent again.
@@ -222,13 +231,24 @@ impl Proxy {
                 }
             };
             tracing::debug!(member = %pod.name, %path, class = ?route.class, "forwarding");
+            let labels = metrics::RequestLabels {
+                class: class_label(route.class),
+                member: pod.name.clone(),
+            };
+            let started = std::time::Instant::now();
             match self.inner.upstream.send(up_req).await {
                 Ok(r) => {
                     self.inner.health.record(&pod.name, true);
+                    let m = metrics::get();
+                    m.requests.get_or_create(&labels).inc();
+                    m.upstream_latency
+                        .get_or_create(&labels)
+                        .observe(started.elapsed().as_secs_f64());
                     break r;
                 }
                 Err(e) => {
                     self.inner.health.record(&pod.name, false);
+                    metrics::get().upstream_errors.get_or_create(&labels).inc();
                     let msg = match find_cause::<tunnel::Error>(&e) {
                         Some(t) => t.to_string(),
                         None => one_line(&e),

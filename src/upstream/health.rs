@@ -136,6 +136,12 @@ impl Health {
     pub fn record(&self, member: &str, ok: bool) {
         let mut states = self.lock();
         let s = states.entry(member.to_owned()).or_default();
+        let gauge = crate::metrics::get()
+            .member_up
+            .get_or_create(&crate::metrics::MemberLabels {
+                member: member.to_owned(),
+            })
+            .clone();
         if ok {
             s.failures = 0;
             s.successes = s.successes.saturating_add(1);
@@ -154,6 +160,7 @@ impl Health {
                 );
             }
         }
+        gauge.set(i64::from(s.up));
     }
 
     /// Probes every known member forever: healthy ones each interval, down ones with backoff.

@@ -34,7 +34,8 @@ pub struct Proxy {
     pub members: Vec<(String, String)>,
     /// The whole summary as printed.
     pub summary: String,
-    _stdout: Lines<BufReader<ChildStdout>>,
+    /// The rest of its stdout, after the summary.
+    pub stdout: Lines<BufReader<ChildStdout>>,
 }
 
 impl Proxy {
@@ -136,7 +137,7 @@ async fn spawn_and_read_summary(mut cmd: Command) -> Proxy {
         cluster_addr,
         members: rows,
         summary,
-        _stdout: lines,
+        stdout: lines,
     }
 }
 

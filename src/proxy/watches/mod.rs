@@ -179,6 +179,7 @@ impl Session {
                     established: true,
                 } => {
                     tracing::info!(watches = self.watches.len(), reason = %why, "watch stream lost; resuming");
+                    crate::metrics::get().watch_resumes.inc();
                     failing_since = None;
                     backoff = BACKOFF_START;
                 }
