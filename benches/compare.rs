@@ -130,6 +130,17 @@ fn rss_kib(pid: Option<u32>) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// CPU time (user + system) the process has used so far. Assumes `CLK_TCK` = 100, the Linux
+/// default (no libc here to ask `sysconf`).
+fn cpu_time(pid: Option<u32>) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut f = rest.split_whitespace().skip(11);
+    let ticks: u64 = f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
 fn host_port(url: &str) -> &str {
     url.split_once("://").map_or(url, |(_, a)| a)
 }
@@ -235,6 +246,8 @@ enum Op {
 
 struct Run {
     ops_per_sec: f64,
+    /// CPU time of the target's process per 1,000 recorded ops.
+    cpu_per_kop: Option<Duration>,
     p50: Duration,
     p99: Duration,
     errors: u64,
@@ -242,7 +255,7 @@ struct Run {
 
 /// `clients` tasks over `conns` connections (connection `i` to `spread[i % len]`), each
 /// repeating `op` back to back; ops that start during the warm-up are not recorded.
-async fn load(spread: &[String], op: Op, s: &Settings) -> Run {
+async fn load(spread: &[String], pid: Option<u32>, op: Op, s: &Settings) -> Run {
     let mut conns = Vec::with_capacity(s.conns);
     for i in 0..s.conns {
         let ep = spread[i % spread.len()].as_str();
@@ -253,6 +266,12 @@ async fn load(spread: &[String], op: Op, s: &Settings) -> Run {
     let start = Instant::now() + s.warmup;
     let end = start + Duration::from_secs(s.seconds);
     let value = vec![b'v'; VALUE_BYTES];
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(start.into()).await;
+        let before = cpu_time(pid)?;
+        tokio::time::sleep_until(end.into()).await;
+        Some(cpu_time(pid)?.saturating_sub(before))
+    });
     let mut tasks = Vec::with_capacity(s.clients);
     for task in 0..s.clients {
         let mut c = conns[task % s.conns].clone();
@@ -296,8 +315,12 @@ async fn load(spread: &[String], op: Op, s: &Settings) -> Run {
         errors += e;
     }
     all.sort();
+    let cpu = cpu.await.expect("cpu sampler");
     Run {
         ops_per_sec: all.len() as f64 / s.seconds as f64,
+        cpu_per_kop: cpu
+            .filter(|_| !all.is_empty())
+            .map(|c| c.mul_f64(1000.0 / all.len() as f64)),
         p50: percentile(&all, 50),
         p99: percentile(&all, 99),
         errors,
@@ -548,7 +571,13 @@ async fn main() {
         support::start_proxy_args(&["--endpoints", &endpoints_arg, "--listen", "127.0.0.1:0"])
             .await;
     let ep_tunnel = support::start_proxy(&sim, &[]).await;
-    for addr in [&ep_gateway.cluster_addr, &ep_tunnel.cluster_addr] {
+    let pod = sim.pod_names()[0].clone();
+    let (naive_addr, _naive) = naive_forwarder(&sim, &pod).await;
+    for addr in [
+        &ep_gateway.cluster_addr,
+        &ep_tunnel.cluster_addr,
+        &naive_addr,
+    ] {
         assert!(wait_ready(addr).await, "etcd-proxy at {addr} serves no get");
     }
 
@@ -582,6 +611,12 @@ async fn main() {
             serial: ep_tunnel.cluster_addr.clone(),
             spread: vec![ep_tunnel.cluster_addr.clone()],
             pid: ep_tunnel.child.id(),
+        },
+        Target {
+            name: "reference: naive port-forward per connection (etcd-0)",
+            serial: naive_addr.clone(),
+            spread: vec![naive_addr.clone()],
+            pid: None,
         },
     ];
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -626,21 +661,9 @@ async fn main() {
                     s.repeat,
                     t.name
                 );
-                runs[i].push(load(&t.spread, op, &s).await);
+                runs[i].push(load(&t.spread, t.pid, op, &s).await);
             }
         }
-        let summary: Vec<(f64, Duration, Duration, u64, Vec<f64>)> = runs
-            .iter()
-            .map(|r| {
-                (
-                    median_f64(r.iter().map(|x| x.ops_per_sec).collect()),
-                    median_dur(r.iter().map(|x| x.p50).collect()),
-                    median_dur(r.iter().map(|x| x.p99).collect()),
-                    r.iter().map(|x| x.errors).sum(),
-                    r.iter().map(|x| x.ops_per_sec).collect(),
-                )
-            })
-            .collect();
         println!();
         println!(
             "## {} throughput: {} clients over {} connections, {} s per run, median of {} runs",
@@ -655,22 +678,37 @@ async fn main() {
             s.repeat
         );
         println!();
-        println!("| target | ops/s | p50 | p99 | ops/s ratio | p50 ratio | p99 ratio | errors | ops/s of each run |");
-        println!("|---|---|---|---|---|---|---|---|---|");
-        let d = &summary[0];
-        for (t, x) in targets.iter().zip(&summary) {
+        println!(
+            "| target | ops/s | p50 | p99 | ops/s ratio | p50 ratio | p99 ratio | errors | proxy CPU per 1k ops | ops/s of each run |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        let med = |r: &[Run]| {
+            (
+                median_f64(r.iter().map(|x| x.ops_per_sec).collect()),
+                median_dur(r.iter().map(|x| x.p50).collect()),
+                median_dur(r.iter().map(|x| x.p99).collect()),
+            )
+        };
+        let direct = med(&runs[0]);
+        for (t, r) in targets.iter().zip(&runs) {
+            let (ops, p50, p99) = med(r);
+            let cpu: Vec<Duration> = r.iter().filter_map(|x| x.cpu_per_kop).collect();
             println!(
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {ops:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 t.name,
-                x.0,
-                ms(x.1),
-                ms(x.2),
-                ratio(x.0, d.0),
-                dratio(x.1, d.1),
-                dratio(x.2, d.2),
-                x.3,
-                x.4.iter()
-                    .map(|v| format!("{v:.0}"))
+                ms(p50),
+                ms(p99),
+                ratio(ops, direct.0),
+                dratio(p50, direct.1),
+                dratio(p99, direct.2),
+                r.iter().map(|x| x.errors).sum::<u64>(),
+                if cpu.is_empty() {
+                    "-".into()
+                } else {
+                    ms(median_dur(cpu))
+                },
+                r.iter()
+                    .map(|x| format!("{:.0}", x.ops_per_sec))
                     .collect::<Vec<_>>()
                     .join(" / ")
             );
@@ -706,8 +744,8 @@ async fn main() {
     eprintln!("memory with {} HTTP/2 connections", s.h2_conns);
     let rss_after_load: Vec<Option<u64>> = targets.iter().map(|t| rss_kib(t.pid)).collect();
     let mut held = Vec::new();
-    for t in &targets[1..] {
-        held.push(rss_with_connections(&t.serial, t.pid, s.h2_conns).await);
+    for (i, t) in targets.iter().enumerate().filter(|(_, t)| t.pid.is_some()) {
+        held.push((i, rss_with_connections(&t.serial, t.pid, s.h2_conns).await));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     println!();
@@ -722,8 +760,7 @@ async fn main() {
         s.h2_conns
     );
     println!("|---|---|---|---|---|---|");
-    for (i, t) in targets.iter().enumerate().skip(1) {
-        let (est, open, rss) = held[i - 1];
+    for &(i, (est, open, rss)) in &held {
         let per = match (rss, rss_after_load[i]) {
             (Some(a), Some(b)) if est > 0 => {
                 format!("{:.1} KiB", (a as f64 - b as f64) / est as f64)
@@ -732,7 +769,7 @@ async fn main() {
         };
         println!(
             "| {} | {} | {} | {} | {per} | {est} / {open} |",
-            t.name,
+            targets[i].name,
             mib(rss_fresh[i]),
             mib(rss_after_load[i]),
             mib(rss)
@@ -741,8 +778,6 @@ async fn main() {
 
     // Tunnel mode with latency: etcd-proxy vs a port-forward per connection.
     eprintln!("cold gets through tunnels, with and without latency");
-    let pod = sim.pod_names()[0].clone();
-    let (naive_addr, _naive) = naive_forwarder(&sim, &pod).await;
     let mut rows = Vec::new();
     for one_way in [Duration::ZERO, s.latency] {
         sim.set_latency(one_way);

@@ -46,6 +46,7 @@ pub mod error;
 pub mod k8s;
 pub mod listener;
 pub mod metrics;
+mod pem;
 mod protowire;
 pub mod proxy;
 pub mod rewrite;

@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{header, Request, Version};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 
 use super::Error;
 use crate::error::{find_cause, one_line, BoxError};
@@ -103,21 +102,10 @@ async fn probe(upstream: &Upstream, pod: &EtcdPod) -> Result<String, BoxError> {
 
 /// Opens the member's HTTP/2 connection ahead of the first gRPC call with a gRPC health check.
 async fn warm_grpc(upstream: &Upstream, pod: &EtcdPod) {
-    let req = Request::builder()
-        .method("POST")
-        .uri(format!(
-            "http://{}:{}/grpc.health.v1.Health/Check",
-            pod.name, pod.port
-        ))
-        .version(Version::HTTP_2)
-        .header(header::CONTENT_TYPE, "application/grpc")
-        .header(header::TE, "trailers")
-        .body(
-            Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-    let Ok(req) = req else { return };
+    let Some(req) = crate::upstream::grpc_call(&pod.name, pod.port, "/grpc.health.v1.Health/Check")
+    else {
+        return;
+    };
     match upstream.send(req).await {
         Ok(resp) => {
             let _ = resp.into_body().collect().await;

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::proxy::Proxy;
+use crate::upstream::BoxIo;
 
 mod authority;
 pub mod tls;
@@ -119,40 +120,30 @@ pub async fn serve(
         tokio::spawn(
             async move {
                 tracing::debug!("accepted");
-                let result = match acceptor {
-                    None => {
-                        let io = TokioIo::new(authority::RepairAuthority::new(tcp));
-                        watcher
-                            .watch(
-                                builder
-                                    .serve_connection_with_upgrades(io, service)
-                                    .into_owned(),
-                            )
-                            .await
-                    }
+                let io: BoxIo = match acceptor {
+                    None => Box::pin(tcp),
                     Some(acceptor) => {
-                        let stream =
-                            match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp)).await {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
-                                    tracing::info!(error = %e, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::info!("TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                        let io = TokioIo::new(authority::RepairAuthority::new(stream));
-                        watcher
-                            .watch(
-                                builder
-                                    .serve_connection_with_upgrades(io, service)
-                                    .into_owned(),
-                            )
-                            .await
+                        match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => Box::pin(stream),
+                            Ok(Err(e)) => {
+                                tracing::info!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!("TLS handshake timed out");
+                                return;
+                            }
+                        }
                     }
                 };
+                let io = TokioIo::new(authority::RepairAuthority::new(io));
+                let result = watcher
+                    .watch(
+                        builder
+                            .serve_connection_with_upgrades(io, service)
+                            .into_owned(),
+                    )
+                    .await;
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }

@@ -30,6 +30,7 @@ use crate::upstream::health::Health;
 use crate::upstream::{Upstream, UpstreamBody};
 
 mod forward;
+mod frames;
 mod reply;
 mod watches;
 

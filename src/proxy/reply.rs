@@ -94,7 +94,7 @@ pub(super) fn verdict(path: &str, verdict: Verdict) -> Response<ProxyBody> {
         Verdict::GrpcLogin(msg) => {
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", HeaderValue::from_static("0"));
-            let mut r = Response::new(with_trailers(grpc_frame(&msg), Some(trailers)));
+            let mut r = Response::new(with_trailers(super::frames::frame(&msg), Some(trailers)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/grpc"),
@@ -148,15 +148,6 @@ fn unauthorized(path: &str, message: &str) -> Response<ProxyBody> {
 
 fn full(b: Bytes) -> ProxyBody {
     Full::new(b).map_err(|never| match never {}).boxed()
-}
-
-/// One gRPC message with its 5-byte prefix.
-fn grpc_frame(msg: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(5 + msg.len());
-    out.push(0);
-    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    out.extend_from_slice(msg);
-    Bytes::from(out)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request, Version};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use tokio::sync::watch;
 
 use super::Upstream;
@@ -262,21 +262,7 @@ async fn probe_http(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> bo
 /// `etcdserverpb.Maintenance/Status` over the member's HTTP/2 connection (the one client gRPC
 /// traffic uses): the member's ID and the raft leader's, if it answered with grpc-status 0.
 async fn probe_grpc(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> Option<(u64, u64)> {
-    let req = Request::builder()
-        .method("POST")
-        .uri(format!(
-            "http://{}:{}/etcdserverpb.Maintenance/Status",
-            pod.name, pod.port
-        ))
-        .version(Version::HTTP_2)
-        .header(header::CONTENT_TYPE, "application/grpc")
-        .header(header::TE, "trailers")
-        .body(
-            Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]))
-                .map_err(|never| match never {})
-                .boxed(),
-        )
-        .ok()?;
+    let req = super::grpc_call(&pod.name, pod.port, "/etcdserverpb.Maintenance/Status")?;
     let attempt = async {
         let resp = upstream.send(req).await.ok()?;
         let in_headers = resp.headers().get("grpc-status").cloned();

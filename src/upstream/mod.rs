@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, Version};
 use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -36,6 +37,23 @@ pub type UpstreamBody = BoxBody<Bytes, BoxError>;
 const ETCD_MIN_PING_INTERVAL: Duration = Duration::from_secs(5);
 /// Idle HTTP/1.1 connections (each one a tunnel) are closed after this.
 const H1_IDLE: Duration = Duration::from_secs(90);
+
+/// An empty unary gRPC call to `path` on `pod:port`, for the proxy's own calls (warm-up,
+/// health and leader probes): one zero-length message, as protobuf encodes an empty request.
+pub fn grpc_call(pod: &str, port: u16, path: &str) -> Option<Request<UpstreamBody>> {
+    Request::builder()
+        .method("POST")
+        .uri(format!("http://{pod}:{port}{path}"))
+        .version(Version::HTTP_2)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(
+            Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .ok()
+}
 
 /// The pooled upstream clients.
 #[derive(Clone)]

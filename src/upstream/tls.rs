@@ -10,8 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
 
@@ -73,10 +72,10 @@ impl UpstreamTls {
         let config = match identity {
             Some((cert, key)) => {
                 let chain = certs(cert, "a client certificate")?;
-                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| Error::Pem {
+                let key = crate::pem::key(key).map_err(|reason| Error::Pem {
                     what: "a client key",
                     path: key.to_owned(),
-                    reason: e.to_string(),
+                    reason,
                 })?;
                 builder.with_client_auth_cert(chain, key)?
             }
@@ -116,17 +115,9 @@ impl UpstreamTls {
 }
 
 fn certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let err = |reason: String| Error::Pem {
+    crate::pem::certs(path).map_err(|reason| Error::Pem {
         what,
         path: path.to_owned(),
         reason,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| err(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(err("no PEM certificate in the file".into()));
-    }
-    Ok(certs)
+    })
 }

@@ -9,8 +9,7 @@ pub mod auto;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
@@ -51,10 +50,10 @@ pub fn server_config(
     client_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, Error> {
     let chain = load_certs(cert, "a certificate chain")?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| Error::Pem {
+    let key = crate::pem::key(key).map_err(|reason| Error::Pem {
         what: "a private key",
         path: key.to_owned(),
-        reason: e.to_string(),
+        reason,
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -84,17 +83,9 @@ pub fn server_config(
 }
 
 fn load_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let err = |reason: String| Error::Pem {
+    crate::pem::certs(path).map_err(|reason| Error::Pem {
         what,
         path: path.to_owned(),
         reason,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| err(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(err("no PEM certificate in the file".into()));
-    }
-    Ok(certs)
+    })
 }

@@ -13,7 +13,6 @@
 //! Known gap: a response fragmented across messages (`fragment`, for watch responses over
 //! the message size limit) that is cut in the middle is re-delivered from its revision.
 
-mod frames;
 mod proto;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -31,10 +30,10 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::forward::upstream_request;
+use super::frames::{frame, Deframer};
 use super::{Inner, ProxyBody};
 use crate::error::{one_line, BoxError};
 use crate::router::Class;
-use frames::{frame, Deframer};
 
 /// The gRPC path of etcd's watch stream.
 pub(super) const PATH: &str = "/etcdserverpb.Watch/Watch";
