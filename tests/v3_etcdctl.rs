@@ -167,3 +167,35 @@ async fn member_list_and_cluster_commands_see_local_endpoints() {
     drop(proxy);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_target_kind_finds_the_members() {
+    let sim = cluster(2).await;
+    for (args, found) in [
+        (&["--service", "etcd"][..], "service etcd"),
+        (&["-l", "app=etcd"][..], "pods app=etcd"),
+        (&["--statefulset", "etcd"][..], "statefulset etcd"),
+        (&["--pod", "etcd-1"][..], "pod etcd-1"),
+        (&["-n", "etcd"][..], "statefulset etcd"),
+    ] {
+        let proxy = start_proxy(&sim, args).await;
+        assert!(
+            proxy
+                .summary
+                .starts_with(&format!("Forwarding {found} in namespace etcd")),
+            "{args:?}: {}",
+            proxy.summary
+        );
+        let expected = if args[0] == "--pod" { 1 } else { 2 };
+        assert_eq!(proxy.members.len(), expected, "{}", proxy.summary);
+        assert_eq!(
+            ctl3(&proxy.cluster_addr, &["endpoint", "health"])
+                .await
+                .status
+                .code(),
+            Some(0)
+        );
+        drop(proxy);
+    }
+    sim.shutdown().await;
+}
