@@ -9,14 +9,15 @@
 //!
 //! ```text
 //!  etcdctl / clients
-//!       │ TCP: HTTP/2 prior knowledge (gRPC) or HTTP/1.1 (v2, JSON gateway)
+//!       │ TCP, optionally TLS: HTTP/2 prior knowledge (gRPC) or HTTP/1.1 (v2, gateway, WebSocket)
 //!       ▼
-//!  listener ──► router ──► proxy ──► rewrite ──► upstream pool ──► k8s::tunnel ──► etcd pod
-//!  (accept,     (gRPC or   (forward,  (Member*    (one h2 conn      (kube-rs
-//!   h1/h2)       HTTP;      stream)    responses,  per member for    port-forward)
-//!                member)               v2, gw)     gRPC; h1 pool)
-//!       ▲                                                            ▲
-//!       └────────── k8s::discovery (list/watch pods → members) ──────┘
+//!  listener ──► router ──► auth ──► proxy ──► rewrite ──► upstream pool ──► dialer ──► etcd
+//!  (accept, TLS, (gRPC or  (users,  (forward,  (Member*    (one h2 conn    (port-forward
+//!   :authority    HTTP;     tokens,  replay,    responses,  per member;     tunnel, or TCP
+//!   repair, h1/h2) member,  Basic)   resume     v2, gw)     h1 pool; TLS    with --direct /
+//!                 leader)            watches)               to etcd)        --endpoints)
+//!       ▲                                                                     ▲
+//!       └──── k8s::discovery (list/watch pods) → endpoints, router, health ───┘
 //! ```
 //!
 //! ## Layout
