@@ -100,6 +100,11 @@ pub async fn connect(
         .map(|c| c.name.as_str())
         .collect::<Vec<_>>()
         .join(", ");
+    let available = if available.is_empty() {
+        "none: the kubeconfig defines no contexts".to_owned()
+    } else {
+        available
+    };
     let context = match context
         .map(str::to_owned)
         .or_else(|| file.current_context.clone())
