@@ -186,7 +186,14 @@ async fn env_flag_points_etcdctl_at_the_proxy() {
     let sim = cluster(1).await;
     let home = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", crate::support::free_port());
-    let flags = ["--tls-auto", "--listen", listen.as_str()];
+    // Only the cluster port is fixed (--env needs one); member ports are picked free.
+    let flags = [
+        "--tls-auto",
+        "--listen",
+        listen.as_str(),
+        "--member-ports",
+        "0",
+    ];
     let mut cmd = crate::support::proxy_command(&[&["--env"][..], &flags[..]].concat());
     cmd.env("XDG_CONFIG_HOME", home.path());
     let out = run(cmd, "").await.ok().stdout;
