@@ -134,14 +134,16 @@ impl Health {
 
     /// Records one outcome; logs when the member changes state.
     pub fn record(&self, member: &str, ok: bool) {
+        // Called on every forwarded request: no allocation unless the member is new.
         let mut states = self.lock();
-        let s = states.entry(member.to_owned()).or_default();
-        let gauge = crate::metrics::get()
-            .member_up
-            .get_or_create(&crate::metrics::MemberLabels {
-                member: member.to_owned(),
-            })
-            .clone();
+        let first = !states.contains_key(member);
+        if first {
+            states.insert(member.to_owned(), State::default());
+        }
+        let Some(s) = states.get_mut(member) else {
+            return;
+        };
+        let was_up = s.up;
         if ok {
             s.failures = 0;
             s.successes = s.successes.saturating_add(1);
@@ -160,7 +162,15 @@ impl Health {
                 );
             }
         }
-        gauge.set(i64::from(s.up));
+        if first || was_up != s.up {
+            let labels = crate::metrics::MemberLabels {
+                member: member.to_owned(),
+            };
+            crate::metrics::get()
+                .member_up
+                .get_or_create(&labels)
+                .set(i64::from(s.up));
+        }
     }
 
     /// Probes every known member forever: healthy ones each interval, down ones with backoff.
