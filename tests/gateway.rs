@@ -30,80 +30,34 @@ async fn gateway_mode_serves_real_etcd_without_kubernetes() {
     drop(etcd);
 }
 
-/// CA, a server certificate naming only `etcd-0.etcd.test.svc` (never 127.0.0.1), and a
-/// client certificate, written into `dir`: [ca, server cert, server key, client cert, client key].
-fn etcd_pki(dir: &std::path::Path) -> [String; 5] {
-    use rcgen::{
-        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    let mut server = CertificateParams::new(vec!["etcd-0.etcd.test.svc".to_string()]).unwrap();
-    server.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let server = server.signed_by(&server_key, &issuer).unwrap();
-    let client_key = KeyPair::generate().unwrap();
-    let mut client = CertificateParams::new(vec!["etcd-proxy".to_string()]).unwrap();
-    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let client = client.signed_by(&client_key, &issuer).unwrap();
-    [
-        ("ca.crt", ca_cert.pem()),
-        ("server.crt", server.pem()),
-        ("server.key", server_key.serialize_pem()),
-        ("client.crt", client.pem()),
-        ("client.key", client_key.serialize_pem()),
-    ]
-    .map(|(name, pem)| {
-        let p = dir.join(name);
-        std::fs::write(&p, pem).unwrap();
-        p.to_str().unwrap().to_owned()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_tls_with_client_certificates_against_real_etcd() {
     use crate::support::{etcdctl, free_port, proxy_fails, run, DEADLINE};
     use std::time::Duration;
 
     let dir = tempfile::tempdir().unwrap();
-    let [ca, cert, key, client_cert, client_key] = etcd_pki(dir.path());
+    // The server certificate names only etcd-0.etcd.test.svc, never 127.0.0.1.
+    let crate::support::Pki {
+        ca,
+        server_cert: cert,
+        server_key: key,
+        client_cert,
+        client_key,
+    } = crate::support::pki(dir.path(), &["etcd-0.etcd.test.svc"]);
     let (client, peer) = (free_port(), free_port());
     let url = format!("https://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
-    let mut etcd = tokio::process::Command::new("etcd");
-    etcd.args(["--name", "etcd-0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("etcd-0={peer_url}")])
-        .args([
-            "--cert-file",
-            &cert,
-            "--key-file",
-            &key,
-            "--client-cert-auth",
-            "--trusted-ca-file",
-            &ca,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
+    let mut etcd =
+        crate::support::etcd_command(&dir.path().join("data"), "etcd-0", &url, &peer_url);
+    etcd.args([
+        "--cert-file",
+        &cert,
+        "--key-file",
+        &key,
+        "--client-cert-auth",
+        "--trusted-ca-file",
+        &ca,
+    ]);
     let _etcd = etcd.spawn().expect("spawn etcd");
     // Ready once it answers a client-certificate request (name check off for this probe only).
     let ready = tokio::time::timeout(DEADLINE, async {

@@ -1,39 +1,6 @@
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-
-use crate::support::{cluster, etcdctl, run, start_proxy, start_proxy_env};
-
-/// Writes a CA, a server certificate for 127.0.0.1 and a client certificate into `dir`.
-fn make_pki(dir: &Path) -> [PathBuf; 5] {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
-    let client_key = KeyPair::generate().unwrap();
-    let client = CertificateParams::new(vec!["client".to_string()])
-        .unwrap()
-        .signed_by(&client_key, &issuer)
-        .unwrap();
-    let files = [
-        ("ca.crt", ca_cert.pem()),
-        ("server.crt", server.pem()),
-        ("server.key", server_key.serialize_pem()),
-        ("client.crt", client.pem()),
-        ("client.key", client_key.serialize_pem()),
-    ];
-    files.map(|(name, pem)| {
-        let p = dir.join(name);
-        std::fs::write(&p, pem).unwrap();
-        p
-    })
-}
+use crate::support::{cluster, etcdctl, pki, run, start_proxy, start_proxy_env};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -127,7 +94,15 @@ async fn tls_auto_serves_etcdctl_v3_and_v2_with_https_member_urls() {
 async fn client_certificates_are_required_with_client_ca() {
     let sim = cluster(1).await;
     let dir = tempfile::tempdir().unwrap();
-    let [ca, cert, key, client_cert, client_key] = make_pki(dir.path());
+    let p = pki(dir.path(), &["127.0.0.1", "localhost"]);
+    let [ca, cert, key, client_cert, client_key] = [
+        p.ca,
+        p.server_cert,
+        p.server_key,
+        p.client_cert,
+        p.client_key,
+    ]
+    .map(PathBuf::from);
     let args = [
         "--tls-cert",
         s(&cert),

@@ -125,24 +125,18 @@ pub async fn connect(
     let config = kube::Config::from_custom_kubeconfig(file, &options)
         .await
         .map_err(Error::Kubeconfig)?;
-    let namespace = namespace
-        .map(str::to_owned)
-        .unwrap_or_else(|| config.default_namespace.clone());
-    let client = build_client(config, &namespace).map_err(|source| Error::Client {
-        context: context.clone(),
-        source,
-    })?;
-    Ok(Kube {
-        client,
-        namespace,
-        context,
-    })
+    kube_for(config, namespace, context)
 }
 
 /// The pod's service account, as kubectl does inside a pod.
 fn in_cluster(namespace: Option<&str>) -> Result<Kube, Error> {
     let context = "in-cluster".to_owned();
     let config = kube::Config::incluster().map_err(Error::InCluster)?;
+    kube_for(config, namespace, context)
+}
+
+/// The client for `config` in `namespace` (default: the config's), named `context` in messages.
+fn kube_for(config: kube::Config, namespace: Option<&str>, context: String) -> Result<Kube, Error> {
     let namespace = namespace
         .map(str::to_owned)
         .unwrap_or_else(|| config.default_namespace.clone());

@@ -254,36 +254,38 @@ pub struct Etcd {
     _dir: tempfile::TempDir,
 }
 
+/// The command for a single-member etcd cluster named `name`, with its data in `data`.
+pub fn etcd_command(data: &Path, name: &str, client_url: &str, peer_url: &str) -> Command {
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", name, "--data-dir"])
+        .arg(data)
+        .args([
+            "--listen-client-urls",
+            client_url,
+            "--advertise-client-urls",
+            client_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+        ])
+        .args(["--initial-cluster", &format!("{name}={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
 /// Starts a single real etcd member on free ports and waits until `/health` answers.
 pub async fn standalone_etcd(extra: &[&str]) -> Etcd {
     let dir = tempfile::tempdir().expect("tempdir");
     let (client, peer) = (free_port(), free_port());
     let url = format!("http://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
-    let mut cmd = Command::new("etcd");
-    cmd.args(["--name", "solo", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args([
-            "--initial-cluster",
-            &format!("solo={peer_url}"),
-            "--enable-v2",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
+    let mut cmd = etcd_command(&dir.path().join("data"), "solo", &url, &peer_url);
+    cmd.arg("--enable-v2").args(extra);
     let child = cmd.spawn().expect("spawn etcd");
     let addr = format!("127.0.0.1:{client}");
     let healthy = tokio::time::timeout(DEADLINE, async {
@@ -316,4 +318,49 @@ pub async fn standalone_etcd(extra: &[&str]) -> Etcd {
 /// Starts the proxy with exactly `args` (no simulated cluster) and waits for its summary.
 pub async fn start_proxy_args(args: &[&str]) -> Proxy {
     spawn_and_read_summary(proxy_command(args)).await
+}
+
+/// Certificates for a test: a CA, a server certificate for `server_names` and a client
+/// certificate, written as PEM files into a directory.
+pub struct Pki {
+    pub ca: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub client_cert: String,
+    pub client_key: String,
+}
+
+/// Makes a [`Pki`] in `dir`.
+pub fn pki(dir: &Path, server_names: &[&str]) -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose as Eku, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA");
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>, usages: Vec<Eku>| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(names).expect("params");
+        params.extended_key_usages = usages;
+        let cert = params.signed_by(&key, &issuer).expect("certificate");
+        (cert.pem(), key.serialize_pem())
+    };
+    let names = server_names.iter().map(|n| n.to_string()).collect();
+    let (server_cert, server_key) = leaf(names, vec![Eku::ServerAuth, Eku::ClientAuth]);
+    let (client_cert, client_key) =
+        leaf(vec!["etcd-proxy-client".to_string()], vec![Eku::ClientAuth]);
+    let write = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).expect("write PEM");
+        p.to_str().expect("utf-8 path").to_owned()
+    };
+    Pki {
+        ca: write("ca.crt", ca_cert.pem()),
+        server_cert: write("server.crt", server_cert),
+        server_key: write("server.key", server_key),
+        client_cert: write("client.crt", client_cert),
+        client_key: write("client.key", client_key),
+    }
 }
