@@ -7,7 +7,9 @@
 //! * **direct**: the members themselves (the physical limit). Serial latency and cold starts
 //!   use `etcd-0`; throughput spreads the client connections over the three members.
 //! * **etcd gateway** (L4 TCP round robin) and **etcd grpc-proxy** (L7), both from `/usr/bin/etcd`.
-//! * **etcd-proxy gateway mode** (`--endpoints`, direct TCP to the members).
+//! * **etcd-proxy gateway mode** (`--endpoints`, direct TCP to the members), through its cluster
+//!   endpoint and through `etcd-0`'s own endpoint (the cost of the hop alone, same member as
+//!   direct).
 //! * **etcd-proxy tunnel mode** (through the simulated cluster's port-forward tunnels).
 //!
 //! Measured: serial linearizable get latency, get and put throughput with 100 clients over 10
@@ -19,7 +21,10 @@
 //! `BENCH_WARMUP_MS` [500] of unrecorded load before each run, `BENCH_REPEAT` [3] runs per
 //! target (median reported), `BENCH_CLIENTS` [100], `BENCH_CONNS` [10] connections,
 //! `BENCH_SERIAL_GETS` [2000], `BENCH_COLD_GETS` [50], `BENCH_H2_CONNS` [1000],
-//! `BENCH_LATENCY_MS` [10] one-way, `BENCH_LATENCY_GETS` [11].
+//! `BENCH_LATENCY_MS` [10] one-way, `BENCH_LATENCY_GETS` [11]; `BENCH_TARGETS` [all] keeps
+//! only the targets named (comma-separated: `gateway`, `grpc-proxy`, `endpoints`, `tunnels`,
+//! `endpoints-member`, `naive`; direct always runs) and `BENCH_SECTIONS` [all] only the sections named (`serial`,
+//! `throughput`, `cold`, `memory`, `latency`), for a quick loop while profiling.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -60,6 +65,8 @@ struct Settings {
     h2_conns: usize,
     latency: Duration,
     latency_gets: usize,
+    targets: Option<Vec<String>>,
+    sections: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -75,8 +82,29 @@ impl Settings {
             h2_conns: env_u64("BENCH_H2_CONNS", 1000) as usize,
             latency: Duration::from_millis(env_u64("BENCH_LATENCY_MS", 10)),
             latency_gets: env_u64("BENCH_LATENCY_GETS", 11).max(1) as usize,
+            targets: env_list("BENCH_TARGETS"),
+            sections: env_list("BENCH_SECTIONS"),
         }
     }
+
+    fn wants_target(&self, key: &str) -> bool {
+        key == "direct"
+            || self
+                .targets
+                .as_ref()
+                .is_none_or(|t| t.iter().any(|k| k == key))
+    }
+
+    fn wants_section(&self, key: &str) -> bool {
+        self.sections
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|k| k == key))
+    }
+}
+
+fn env_list(name: &str) -> Option<Vec<String>> {
+    let v = std::env::var(name).ok()?;
+    Some(v.split(',').map(|k| k.trim().to_owned()).collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -151,6 +179,8 @@ fn host_port(url: &str) -> &str {
 /// Something to benchmark: where a lone client goes, where a crowd of clients goes, and the
 /// process behind it (none for direct).
 struct Target {
+    /// The name `BENCH_TARGETS` selects it by.
+    key: &'static str,
     name: &'static str,
     /// One endpoint, for serial latency and cold starts.
     serial: String,
@@ -583,74 +613,97 @@ async fn main() {
 
     let targets = vec![
         Target {
+            key: "direct",
             name: "direct",
             serial: members[0].clone(),
             spread: members.clone(),
             pid: None,
         },
         Target {
+            key: "gateway",
             name: "etcd gateway (L4)",
             serial: gateway.addr.clone(),
             spread: vec![gateway.addr.clone()],
             pid: gateway.child.id(),
         },
         Target {
+            key: "grpc-proxy",
             name: "etcd grpc-proxy (L7)",
             serial: grpc_proxy.addr.clone(),
             spread: vec![grpc_proxy.addr.clone()],
             pid: grpc_proxy.child.id(),
         },
         Target {
+            key: "endpoints",
             name: "etcd-proxy --endpoints",
             serial: ep_gateway.cluster_addr.clone(),
             spread: vec![ep_gateway.cluster_addr.clone()],
             pid: ep_gateway.child.id(),
         },
         Target {
+            key: "endpoints-member",
+            name: "etcd-proxy --endpoints, etcd-0's own endpoint",
+            serial: ep_gateway.members[0].1.clone(),
+            spread: vec![ep_gateway.members[0].1.clone()],
+            pid: ep_gateway.child.id(),
+        },
+        Target {
+            key: "tunnels",
             name: "etcd-proxy tunnels",
             serial: ep_tunnel.cluster_addr.clone(),
             spread: vec![ep_tunnel.cluster_addr.clone()],
             pid: ep_tunnel.child.id(),
         },
         Target {
+            key: "naive",
             name: "reference: naive port-forward per connection (etcd-0)",
             serial: naive_addr.clone(),
             spread: vec![naive_addr.clone()],
             pid: None,
         },
     ];
+    let targets: Vec<Target> = targets
+        .into_iter()
+        .filter(|t| s.wants_target(t.key))
+        .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_fresh: Vec<Option<u64>> = targets.iter().map(|t| rss_kib(t.pid)).collect();
 
-    // Serial latency.
-    eprintln!("serial gets");
-    let mut serial = Vec::new();
-    for t in &targets {
-        serial.push(serial_latency(&t.serial, s.serial_gets).await);
-    }
-    println!();
-    println!(
-        "## Serial linearizable get, 1 client ({} gets after {} warm-up gets)",
-        s.serial_gets,
-        (s.serial_gets / 10).max(50)
-    );
-    println!();
-    println!("| target | p50 | p99 | p50 ratio | p99 ratio |");
-    println!("|---|---|---|---|---|");
-    for (t, (p50, p99)) in targets.iter().zip(&serial) {
+    if s.wants_section("serial") {
+        // Serial latency.
+        eprintln!("serial gets");
+        let mut serial = Vec::new();
+        for t in &targets {
+            serial.push(serial_latency(&t.serial, s.serial_gets).await);
+        }
+        println!();
         println!(
-            "| {} | {} | {} | {} | {} |",
-            t.name,
-            ms(*p50),
-            ms(*p99),
-            dratio(*p50, serial[0].0),
-            dratio(*p99, serial[0].1)
+            "## Serial linearizable get, 1 client ({} gets after {} warm-up gets)",
+            s.serial_gets,
+            (s.serial_gets / 10).max(50)
         );
+        println!();
+        println!("| target | p50 | p99 | p50 ratio | p99 ratio |");
+        println!("|---|---|---|---|---|");
+        for (t, (p50, p99)) in targets.iter().zip(&serial) {
+            println!(
+                "| {} | {} | {} | {} | {} |",
+                t.name,
+                ms(*p50),
+                ms(*p99),
+                dratio(*p50, serial[0].0),
+                dratio(*p99, serial[0].1)
+            );
+        }
     }
-
     // Throughput, repeats interleaved across targets so drift hits every target alike.
     let mut opened_during_load = vec![0u64; targets.len()];
-    for op in [Op::Get, Op::Put] {
+    let ops: &[Op] = if s.wants_section("throughput") {
+        &[Op::Get, Op::Put]
+    } else {
+        &[]
+    };
+    for &op in ops {
         let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
         for rep in 0..s.repeat {
             for (i, t) in targets.iter().enumerate() {
@@ -717,104 +770,115 @@ async fn main() {
         }
     }
 
-    // Cold starts.
-    eprintln!("cold etcdctl gets");
-    let mut cold = Vec::new();
-    for t in &targets {
-        cold.push(cold_gets(&t.serial, s.cold_gets).await);
-    }
-    println!();
-    println!(
-        "## Cold start: {} sequential `etcdctl get` processes (ETCDCTL_API=3)",
-        s.cold_gets
-    );
-    println!();
-    println!("| target | wall time | median per get | ratio |");
-    println!("|---|---|---|---|");
-    for (t, (total, each)) in targets.iter().zip(&cold) {
+    if s.wants_section("cold") {
+        // Cold starts.
+        eprintln!("cold etcdctl gets");
+        let mut cold = Vec::new();
+        for t in &targets {
+            cold.push(cold_gets(&t.serial, s.cold_gets).await);
+        }
+        println!();
         println!(
-            "| {} | {} | {} | {} |",
-            t.name,
-            ms(*total),
-            ms(*each),
-            dratio(*total, cold[0].0)
+            "## Cold start: {} sequential `etcdctl get` processes (ETCDCTL_API=3)",
+            s.cold_gets
         );
+        println!();
+        println!("| target | wall time | median per get | ratio |");
+        println!("|---|---|---|---|");
+        for (t, (total, each)) in targets.iter().zip(&cold) {
+            println!(
+                "| {} | {} | {} | {} |",
+                t.name,
+                ms(*total),
+                ms(*each),
+                dratio(*total, cold[0].0)
+            );
+        }
     }
-
-    // Memory.
-    eprintln!("memory with {} HTTP/2 connections", s.h2_conns);
-    let rss_after_load: Vec<Option<u64>> = targets.iter().map(|t| rss_kib(t.pid)).collect();
-    let mut held = Vec::new();
-    for (i, t) in targets.iter().enumerate().filter(|(_, t)| t.pid.is_some()) {
-        held.push((i, rss_with_connections(&t.serial, t.pid, s.h2_conns).await));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    println!();
-    println!(
+    if s.wants_section("memory") {
+        // Memory.
+        eprintln!("memory with {} HTTP/2 connections", s.h2_conns);
+        let rss_after_load: Vec<Option<u64>> = targets.iter().map(|t| rss_kib(t.pid)).collect();
+        let mut held = Vec::new();
+        for (i, t) in targets.iter().enumerate().filter(|(_, t)| t.pid.is_some()) {
+            held.push((i, rss_with_connections(&t.serial, t.pid, s.h2_conns).await));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        println!();
+        println!(
         "## Resident memory (VmRSS) of each proxy process; {} connections = TCP + HTTP/2 preface \
          + SETTINGS exchange, held open",
         s.h2_conns
     );
-    println!();
-    println!(
+        println!();
+        println!(
         "| process | idle, fresh | idle, after the load runs | with {} h2 connections | per connection | connections established / open at sample |",
         s.h2_conns
     );
-    println!("|---|---|---|---|---|---|");
-    for &(i, (est, open, rss)) in &held {
-        let per = match (rss, rss_after_load[i]) {
-            (Some(a), Some(b)) if est > 0 => {
-                format!("{:.1} KiB", (a as f64 - b as f64) / est as f64)
-            }
-            _ => "?".into(),
-        };
-        println!(
-            "| {} | {} | {} | {} | {per} | {est} / {open} |",
-            targets[i].name,
-            mib(rss_fresh[i]),
-            mib(rss_after_load[i]),
-            mib(rss)
-        );
+        println!("|---|---|---|---|---|---|");
+        for &(i, (est, open, rss)) in &held {
+            let per = match (rss, rss_after_load[i]) {
+                (Some(a), Some(b)) if est > 0 => {
+                    format!("{:.1} KiB", (a as f64 - b as f64) / est as f64)
+                }
+                _ => "?".into(),
+            };
+            println!(
+                "| {} | {} | {} | {} | {per} | {est} / {open} |",
+                targets[i].name,
+                mib(rss_fresh[i]),
+                mib(rss_after_load[i]),
+                mib(rss)
+            );
+        }
     }
-
     // Tunnel mode with latency: etcd-proxy vs a port-forward per connection.
-    eprintln!("cold gets through tunnels, with and without latency");
-    let mut rows = Vec::new();
-    for one_way in [Duration::ZERO, s.latency] {
-        sim.set_latency(one_way);
-        let naive = cold_through_tunnels(&sim, &naive_addr, s.latency_gets).await;
-        let proxy = cold_through_tunnels(&sim, &ep_tunnel.cluster_addr, s.latency_gets).await;
-        rows.push((one_way, naive, proxy));
-    }
-    sim.set_latency(Duration::ZERO);
-    println!();
-    println!(
+    let opened = |key: &str| {
+        targets
+            .iter()
+            .position(|t| t.key == key)
+            .map_or(0, |i| opened_during_load[i])
+    };
+    if s.wants_section("latency") && s.wants_target("tunnels") && s.wants_target("naive") {
+        eprintln!("cold gets through tunnels, with and without latency");
+        let mut rows = Vec::new();
+        for one_way in [Duration::ZERO, s.latency] {
+            sim.set_latency(one_way);
+            let naive = cold_through_tunnels(&sim, &naive_addr, s.latency_gets).await;
+            let proxy = cold_through_tunnels(&sim, &ep_tunnel.cluster_addr, s.latency_gets).await;
+            rows.push((one_way, naive, proxy));
+        }
+        sim.set_latency(Duration::ZERO);
+        println!();
+        println!(
         "## Cold `etcdctl get` through port-forward tunnels: median of {} (after one warm-up), \
          RTT = 2 x injected one-way latency per port-forward frame",
         s.latency_gets
     );
-    println!();
-    println!(
+        println!();
+        println!(
         "| one-way latency | naive: one port-forward per connection (to {pod}) | etcd-proxy tunnels | etcd-proxy / naive | port-forwards opened: naive / etcd-proxy |"
     );
-    println!("|---|---|---|---|---|");
-    for (one_way, naive, proxy) in &rows {
+        println!("|---|---|---|---|---|");
+        for (one_way, naive, proxy) in &rows {
+            println!(
+                "| {} ms | {} | {} | {} | {} / {} |",
+                one_way.as_millis(),
+                ms(naive.0),
+                ms(proxy.0),
+                dratio(proxy.0, naive.0),
+                naive.1,
+                proxy.1
+            );
+        }
+        println!();
         println!(
-            "| {} ms | {} | {} | {} | {} / {} |",
-            one_way.as_millis(),
-            ms(naive.0),
-            ms(proxy.0),
-            dratio(proxy.0, naive.0),
-            naive.1,
-            proxy.1
+            "* port-forwards opened during all throughput runs: etcd-proxy tunnels {}, naive \
+         forwarder {} (it opens one per client connection)",
+            opened("tunnels"),
+            opened("naive")
         );
     }
-    println!();
-    println!(
-        "* port-forwards opened during all throughput runs: etcd-proxy tunnels {}, naive \
-         forwarder {} (it opens one per client connection)",
-        opened_during_load[4], opened_during_load[5]
-    );
 
     drop(ep_tunnel);
     drop(ep_gateway);

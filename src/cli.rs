@@ -101,6 +101,12 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: std::time::Duration,
 
+    /// Threads serving requests. One event loop gives the lowest CPU cost and latency per
+    /// request (responses that arrive together leave in one write); an in-cluster gateway
+    /// with many busy clients may use more. 0 means one per CPU core.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub threads: usize,
+
     /// Serve TLS with this certificate chain (PEM); rewritten member URLs become `https://`.
     #[arg(
         long,

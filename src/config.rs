@@ -68,6 +68,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The per-member endpoints.
     pub member_ports: MemberPorts,
+    /// Threads serving requests (0: one per core).
+    pub threads: usize,
     /// Health-check (and idle keepalive) interval.
     pub keepalive: Duration,
     /// How long a check or ping may go unanswered.
@@ -201,6 +203,7 @@ impl TryFrom<Cli> for Config {
             remote_port: cli.remote_port,
             listen: cli.listen,
             member_ports,
+            threads: cli.threads,
             keepalive: cli.keepalive,
             keepalive_timeout: cli.keepalive_timeout,
             tls,

@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use etcd_proxy::{app, cli::Cli, config::Config, env, error::one_line, shutdown, telemetry};
 
+/// Every request allocates (hyper, h2, headers); mimalloc's per-thread free lists cost less
+/// than glibc's malloc, which was ~7 % of the proxy's CPU under load.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log.as_deref());
@@ -28,10 +33,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(config.threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("etcd-proxy: cannot start the async runtime: {e}");
@@ -50,4 +52,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One event loop for `threads == 1` (everything on the main thread, so tasks woken together
+/// run back to back and their writes coalesce), else a work-stealing pool of `threads`
+/// workers (0: one per core).
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build()
 }

@@ -21,7 +21,7 @@ mod users;
 
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -78,7 +78,8 @@ pub enum Verdict {
 
 /// Users, tokens and login throttling.
 pub struct Auth {
-    users: users::Users,
+    /// Shared with the blocking threads that check passwords.
+    users: Arc<users::Users>,
     tokens: tokens::Tokens,
     limiter: limit::Limiter,
     basic_ok: Mutex<HashMap<[u8; 32], Instant>>,
@@ -88,7 +89,7 @@ impl Auth {
     /// Loads the users file.
     pub fn load(path: &Path) -> Result<Self, Error> {
         Ok(Self {
-            users: users::Users::load(path)?,
+            users: Arc::new(users::Users::load(path)?),
             tokens: tokens::Tokens::default(),
             limiter: limit::Limiter::default(),
             basic_ok: Mutex::new(HashMap::new()),
@@ -139,10 +140,15 @@ impl Auth {
                         message: "authentication required",
                     }),
                     Some(value) => match value.strip_prefix("Basic ") {
-                        Some(b64) if self.basic(peer, b64.trim()) => Ok(req),
-                        Some(_) => Err(Verdict::Unauthorized {
-                            message: ERR_AUTH_FAILED,
-                        }),
+                        Some(b64) => {
+                            if self.basic(peer, b64.trim()).await {
+                                Ok(req)
+                            } else {
+                                Err(Verdict::Unauthorized {
+                                    message: ERR_AUTH_FAILED,
+                                })
+                            }
+                        }
                         None if self.tokens.check(value.trim()).is_some() => Ok(req),
                         None => Err(Verdict::Unauthorized {
                             message: ERR_INVALID_TOKEN,
@@ -153,13 +159,19 @@ impl Auth {
         }
     }
 
-    /// Verifies a login, throttled per client address.
-    fn login(&self, peer: IpAddr, name: &str, password: &str) -> Option<String> {
+    /// Verifies a login, throttled per client address. The hash check (tens of milliseconds
+    /// by design) runs on a blocking thread, never on the event loop that serves everyone.
+    async fn login(&self, peer: IpAddr, name: &str, password: &str) -> Option<String> {
         if !self.limiter.allowed(peer) {
             tracing::warn!(%peer, user = name, "login refused: too many failures from this address");
             return None;
         }
-        if self.users.verify(name, password) {
+        let users = self.users.clone();
+        let (n, p) = (name.to_owned(), password.to_owned());
+        let verified = tokio::task::spawn_blocking(move || users.verify(&n, &p))
+            .await
+            .unwrap_or(false);
+        if verified {
             self.limiter.succeeded(peer);
             return Some(name.to_owned());
         }
@@ -171,7 +183,7 @@ impl Auth {
         None
     }
 
-    fn basic(&self, peer: IpAddr, b64: &str) -> bool {
+    async fn basic(&self, peer: IpAddr, b64: &str) -> bool {
         let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(b64) else {
             return false;
         };
@@ -188,7 +200,7 @@ impl Auth {
         let Some((name, password)) = text.split_once(':') else {
             return false;
         };
-        let ok = self.login(peer, name, password).is_some();
+        let ok = self.login(peer, name, password).await.is_some();
         if ok {
             let mut cache = self.basic_ok.lock().unwrap_or_else(|p| p.into_inner());
             cache.retain(|_, t| t.elapsed() < BASIC_CACHE);
@@ -220,6 +232,7 @@ impl Auth {
         }
         let Some(token) = self
             .login(peer, &name, &password)
+            .await
             .and_then(|user| self.tokens.issue(&user))
         else {
             return failed;
@@ -245,6 +258,7 @@ impl Auth {
         let password = v["password"].as_str().unwrap_or_default();
         let Some(token) = self
             .login(peer, name, password)
+            .await
             .and_then(|user| self.tokens.issue(&user))
         else {
             return failed;

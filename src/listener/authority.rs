@@ -309,6 +309,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for RepairAuthority<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if matches!(this.mode, Mode::Passthrough) && this.output.is_empty() && !this.eof {
+            // Decided and drained: the rest of the connection goes straight to hyper's buffer,
+            // and our buffers are given back (they would cost 16 KiB per idle connection).
+            if this.input.capacity() > 0 || this.output.capacity() > 0 {
+                this.input = BytesMut::new();
+                this.output = BytesMut::new();
+            }
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
         loop {
             if !this.output.is_empty() {
                 let n = this.output.len().min(buf.remaining());
