@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Parser};
 
+use crate::router::Reads;
+
 /// One stable local etcd endpoint into a Kubernetes cluster.
 ///
 /// etcd-proxy finds the etcd pods in a namespace, tunnels to them through the Kubernetes
@@ -100,6 +102,12 @@ pub struct Cli {
     /// as failing and the connection dropped.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: std::time::Duration,
+
+    /// Where linearizable reads go: `leader` skips the follower-to-leader ReadIndex hop
+    /// (lowest latency); `spread` round-robins them over the members like clientv3.
+    /// Writes always go to the leader; serializable reads always spread.
+    #[arg(long, value_enum, value_name = "WHERE", default_value_t = Reads::Leader)]
+    pub reads: Reads,
 
     /// Threads serving requests. One event loop gives the lowest CPU cost and latency per
     /// request (responses that arrive together leave in one write); an in-cluster gateway

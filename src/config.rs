@@ -68,6 +68,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The per-member endpoints.
     pub member_ports: MemberPorts,
+    /// Where linearizable reads go.
+    pub reads: crate::router::Reads,
     /// Threads serving requests (0: one per core).
     pub threads: usize,
     /// Health-check (and idle keepalive) interval.
@@ -203,6 +205,7 @@ impl TryFrom<Cli> for Config {
             remote_port: cli.remote_port,
             listen: cli.listen,
             member_ports,
+            reads: cli.reads,
             threads: cli.threads,
             keepalive: cli.keepalive,
             keepalive_timeout: cli.keepalive_timeout,

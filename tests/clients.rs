@@ -1,6 +1,6 @@
 use std::collections::BTreeSet;
 
-use etcd_client::{Client, WatchOptions};
+use etcd_client::{Client, GetOptions, WatchOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -224,26 +224,25 @@ async fn v2_long_poll_and_gateway_streams_are_not_buffered() {
     sim.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_through_the_cluster_endpoint_go_to_the_raft_leader() {
-    let sim = cluster(3).await;
-    let proxy = start_proxy(&sim, &["--keepalive", "200ms"]).await;
-    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
-        .await
-        .expect("connect");
-    let leader = c.status().await.expect("status").leader();
-    // The proxy learns the leader from its status probes; wait (bounded) until a put shows it.
+/// The member IDs that served `n` gets of `key`.
+async fn readers(c: &mut Client, n: usize, serializable: bool) -> BTreeSet<u64> {
+    let mut readers = BTreeSet::new();
+    for _ in 0..n {
+        let opts = serializable.then(|| GetOptions::new().with_serializable());
+        let r = c.get("lead", opts).await.expect("get");
+        readers.insert(r.header().expect("header").member_id());
+    }
+    readers
+}
+
+/// Puts through `c` until one is served by `leader` (the proxy learns the leader from its
+/// status probes), bounded by [`DEADLINE`].
+async fn until_leader_learned(c: &mut Client, leader: u64) {
     let deadline = std::time::Instant::now() + DEADLINE;
     loop {
-        let served_by = c
-            .put("lead", "x", None)
-            .await
-            .expect("put")
-            .header()
-            .expect("header")
-            .member_id();
-        if served_by == leader {
-            break;
+        let r = c.put("lead", "x", None).await.expect("put");
+        if r.header().expect("header").member_id() == leader {
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -251,6 +250,17 @@ async fn writes_through_the_cluster_endpoint_go_to_the_raft_leader() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_and_linearizable_reads_go_to_the_raft_leader() {
+    let sim = cluster(3).await;
+    let proxy = start_proxy(&sim, &["--keepalive", "200ms"]).await;
+    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
+        .await
+        .expect("connect");
+    let leader = c.status().await.expect("status").leader();
+    until_leader_learned(&mut c, leader).await;
     for _ in 0..10 {
         let r = c.put("lead", "y", None).await.expect("put");
         assert_eq!(
@@ -259,19 +269,41 @@ async fn writes_through_the_cluster_endpoint_go_to_the_raft_leader() {
             "every write goes to the leader"
         );
     }
-    // Reads still spread over the members.
-    let mut readers = BTreeSet::new();
-    for _ in 0..12 {
-        readers.insert(
-            c.get("lead", None)
-                .await
-                .expect("get")
-                .header()
-                .expect("header")
-                .member_id(),
-        );
-    }
-    assert!(readers.len() > 1, "reads are spread: {readers:?}");
+    let linearizable = readers(&mut c, 12, false).await;
+    assert_eq!(
+        linearizable,
+        BTreeSet::from([leader]),
+        "linearizable reads go to the leader"
+    );
+    let serializable = readers(&mut c, 12, true).await;
+    assert!(
+        serializable.len() > 1,
+        "serializable reads spread: {serializable:?}"
+    );
+    drop(proxy);
+
+    // --reads spread (here on a multi-threaded proxy): writes still go to the leader.
+    let proxy = start_proxy(
+        &sim,
+        &[
+            "--keepalive",
+            "200ms",
+            "--reads",
+            "spread",
+            "--threads",
+            "2",
+        ],
+    )
+    .await;
+    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
+        .await
+        .expect("connect");
+    until_leader_learned(&mut c, leader).await;
+    let linearizable = readers(&mut c, 12, false).await;
+    assert!(
+        linearizable.len() > 1,
+        "with --reads spread, linearizable reads spread: {linearizable:?}"
+    );
     drop(proxy);
     sim.shutdown().await;
 }

@@ -208,7 +208,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         ..HealthConfig::default()
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let backends = Backends::new(pods_rx, health.clone());
+    let backends = Backends::new(pods_rx, health.clone(), cfg.reads);
     let proxy = Proxy::new(
         upstream.clone(),
         backends,

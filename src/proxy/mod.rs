@@ -97,6 +97,14 @@ impl ReqBody {
         Ok(Self::Buffered(collected.to_bytes()))
     }
 
+    /// The whole body, if it was buffered.
+    fn buffered(&self) -> Option<&[u8]> {
+        match self {
+            Self::Buffered(bytes) => Some(bytes),
+            Self::Streamed(_) => None,
+        }
+    }
+
     /// The body for the next attempt; `None` once a streamed body was sent.
     fn next(&mut self) -> Option<UpstreamBody> {
         match self {
@@ -183,7 +191,14 @@ impl Proxy {
             }
         };
         let mut tried: Vec<String> = Vec::new();
-        let leader_first = router::replay::is_write(route.class, &parts.method, &path);
+        let leader_first = router::leader::wants_leader(
+            self.inner.backends.reads(),
+            route.class,
+            &parts.method,
+            &path,
+            parts.uri.query(),
+            body.buffered(),
+        );
         let mut resp = loop {
             let pod = match self.inner.backends.pick(pinned, &tried, leader_first) {
                 Ok(pod) => pod,

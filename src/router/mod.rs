@@ -7,6 +7,7 @@
 //! clientv3's balancer does per RPC) and skips members a failed attempt already tried; a
 //! member endpoint is pinned to its pod.
 
+pub mod leader;
 pub mod replay;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 use crate::k8s::discovery::EtcdPod;
 use crate::rewrite::{gateway, grpc::ClusterMethod, v2::V2Route};
 use crate::upstream::health::Health;
+pub use leader::Reads;
 pub use replay::Replay;
 
 /// The protocol class of a request.
@@ -88,6 +90,7 @@ pub struct Backends {
     pods: watch::Receiver<Arc<Vec<EtcdPod>>>,
     health: Health,
     next: Arc<AtomicUsize>,
+    reads: Reads,
 }
 
 /// No member can take the request.
@@ -102,13 +105,20 @@ pub enum PickError {
 }
 
 impl Backends {
-    /// Backends over the pod set discovery publishes, avoiding members `health` marks down.
-    pub fn new(pods: watch::Receiver<Arc<Vec<EtcdPod>>>, health: Health) -> Self {
+    /// Backends over the pod set discovery publishes, avoiding members `health` marks down
+    /// and sending linearizable reads where `reads` says.
+    pub fn new(pods: watch::Receiver<Arc<Vec<EtcdPod>>>, health: Health, reads: Reads) -> Self {
         Self {
             pods,
             health,
             next: Arc::new(AtomicUsize::new(0)),
+            reads,
         }
+    }
+
+    /// Where linearizable reads go.
+    pub fn reads(&self) -> Reads {
+        self.reads
     }
 
     /// How many members are ready.
@@ -245,7 +255,7 @@ mod tests {
     fn round_robin_over_ready_pods_and_pinning() {
         let pods = vec![pod("a", true), pod("b", false), pod("c", true)];
         let (_tx, rx) = watch::channel(Arc::new(pods));
-        let b = Backends::new(rx, Health::default());
+        let b = Backends::new(rx, Health::default(), Reads::Leader);
         let picks: Vec<String> = (0..4)
             .map(|_| b.pick(None, &[], false).unwrap().name)
             .collect();
@@ -256,7 +266,7 @@ mod tests {
             Err(PickError::Gone(_))
         ));
         let (_tx, rx) = watch::channel(Arc::new(vec![pod("a", false)]));
-        let err = Backends::new(rx, Health::default())
+        let err = Backends::new(rx, Health::default(), Reads::Leader)
             .pick(None, &[], false)
             .unwrap_err();
         assert!(err.to_string().contains("a not ready"), "{err}");
@@ -267,7 +277,7 @@ mod tests {
         let pods = vec![pod("a", true), pod("b", true), pod("c", true)];
         let (_tx, rx) = watch::channel(Arc::new(pods));
         let health = Health::default();
-        let b = Backends::new(rx, health.clone());
+        let b = Backends::new(rx, health.clone(), Reads::Leader);
         health.record("b", true);
         assert!(health.leader_pod().is_none());
         assert_ne!(
@@ -300,7 +310,7 @@ mod tests {
         let health = Health::default();
         health.record("b", false);
         health.record("b", false);
-        let b = Backends::new(rx, health.clone());
+        let b = Backends::new(rx, health.clone(), Reads::Leader);
         for _ in 0..6 {
             assert_ne!(b.pick(None, &[], false).unwrap().name, "b");
         }
