@@ -21,10 +21,11 @@
 //! `BENCH_WARMUP_MS` [500] of unrecorded load before each run, `BENCH_REPEAT` [3] runs per
 //! target (median reported), `BENCH_CLIENTS` [100], `BENCH_CONNS` [10] connections,
 //! `BENCH_SERIAL_GETS` [2000], `BENCH_COLD_GETS` [50], `BENCH_H2_CONNS` [1000],
-//! `BENCH_LATENCY_MS` [10] one-way, `BENCH_LATENCY_GETS` [11]; `BENCH_TARGETS` [all] keeps
-//! only the targets named (comma-separated: `gateway`, `grpc-proxy`, `endpoints`, `tunnels`,
-//! `endpoints-member`, `naive`; direct always runs) and `BENCH_SECTIONS` [all] only the sections named (`serial`,
-//! `throughput`, `cold`, `memory`, `latency`), for a quick loop while profiling.
+//! `BENCH_LATENCY_MS` [10] one-way, `BENCH_LATENCY_GETS` [11]. For a quick loop while
+//! profiling, `BENCH_TARGETS` keeps only the targets named (comma-separated: `gateway`,
+//! `grpc-proxy`, `endpoints`, `endpoints-member`, `tunnels`, `naive`; direct always runs) and
+//! `BENCH_SECTIONS` only the sections named (`serial`, `throughput`, `cold`, `memory`,
+//! `latency`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -670,11 +671,31 @@ async fn main() {
     let rss_fresh: Vec<Option<u64>> = targets.iter().map(|t| rss_kib(t.pid)).collect();
 
     if s.wants_section("serial") {
-        // Serial latency.
+        // Serial latency. Direct to both raft roles: a follower answers a linearizable get
+        // only after a ReadIndex round trip to the leader.
         eprintln!("serial gets");
+        let pods = sim.pod_names();
+        let role = |pod: &str| if pod == leader { "leader" } else { "follower" };
+        let other = if leader == pods[0] {
+            pods[1].clone()
+        } else {
+            leader.clone()
+        };
+        let mut rows: Vec<(String, String)> = targets
+            .iter()
+            .map(|t| (t.name.to_owned(), t.serial.clone()))
+            .collect();
+        rows[0].0 = format!("direct to {} ({})", pods[0], role(&pods[0]));
+        rows.insert(
+            1,
+            (
+                format!("direct to {other} ({})", role(&other)),
+                sim.member_client_url(&other).expect("member url"),
+            ),
+        );
         let mut serial = Vec::new();
-        for t in &targets {
-            serial.push(serial_latency(&t.serial, s.serial_gets).await);
+        for (_, endpoint) in &rows {
+            serial.push(serial_latency(endpoint, s.serial_gets).await);
         }
         println!();
         println!(
@@ -685,10 +706,10 @@ async fn main() {
         println!();
         println!("| target | p50 | p99 | p50 ratio | p99 ratio |");
         println!("|---|---|---|---|---|");
-        for (t, (p50, p99)) in targets.iter().zip(&serial) {
+        for ((name, _), (p50, p99)) in rows.iter().zip(&serial) {
             println!(
                 "| {} | {} | {} | {} | {} |",
-                t.name,
+                name,
                 ms(*p50),
                 ms(*p99),
                 dratio(*p50, serial[0].0),

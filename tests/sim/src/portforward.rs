@@ -419,7 +419,7 @@ async fn session<S>(
     let sent = activity.clone();
     tasks.spawn(async move {
         while let Some((due, msg)) = out_rx.recv().await {
-            tokio::time::sleep_until(due).await;
+            wait_until(due).await;
             let closing = msg.is_close();
             if !closing {
                 // conn.go `write` resets the idle deadline before sending.
@@ -488,7 +488,7 @@ async fn session<S>(
                 let done = done_tx.clone();
                 tasks.spawn(async move {
                     while let Some((at, bytes)) = rx.recv().await {
-                        tokio::time::sleep_until(at).await;
+                        wait_until(at).await;
                         if wr.write_all(&bytes).await.is_err() {
                             break;
                         }
@@ -561,4 +561,13 @@ async fn session<S>(
 fn channels(i: usize) -> (u8, u8) {
     let data = u8::try_from(i * 2).unwrap_or(u8::MAX - 1);
     (data, data.saturating_add(1))
+}
+
+/// Waits for an injected delay. Without latency the frame is already due and goes at once:
+/// tokio's timer rounds every sleep up to its next 1 ms tick, which would add a millisecond
+/// per frame that no real API server adds.
+async fn wait_until(due: Instant) {
+    if due > Instant::now() {
+        tokio::time::sleep_until(due).await;
+    }
 }
