@@ -5,8 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use etcd_proxy::{app, cli::Cli, config::Config, env, error::one_line, shutdown, telemetry};
 
-/// Every request allocates (hyper, h2, headers); mimalloc's per-thread free lists cost less
-/// than glibc's malloc, which was ~7 % of the proxy's CPU under load.
+/// Every request allocates (hyper, h2, headers): with mimalloc the proxy used a quarter less
+/// CPU per request than with glibc's malloc (`cargo bench --bench compare`). Its `no_thp`
+/// build keeps transparent huge pages off: with them, idle RSS rose from 9 to 15 MiB and each
+/// idle HTTP/2 connection cost 35 KiB instead of 20.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

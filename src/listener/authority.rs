@@ -40,6 +40,9 @@ const PRIORITY: u8 = 0x20;
 const MAX_OUT_FRAME: usize = 16_384;
 /// A header block larger than this is refused (hyper's own header list limit is smaller).
 const MAX_BLOCK: usize = 1 << 20;
+/// Read size before the first header block: a client's preface, SETTINGS and first request
+/// fit, and every idle connection holds this much.
+const READ_CHUNK: usize = 4096;
 /// The largest frame we buffer (SETTINGS_MAX_FRAME_SIZE can be at most 2^24 - 1).
 const MAX_FRAME: usize = (1 << 24) - 1;
 
@@ -101,7 +104,7 @@ impl<S> RepairAuthority<S> {
         Self {
             inner,
             mode: Mode::Detect,
-            input: BytesMut::with_capacity(16 * 1024),
+            input: BytesMut::new(),
             output: BytesMut::new(),
             pending: None,
             decoder,
@@ -311,7 +314,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for RepairAuthority<S> {
         let this = &mut *self;
         if matches!(this.mode, Mode::Passthrough) && this.output.is_empty() && !this.eof {
             // Decided and drained: the rest of the connection goes straight to hyper's buffer,
-            // and our buffers are given back (they would cost 16 KiB per idle connection).
+            // and our buffers are given back.
             if this.input.capacity() > 0 || this.output.capacity() > 0 {
                 this.input = BytesMut::new();
                 this.output = BytesMut::new();
@@ -328,8 +331,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for RepairAuthority<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            if this.input.capacity() - this.input.len() < 4096 {
-                this.input.reserve(16 * 1024);
+            if this.input.capacity() - this.input.len() < 1024 {
+                // Small: an idle connection keeps this until its first request arrives.
+                this.input.reserve(READ_CHUNK);
             }
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut this.inner),
