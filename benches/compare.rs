@@ -821,7 +821,12 @@ async fn main() {
         eprintln!("memory with {} HTTP/2 connections", s.h2_conns);
         let rss_after_load: Vec<Option<u64>> = targets.iter().map(|t| rss_kib(t.pid)).collect();
         let mut held = Vec::new();
-        for (i, t) in targets.iter().enumerate().filter(|(_, t)| t.pid.is_some()) {
+        // One row per process (the member endpoint shares the --endpoints process).
+        let mut measured = std::collections::HashSet::new();
+        for (i, t) in targets.iter().enumerate() {
+            if t.pid.is_none() || !measured.insert(t.pid) {
+                continue;
+            }
             held.push((i, rss_with_connections(&t.serial, t.pid, s.h2_conns).await));
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

@@ -95,6 +95,97 @@ async fn killing_a_member_under_load_fails_no_reads() {
     sim.shutdown().await;
 }
 
+/// The raft leader as `member` sees it (0 during an election), if `member` answers.
+async fn leader_seen_by(url: &str) -> Option<(u64, u64)> {
+    let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut c = Client::connect([url], None).await.ok()?;
+        let s = c.status().await.ok()?;
+        Some((s.header()?.member_id(), s.leader()))
+    });
+    attempt.await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_leader_dies_writes_and_reads_follow_the_new_leader() {
+    let sim = cluster(3).await;
+    let proxy = start_proxy(&sim, &["--keepalive", "200ms"]).await;
+    let mut old = None;
+    for (name, url) in &proxy.members {
+        if let Some((id, leader)) = leader_seen_by(url).await {
+            if id == leader {
+                old = Some((name.clone(), id));
+            }
+        }
+    }
+    let (old_pod, old_id) = old.expect("a leader");
+    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
+        .await
+        .expect("connect");
+    let deadline = Instant::now() + crate::support::DEADLINE;
+    // The proxy has learned the leader once a put is served by it.
+    loop {
+        let r = c.put("failover", "0", None).await.expect("put");
+        if r.header().expect("header").member_id() == old_id {
+            break;
+        }
+        assert!(Instant::now() < deadline, "puts never reached the leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    sim.kill_pod(&old_pod).await.expect("kill the leader");
+    let survivors: Vec<&String> = proxy
+        .members
+        .iter()
+        .filter(|(name, _)| *name != old_pod)
+        .map(|(_, url)| url)
+        .collect();
+    let new_id = loop {
+        let mut elected = None;
+        for url in &survivors {
+            if let Some((_, leader)) = leader_seen_by(url).await {
+                if leader != 0 && leader != old_id {
+                    elected = Some(leader);
+                }
+            }
+        }
+        if let Some(id) = elected {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "no new leader was elected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Both kinds of request settle on the new leader (health checks every 200 ms learn it).
+    loop {
+        let put = tokio::time::timeout(Duration::from_secs(5), c.put("failover", "1", None)).await;
+        let get = tokio::time::timeout(Duration::from_secs(5), c.get("failover", None)).await;
+        let served = |id: Option<u64>| id == Some(new_id);
+        let put_by = put
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|r| Some(r.header()?.member_id()));
+        let get_by = get
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|r| Some(r.header()?.member_id()));
+        if served(put_by) && served(get_by) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "requests never settled on the new leader {new_id:x}: put by {put_by:?}, get by {get_by:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = c.get("failover", None).await.expect("get");
+    assert_eq!(
+        r.kvs()[0].value(),
+        b"1",
+        "the write through the new leader is read back"
+    );
+    drop(proxy);
+    sim.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutting_every_tunnel_repeatedly_fails_no_reads() {
     let sim = cluster(3).await;
