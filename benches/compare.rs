@@ -25,7 +25,7 @@
 //! profiling, `BENCH_TARGETS` keeps only the targets named (comma-separated: `gateway`,
 //! `grpc-proxy`, `endpoints`, `endpoints-member`, `tunnels`, `naive`; direct always runs) and
 //! `BENCH_SECTIONS` only the sections named (`serial`, `throughput`, `cold`, `memory`,
-//! `latency`).
+//! `latency`). `BENCH_PROXY_LOG` [etcd-proxy's default] is the log filter etcd-proxy runs with.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -559,7 +559,10 @@ fn machine_note() -> String {
 
 #[tokio::main]
 async fn main() {
-    std::env::set_var("ETCD_PROXY_TEST_LOG", "warn");
+    // etcd-proxy runs with its default log filter, as users run it (spans per connection
+    // included); BENCH_PROXY_LOG overrides.
+    let log = std::env::var("BENCH_PROXY_LOG").unwrap_or_else(|_| "etcd_proxy=info,error".into());
+    std::env::set_var("ETCD_PROXY_TEST_LOG", log);
     let s = Settings::from_env();
     let work = tempfile::tempdir().expect("tempdir");
 
