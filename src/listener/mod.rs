@@ -116,7 +116,9 @@ pub async fn serve(
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
             let pinned = pinned.clone();
-            async move { proxy.handle(pinned.as_deref(), peer.ip(), req).await }
+            // Boxed: hyper moves each request's future into a task of its own, and moving the
+            // whole pipeline's state (several KiB) by value showed up as memmove in profiles.
+            Box::pin(async move { proxy.handle(pinned.as_deref(), peer.ip(), req).await })
         });
         let watcher = graceful.watcher();
         let builder = builder.clone();
