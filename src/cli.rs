@@ -110,8 +110,8 @@ pub struct Cli {
     pub reads: Reads,
 
     /// Threads serving requests. One event loop gives the lowest CPU cost and latency per
-    /// request (responses that arrive together leave in one write); an in-cluster gateway
-    /// with many busy clients may use more. 0 means one per CPU core.
+    /// request (no wake-ups across threads); an in-cluster gateway with many busy clients
+    /// may use more. 0 means one per CPU core.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub threads: usize,
 

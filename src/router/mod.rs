@@ -3,9 +3,10 @@
 //!
 //! Classification follows etcd's own client-port multiplexer (`etcd-protocols.md` §2): HTTP/2
 //! with a gRPC content type is gRPC; everything else is HTTP and goes upstream as HTTP/1.1.
-//! The cluster endpoint spreads requests round-robin over the ready, healthy members (as
-//! clientv3's balancer does per RPC) and skips members a failed attempt already tried; a
-//! member endpoint is pinned to its pod.
+//! The cluster endpoint sends writes and linearizable reads to the raft leader when it is
+//! known and healthy ([`leader`]), spreads everything else round-robin over the ready, healthy
+//! members (as clientv3's balancer does per RPC), and skips members a failed attempt already
+//! tried; a member endpoint is pinned to its pod.
 
 pub mod leader;
 pub mod replay;
