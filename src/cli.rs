@@ -182,8 +182,8 @@ pub struct Cli {
     )]
     pub etcd_key: Option<PathBuf>,
 
-    /// Name to verify etcd's certificates against [default: each member's DNS name,
-    /// `<pod>.<service>.<namespace>.svc`, or the host of its --endpoints URL].
+    /// Name to verify etcd's certificates against (default: each member's DNS name,
+    /// `<pod>.<service>.<namespace>.svc`, or the host of its --endpoints URL).
     #[arg(
         long,
         value_name = "NAME",

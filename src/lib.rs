@@ -24,7 +24,7 @@
 //!
 //! * [`cli`] → [`config`]: flags, then a validated configuration.
 //! * [`app`]: the composition root; the only module that wires the others.
-//! * [`env`]: `--env`, the etcdctl environment for a proxy.
+//! * [`env`](mod@env): `--env`, the etcdctl environment for a proxy.
 //! * [`endpoints`]: one local endpoint per member, following scale-up and scale-down.
 //! * [`auth`]: users, proxy-issued tokens, Basic auth; etcd's own auth passes through.
 //! * [`listener`]: local endpoints (cluster and one per member), a span per connection.

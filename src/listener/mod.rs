@@ -2,9 +2,9 @@
 //! which is how gRPC clients speak h2c) on the same socket.
 //!
 //! hyper-util's `auto` builder reads the first bytes to tell the HTTP/2 preface from HTTP/1
-//! and replays them; [`authority::RepairAuthority`] first repairs the malformed `:authority`
-//! some etcd clients send on HTTP/2. Each connection gets its own task and tracing span; a malformed frame or
-//! a reset ends only that connection. No idle or read timeouts apply: watches, lease
+//! and replays them; `authority::RepairAuthority` first repairs the malformed `:authority`
+//! some etcd clients send on HTTP/2. Each connection gets its own task and tracing span; a
+//! malformed frame or a reset ends only that connection. No idle or read timeouts apply: watches, lease
 //! keep-alives and v2 `?wait=true` long-polls can be silent for hours.
 
 use std::net::SocketAddr;
@@ -76,7 +76,7 @@ pub struct Endpoint {
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// Serves `endpoint` (over TLS when `tls` is set) until `shutdown` turns true, then drains for
-/// up to [`DRAIN`].
+/// up to `DRAIN` (10 s).
 pub async fn serve(
     endpoint: Endpoint,
     proxy: Proxy,
