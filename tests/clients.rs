@@ -4,7 +4,7 @@ use etcd_client::{Client, GetOptions, WatchOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{cluster, start_proxy, DEADLINE};
+use crate::support::{cluster, start_proxy, until_leader_learned, DEADLINE};
 
 /// Sends one raw HTTP/1.1 request and returns the whole response.
 pub async fn http1(addr: &str, method: &str, path: &str, body: &str) -> String {
@@ -233,23 +233,6 @@ async fn readers(c: &mut Client, n: usize, serializable: bool) -> BTreeSet<u64> 
         readers.insert(r.header().expect("header").member_id());
     }
     readers
-}
-
-/// Puts through `c` until one is served by `leader` (the proxy learns the leader from its
-/// status probes), bounded by [`DEADLINE`].
-async fn until_leader_learned(c: &mut Client, leader: u64) {
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let r = c.put("lead", "x", None).await.expect("put");
-        if r.header().expect("header").member_id() == leader {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "puts never reached the leader {leader:x}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 
-use crate::support::{cluster, start_proxy};
+use crate::support::{cluster, start_proxy, until_leader_learned};
 
 /// Counts of one load run.
 #[derive(Default)]
@@ -121,16 +121,8 @@ async fn after_the_leader_dies_writes_and_reads_follow_the_new_leader() {
     let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
         .await
         .expect("connect");
+    until_leader_learned(&mut c, old_id).await;
     let deadline = Instant::now() + crate::support::DEADLINE;
-    // The proxy has learned the leader once a put is served by it.
-    loop {
-        let r = c.put("failover", "0", None).await.expect("put");
-        if r.header().expect("header").member_id() == old_id {
-            break;
-        }
-        assert!(Instant::now() < deadline, "puts never reached the leader");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     sim.kill_pod(&old_pod).await.expect("kill the leader");
     let survivors: Vec<&String> = proxy

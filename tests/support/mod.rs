@@ -364,3 +364,20 @@ pub fn pki(dir: &Path, server_names: &[&str]) -> Pki {
         client_key: write("client.key", client_key),
     }
 }
+
+/// Puts through `c` until one is served by `leader` (the proxy learns the leader from its
+/// status probes), bounded by [`DEADLINE`].
+pub async fn until_leader_learned(c: &mut etcd_client::Client, leader: u64) {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let r = c.put("lead", "x", None).await.expect("put");
+        if r.header().expect("header").member_id() == leader {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "puts never reached the leader {leader:x}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
