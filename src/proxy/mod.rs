@@ -191,14 +191,16 @@ impl Proxy {
             }
         };
         let mut tried: Vec<String> = Vec::new();
-        let leader_first = router::leader::wants_leader(
-            self.inner.backends.reads(),
-            route.class,
-            &parts.method,
-            &path,
-            parts.uri.query(),
-            body.buffered(),
-        );
+        // A member endpoint is pinned: no need to look into the body.
+        let leader_first = pinned.is_none()
+            && router::leader::wants_leader(
+                self.inner.backends.reads(),
+                route.class,
+                &parts.method,
+                &path,
+                parts.uri.query(),
+                body.buffered(),
+            );
         let mut resp = loop {
             let pod = match self.inner.backends.pick(pinned, &tried, leader_first) {
                 Ok(pod) => pod,
