@@ -54,15 +54,23 @@ async fn load(endpoint: String, workers: usize, until: Instant, counts: Arc<Load
 /// The name of a member that is not the raft leader.
 async fn a_follower(proxy: &crate::support::Proxy) -> String {
     for (name, url) in &proxy.members {
-        let mut c = Client::connect([url.as_str()], None)
-            .await
-            .expect("connect member");
-        let status = c.status().await.expect("status");
-        if status.leader() != status.header().expect("header").member_id() {
-            return name.clone();
+        if let Some((id, leader)) = leader_seen_by(url).await {
+            if id != leader {
+                return name.clone();
+            }
         }
     }
     panic!("no follower among {:?}", proxy.members);
+}
+
+/// `member`'s own ID and the raft leader it sees (0 during an election), if it answers.
+async fn leader_seen_by(url: &str) -> Option<(u64, u64)> {
+    let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut c = Client::connect([url], None).await.ok()?;
+        let s = c.status().await.ok()?;
+        Some((s.header()?.member_id(), s.leader()))
+    });
+    attempt.await.ok().flatten()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,16 +101,6 @@ async fn killing_a_member_under_load_fails_no_reads() {
     );
     drop(proxy);
     sim.shutdown().await;
-}
-
-/// The raft leader as `member` sees it (0 during an election), if `member` answers.
-async fn leader_seen_by(url: &str) -> Option<(u64, u64)> {
-    let attempt = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut c = Client::connect([url], None).await.ok()?;
-        let s = c.status().await.ok()?;
-        Some((s.header()?.member_id(), s.leader()))
-    });
-    attempt.await.ok().flatten()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
