@@ -4,7 +4,8 @@
 //! hyper-util's `auto` builder reads the first bytes to tell the HTTP/2 preface from HTTP/1
 //! and replays them; `authority::RepairAuthority` first repairs the malformed `:authority`
 //! some etcd clients send on HTTP/2. Each connection gets its own task and tracing span; a
-//! malformed frame or a reset ends only that connection. No idle or read timeouts apply: watches, lease
+//! malformed frame or a reset ends only that connection; `coalesce::CoalesceWrites` lets
+//! responses that are ready together leave in one write. No idle or read timeouts apply: watches, lease
 //! keep-alives and v2 `?wait=true` long-polls can be silent for hours.
 
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use crate::proxy::Proxy;
 use crate::upstream::BoxIo;
 
 mod authority;
+mod coalesce;
 pub mod tls;
 
 /// How long in-flight requests may run after shutdown starts.
@@ -142,7 +144,9 @@ pub async fn serve(
                         }
                     }
                 };
-                let io = TokioIo::new(authority::RepairAuthority::new(io));
+                let io = TokioIo::new(coalesce::CoalesceWrites::new(
+                    authority::RepairAuthority::new(io),
+                ));
                 let result = watcher
                     .watch(
                         builder

@@ -107,6 +107,9 @@ impl hyper::rt::Read for Conn {
     }
 }
 
+/// `poll_write_vectored` is deliberately not forwarded: hyper then reports the connection as
+/// not vectored, and `h2` copies request payloads under 1 KiB into its write buffer, so
+/// requests that are ready together leave in one write (see `listener::coalesce`).
 impl hyper::rt::Write for Conn {
     fn poll_write(
         self: Pin<&mut Self>,
