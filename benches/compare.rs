@@ -279,6 +279,11 @@ struct Run {
     ops_per_sec: f64,
     /// CPU time of the target's process per 1,000 recorded ops.
     cpu_per_kop: Option<Duration>,
+    /// CPU time of all etcd members together per 1,000 recorded ops.
+    etcd_cpu_per_kop: Option<Duration>,
+    /// CPU time of this process (the load generator, and the simulated API server, which
+    /// carries the tunnel target's traffic) per 1,000 recorded ops.
+    bench_cpu_per_kop: Option<Duration>,
     p50: Duration,
     p99: Duration,
     errors: u64,
@@ -286,7 +291,7 @@ struct Run {
 
 /// `clients` tasks over `conns` connections (connection `i` to `spread[i % len]`), each
 /// repeating `op` back to back; ops that start during the warm-up are not recorded.
-async fn load(spread: &[String], pid: Option<u32>, op: Op, s: &Settings) -> Run {
+async fn load(spread: &[String], pid: Option<u32>, etcd_pids: &[u32], op: Op, s: &Settings) -> Run {
     let mut conns = Vec::with_capacity(s.conns);
     for i in 0..s.conns {
         let ep = spread[i % spread.len()].as_str();
@@ -297,11 +302,24 @@ async fn load(spread: &[String], pid: Option<u32>, op: Op, s: &Settings) -> Run 
     let start = Instant::now() + s.warmup;
     let end = start + Duration::from_secs(s.seconds);
     let value = vec![b'v'; VALUE_BYTES];
+    let etcd_pids = etcd_pids.to_vec();
     let cpu = tokio::spawn(async move {
+        let sample = |pids: &[u32]| -> Vec<Option<Duration>> {
+            let mut all: Vec<Option<Duration>> =
+                vec![cpu_time(pid), cpu_time(Some(std::process::id()))];
+            let etcd: Option<Duration> = pids.iter().map(|p| cpu_time(Some(*p))).sum();
+            all.push(etcd);
+            all
+        };
         tokio::time::sleep_until(start.into()).await;
-        let before = cpu_time(pid)?;
+        let before = sample(&etcd_pids);
         tokio::time::sleep_until(end.into()).await;
-        Some(cpu_time(pid)?.saturating_sub(before))
+        let after = sample(&etcd_pids);
+        before
+            .into_iter()
+            .zip(after)
+            .map(|(b, a)| Some(a?.saturating_sub(b?)))
+            .collect::<Vec<_>>()
     });
     let mut tasks = Vec::with_capacity(s.clients);
     for task in 0..s.clients {
@@ -347,11 +365,15 @@ async fn load(spread: &[String], pid: Option<u32>, op: Op, s: &Settings) -> Run 
     }
     all.sort();
     let cpu = cpu.await.expect("cpu sampler");
+    let per_kop = |c: Option<Duration>| {
+        c.filter(|_| !all.is_empty())
+            .map(|c| c.mul_f64(1000.0 / all.len() as f64))
+    };
     Run {
         ops_per_sec: all.len() as f64 / s.seconds as f64,
-        cpu_per_kop: cpu
-            .filter(|_| !all.is_empty())
-            .map(|c| c.mul_f64(1000.0 / all.len() as f64)),
+        cpu_per_kop: per_kop(cpu[0]),
+        bench_cpu_per_kop: per_kop(cpu[1]),
+        etcd_cpu_per_kop: per_kop(cpu[2]),
         p50: percentile(&all, 50),
         p99: percentile(&all, 99),
         errors,
@@ -739,7 +761,8 @@ async fn main() {
                     t.name
                 );
                 let before = sim.portforward_count();
-                runs[i].push(load(&t.spread, t.pid, op, &s).await);
+                let etcd_pids = sim.etcd_pids();
+                runs[i].push(load(&t.spread, t.pid, &etcd_pids, op, &s).await);
                 opened_during_load[i] += sim.portforward_count() - before;
             }
         }
@@ -758,7 +781,7 @@ async fn main() {
         );
         println!();
         println!(
-            "| target | ops/s | p50 | p99 | ops/s ratio | p50 ratio | p99 ratio | errors | proxy CPU per 1k ops | ops/s of each run |"
+            "| target | ops/s | p50 | p99 | ops/s ratio | p50 ratio | p99 ratio | errors | CPU per 1k ops: proxy / etcd (3 members) / bench process | ops/s of each run |"
         );
         println!("|---|---|---|---|---|---|---|---|---|---|");
         let med = |r: &[Run]| {
@@ -771,7 +794,20 @@ async fn main() {
         let direct = med(&runs[0]);
         for (t, r) in targets.iter().zip(&runs) {
             let (ops, p50, p99) = med(r);
-            let cpu: Vec<Duration> = r.iter().filter_map(|x| x.cpu_per_kop).collect();
+            let cpu_of = |f: fn(&Run) -> Option<Duration>| {
+                let v: Vec<Duration> = r.iter().filter_map(f).collect();
+                if v.is_empty() {
+                    "-".to_owned()
+                } else {
+                    ms(median_dur(v))
+                }
+            };
+            let cpu = format!(
+                "{} / {} / {}",
+                cpu_of(|x| x.cpu_per_kop),
+                cpu_of(|x| x.etcd_cpu_per_kop),
+                cpu_of(|x| x.bench_cpu_per_kop)
+            );
             println!(
                 "| {} | {ops:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 t.name,
@@ -781,11 +817,7 @@ async fn main() {
                 dratio(p50, direct.1),
                 dratio(p99, direct.2),
                 r.iter().map(|x| x.errors).sum::<u64>(),
-                if cpu.is_empty() {
-                    "-".into()
-                } else {
-                    ms(median_dur(cpu))
-                },
+                cpu,
                 r.iter()
                     .map(|x| format!("{:.0}", x.ops_per_sec))
                     .collect::<Vec<_>>()

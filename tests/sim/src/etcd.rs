@@ -143,6 +143,11 @@ impl Member {
         Ok(())
     }
 
+    /// The running etcd process's id, for measuring it (benchmarks read its CPU time).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.lock_child().as_ref().and_then(Child::id)
+    }
+
     fn lock_child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
         // A poisoned lock only means another thread panicked while holding it;
         // the Option inside is still meaningful.

@@ -267,6 +267,16 @@ impl SimCluster {
         self.shared.member(pod).map(|m| m.spec.client_url())
     }
 
+    /// The process ids of the running etcd members, for measuring them (benchmarks read
+    /// their CPU time).
+    pub fn etcd_pids(&self) -> Vec<u32> {
+        self.shared
+            .members()
+            .iter()
+            .filter_map(|m| m.pid())
+            .collect()
+    }
+
     /// The pod's current `status.podIP`.
     pub fn pod_ip(&self, pod: &str) -> Option<String> {
         self.shared.store.pod_state(pod).map(|p| p.ip)
