@@ -781,9 +781,9 @@ async fn main() {
         );
         println!();
         println!(
-            "| target | ops/s | p50 | p99 | ops/s ratio | p50 ratio | p99 ratio | errors | CPU per 1k ops: proxy / etcd (3 members) / bench process | ops/s of each run |"
+            "| target | ops/s | p50 | p99 | ops/s ratio | ops/s ratio round by round: median (min-max) | p50 ratio | p99 ratio | errors | CPU per 1k ops: proxy / etcd (3 members) / bench process | ops/s of each run |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         let med = |r: &[Run]| {
             (
                 median_f64(r.iter().map(|x| x.ops_per_sec).collect()),
@@ -808,8 +808,23 @@ async fn main() {
                 cpu_of(|x| x.etcd_cpu_per_kop),
                 cpu_of(|x| x.bench_cpu_per_kop)
             );
+            // Each round runs every target back to back, so a ratio within a round is the
+            // one least disturbed by the machine's drift between rounds.
+            let rounds: Vec<f64> = r
+                .iter()
+                .zip(&runs[0])
+                .filter(|(_, d)| d.ops_per_sec > 0.0)
+                .map(|(x, d)| x.ops_per_sec / d.ops_per_sec)
+                .collect();
+            let paired = if rounds.is_empty() {
+                "?".to_owned()
+            } else {
+                let lo = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = rounds.iter().copied().fold(0.0, f64::max);
+                format!("{:.2} ({lo:.2}-{hi:.2})", median_f64(rounds))
+            };
             println!(
-                "| {} | {ops:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {ops:.0} | {} | {} | {} | {paired} | {} | {} | {} | {} | {} |",
                 t.name,
                 ms(p50),
                 ms(p99),
