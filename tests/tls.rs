@@ -40,6 +40,16 @@ async fn tls_auto_serves_etcdctl_v3_and_v2_with_https_member_urls() {
             .trim(),
         "yes"
     );
+    // A value far over h2's copy threshold and frame size crosses TLS intact, both ways.
+    let big: String = (0..100_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    run(v3(&["put", "tls-big"]), &big).await.ok();
+    let got = run(v3(&["get", "tls-big", "--print-value-only"]), "")
+        .await
+        .ok()
+        .stdout;
+    assert_eq!(got.trim_end_matches('\n'), big, "100 kB value through TLS");
     let list = run(v3(&["member", "list"]), "").await.ok().stdout;
     for (_, url) in &proxy.members {
         assert!(list.contains(url.as_str()), "{list}");
