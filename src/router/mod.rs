@@ -133,43 +133,36 @@ impl Backends {
     ///
     /// With `leader_first`, the raft leader is chosen when it is among the best candidates:
     /// a write sent to a follower costs one more hop inside the cluster.
+    ///
+    /// This runs for every request, so it allocates nothing: candidate sets are bit masks
+    /// over the first [`MAX_MEMBERS`] pods, and the result points into the pod snapshot.
     pub fn pick(
         &self,
         pinned: Option<&str>,
         tried: &[String],
         leader_first: bool,
-    ) -> Result<EtcdPod, PickError> {
+    ) -> Result<Picked, PickError> {
         let pods = self.pods.borrow().clone();
         if let Some(name) = pinned {
-            return pods
-                .iter()
-                .find(|p| p.name == name)
-                .cloned()
-                .ok_or_else(|| PickError::Gone(name.to_owned()));
+            return match pods.iter().position(|p| p.name == name) {
+                Some(index) => Ok(Picked { pods, index }),
+                None => Err(PickError::Gone(name.to_owned())),
+            };
         }
+        let (mut ready, mut fresh) = (0u64, 0u64);
+        for (i, p) in pods.iter().enumerate().take(MAX_MEMBERS) {
+            ready |= u64::from(p.ready) << i;
+            fresh |= u64::from(!tried.contains(&p.name)) << i;
+        }
+        let names = || pods.iter().map(|p| p.name.as_str());
+        let up = self.health.up_mask(names());
         // Preference: untried and healthy, untried, healthy, any ready member. A member tried
         // before is retried on a new connection (the failed one is gone from the pool).
-        let ready: Vec<&EtcdPod> = pods.iter().filter(|p| p.ready).collect();
-        let fresh = |p: &&EtcdPod| !tried.contains(&p.name);
-        let up = |p: &&EtcdPod| self.health.is_up(&p.name);
-        let tiers: [Vec<&EtcdPod>; 3] = [
-            ready
-                .iter()
-                .copied()
-                .filter(|p| fresh(p) && up(p))
-                .collect(),
-            ready.iter().copied().filter(fresh).collect(),
-            ready.iter().copied().filter(up).collect(),
-        ];
-        let ready = tiers.into_iter().find(|t| !t.is_empty()).unwrap_or(ready);
-        if leader_first {
-            if let Some(leader) = self.health.leader_pod() {
-                if let Some(p) = ready.iter().find(|p| p.name == leader) {
-                    return Ok((*p).clone());
-                }
-            }
-        }
-        if ready.is_empty() {
+        let candidates = [ready & fresh & up, ready & fresh, ready & up, ready]
+            .into_iter()
+            .find(|m| *m != 0)
+            .unwrap_or(0);
+        if candidates == 0 {
             let names = pods
                 .iter()
                 .map(|p| format!("{} not ready", p.name))
@@ -181,14 +174,46 @@ impl Backends {
                 names
             }));
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        Ok(ready[i % ready.len()].clone())
+        if leader_first {
+            if let Some(index) = self.health.leader_position(names()) {
+                if index < MAX_MEMBERS && candidates & (1 << index) != 0 {
+                    return Ok(Picked { pods, index });
+                }
+            }
+        }
+        let nth = self.next.fetch_add(1, Ordering::Relaxed) % candidates.count_ones() as usize;
+        let mut rest = candidates;
+        for _ in 0..nth {
+            rest &= rest - 1;
+        }
+        let index = rest.trailing_zeros() as usize;
+        Ok(Picked { pods, index })
+    }
+}
+
+/// Pods past this many are never picked: candidate sets are `u64` masks. etcd clusters have
+/// 3, 5 or 7 members (etcd's FAQ advises against more), so this is no limit in practice.
+pub const MAX_MEMBERS: usize = 64;
+
+/// The member chosen for one request: a view into the pod snapshot it was chosen from.
+#[derive(Debug)]
+pub struct Picked {
+    pods: Arc<Vec<EtcdPod>>,
+    index: usize,
+}
+
+impl std::ops::Deref for Picked {
+    type Target = EtcdPod;
+
+    fn deref(&self) -> &EtcdPod {
+        &self.pods[self.index]
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn req(version: Version, method: Method, path: &str, ct: &str) -> Request<()> {
         Request::builder()
@@ -258,7 +283,7 @@ mod tests {
         let (_tx, rx) = watch::channel(Arc::new(pods));
         let b = Backends::new(rx, Health::default(), Reads::Leader);
         let picks: Vec<String> = (0..4)
-            .map(|_| b.pick(None, &[], false).unwrap().name)
+            .map(|_| b.pick(None, &[], false).unwrap().name.clone())
             .collect();
         assert_eq!(picks, ["a", "c", "a", "c"]);
         assert_eq!(b.pick(Some("b"), &[], false).unwrap().name, "b");
@@ -296,12 +321,29 @@ mod tests {
             "a failed leader is skipped"
         );
         let reads: Vec<String> = (0..3)
-            .map(|_| b.pick(None, &[], false).unwrap().name)
+            .map(|_| b.pick(None, &[], false).unwrap().name.clone())
             .collect();
         assert!(
             reads.iter().any(|n| n != "b"),
             "reads still spread: {reads:?}"
         );
+    }
+
+    #[test]
+    fn round_robin_covers_every_member_up_to_the_mask_width() {
+        let pods: Vec<EtcdPod> = (0..MAX_MEMBERS + 3)
+            .map(|i| pod(&format!("p{i}"), true))
+            .collect();
+        let (_tx, rx) = watch::channel(Arc::new(pods));
+        let b = Backends::new(rx, Health::default(), Reads::Leader);
+        let picked: BTreeSet<String> = (0..2 * MAX_MEMBERS)
+            .map(|_| b.pick(None, &[], false).unwrap().name.clone())
+            .collect();
+        assert_eq!(picked.len(), MAX_MEMBERS);
+        assert!(!picked.contains(&format!("p{MAX_MEMBERS}")));
+        // A pinned member is found whatever its position.
+        let last = format!("p{}", MAX_MEMBERS + 2);
+        assert_eq!(b.pick(Some(&last), &[], false).unwrap().name, last);
     }
 
     #[test]

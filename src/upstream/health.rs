@@ -132,6 +132,26 @@ impl Health {
         self.lock().get(member).is_none_or(|s| s.up)
     }
 
+    /// [`Self::is_up`] for many members under one lock: bit `i` is set when the `i`-th name
+    /// takes cluster traffic. Names past the 64th get no bit.
+    pub fn up_mask<'a>(&self, names: impl Iterator<Item = &'a str>) -> u64 {
+        let states = self.lock();
+        names
+            .take(64)
+            .enumerate()
+            .filter(|(_, name)| states.get(*name).is_none_or(|s| s.up))
+            .fold(0, |mask, (i, _)| mask | 1 << i)
+    }
+
+    /// Where the leader's pod is among `names`, if the leader is known; no copies (this runs
+    /// on every request that prefers the leader).
+    pub fn leader_position<'a>(&self, mut names: impl Iterator<Item = &'a str>) -> Option<usize> {
+        let l = self.leader.lock().unwrap_or_else(|p| p.into_inner());
+        let leader = l.leader?;
+        let (pod, _) = l.ids.iter().find(|(_, id)| **id == leader)?;
+        names.position(|name| name == pod)
+    }
+
     /// Records one outcome; logs when the member changes state.
     pub fn record(&self, member: &str, ok: bool) {
         // Called on every forwarded request: no allocation unless the member is new.

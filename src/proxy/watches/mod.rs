@@ -233,7 +233,7 @@ impl Session {
         Ok(Attempt {
             tx,
             response,
-            member: pod.name,
+            member: pod.name.clone(),
         })
     }
 
