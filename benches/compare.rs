@@ -8,8 +8,9 @@
 //!   use `etcd-0`; throughput spreads the client connections over the three members.
 //! * **etcd gateway** (L4 TCP round robin) and **etcd grpc-proxy** (L7), both from `/usr/bin/etcd`.
 //! * **etcd-proxy gateway mode** (`--endpoints`, direct TCP to the members), through its cluster
-//!   endpoint and through `etcd-0`'s own endpoint (the cost of the hop alone, same member as
-//!   direct).
+//!   endpoint (linearizable reads to the leader, the default; and a second proxy with
+//!   `--reads spread`) and through `etcd-0`'s own endpoint (the cost of the hop alone, same
+//!   member as direct).
 //! * **etcd-proxy tunnel mode** (through the simulated cluster's port-forward tunnels).
 //!
 //! Measured: serial linearizable get latency, get and put throughput with 100 clients over 10
@@ -23,8 +24,8 @@
 //! `BENCH_SERIAL_GETS` [2000], `BENCH_COLD_GETS` [50], `BENCH_H2_CONNS` [1000],
 //! `BENCH_LATENCY_MS` [10] one-way, `BENCH_LATENCY_GETS` [11]. For a quick loop while
 //! profiling, `BENCH_TARGETS` keeps only the targets named (comma-separated: `gateway`,
-//! `grpc-proxy`, `endpoints`, `endpoints-member`, `tunnels`, `naive`; direct always runs) and
-//! `BENCH_SECTIONS` only the sections named (`serial`, `throughput`, `cold`, `memory`,
+//! `grpc-proxy`, `endpoints`, `endpoints-spread`, `endpoints-member`, `tunnels`, `naive`; direct
+//! always runs) and `BENCH_SECTIONS` only the sections named (`serial`, `throughput`, `cold`, `memory`,
 //! `latency`). `BENCH_PROXY_LOG` [etcd-proxy's default] is the log filter etcd-proxy runs with.
 
 #[path = "../tests/support/mod.rs"]
@@ -626,11 +627,21 @@ async fn main() {
     let ep_gateway =
         support::start_proxy_args(&["--endpoints", &endpoints_arg, "--listen", "127.0.0.1:0"])
             .await;
+    let ep_spread = support::start_proxy_args(&[
+        "--endpoints",
+        &endpoints_arg,
+        "--listen",
+        "127.0.0.1:0",
+        "--reads",
+        "spread",
+    ])
+    .await;
     let ep_tunnel = support::start_proxy(&sim, &[]).await;
     let pod = sim.pod_names()[0].clone();
     let (naive_addr, _naive) = naive_forwarder(&sim, &pod).await;
     for addr in [
         &ep_gateway.cluster_addr,
+        &ep_spread.cluster_addr,
         &ep_tunnel.cluster_addr,
         &naive_addr,
     ] {
@@ -665,6 +676,13 @@ async fn main() {
             serial: ep_gateway.cluster_addr.clone(),
             spread: vec![ep_gateway.cluster_addr.clone()],
             pid: ep_gateway.child.id(),
+        },
+        Target {
+            key: "endpoints-spread",
+            name: "etcd-proxy --endpoints --reads spread",
+            serial: ep_spread.cluster_addr.clone(),
+            spread: vec![ep_spread.cluster_addr.clone()],
+            pid: ep_spread.child.id(),
         },
         Target {
             key: "endpoints-member",
@@ -742,7 +760,9 @@ async fn main() {
             );
         }
     }
-    // Throughput, repeats interleaved across targets so drift hits every target alike.
+    // Throughput, repeats interleaved across targets so drift hits every target alike, and
+    // each round starts one target later, so no target always follows the same one (a
+    // grpc-proxy run leaves etcd with garbage to collect, for one).
     let mut opened_during_load = vec![0u64; targets.len()];
     let ops: &[Op] = if s.wants_section("throughput") {
         &[Op::Get, Op::Put]
@@ -752,7 +772,9 @@ async fn main() {
     for &op in ops {
         let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
         for rep in 0..s.repeat {
-            for (i, t) in targets.iter().enumerate() {
+            for k in 0..targets.len() {
+                let i = (k + rep) % targets.len();
+                let t = &targets[i];
                 eprintln!(
                     "{} throughput, run {}/{}: {}",
                     if op == Op::Get { "get" } else { "put" },
@@ -958,6 +980,7 @@ async fn main() {
 
     drop(ep_tunnel);
     drop(ep_gateway);
+    drop(ep_spread);
     drop(grpc_proxy);
     drop(gateway);
     sim.shutdown().await;
