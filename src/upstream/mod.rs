@@ -1,7 +1,8 @@
 //! Upstream connections to etcd members, pooled and reused.
 //!
-//! Two hyper-util pooled clients share one [`Dial`] seam: gRPC goes as HTTP/2 prior knowledge
-//! (h2c) over one multiplexed connection per member, everything else as HTTP/1.1 (etcd's plain
+//! Two clients share one [`Dial`] seam: gRPC goes as HTTP/2 prior knowledge (h2c) over one
+//! multiplexed connection per member (`h2.rs`, on hyper's connection API), everything else as
+//! HTTP/1.1 through hyper-util's pool (etcd's plain
 //! port sends every HTTP/2 connection to its gRPC server, so v2, the JSON gateway, `/health`
 //! and `/version` must be HTTP/1.1; `etcd-protocols.md` §2.2). Each upstream connection is one
 //! tunnel; connections stay open between client processes, so a new `etcdctl` does not wait
@@ -11,6 +12,7 @@
 //! connections by it and the dialer resolves it.
 
 mod connect;
+mod h2;
 pub mod health;
 pub mod tls;
 
@@ -55,11 +57,32 @@ pub fn grpc_call(pod: &str, port: u16, path: &str) -> Option<Request<UpstreamBod
         .ok()
 }
 
-/// The pooled upstream clients.
+/// The upstream clients.
 #[derive(Clone)]
 pub struct Upstream {
     h1: Client<connect::Connector, UpstreamBody>,
-    h2: Client<connect::Connector, UpstreamBody>,
+    h2: h2::H2Pool,
+}
+
+/// A failed upstream request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// On the gRPC (HTTP/2) path.
+    #[error(transparent)]
+    H2(#[from] h2::H2Error),
+    /// On the HTTP/1.1 path.
+    #[error(transparent)]
+    H1(#[from] hyper_util::client::legacy::Error),
+}
+
+impl Error {
+    /// The connection could not be opened: the request never reached etcd.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Error::H2(e) => e.is_connect(),
+            Error::H1(e) => e.is_connect(),
+        }
+    }
 }
 
 impl Upstream {
@@ -82,30 +105,26 @@ impl Upstream {
             .pool_idle_timeout(H1_IDLE)
             .pool_max_idle_per_host(64)
             .build(h1_connector);
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(None)
-            .http2_keep_alive_interval(keepalive.max(ETCD_MIN_PING_INTERVAL))
-            .http2_keep_alive_timeout(timeout)
-            .http2_keep_alive_while_idle(false)
-            .http2_initial_stream_window_size(1 << 20)
-            .http2_initial_connection_window_size(4 << 20)
-            .http2_max_frame_size(1 << 16)
-            .build(h2_connector);
-        Self { h1, h2 }
+        let mut h2 = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .keep_alive_interval(keepalive.max(ETCD_MIN_PING_INTERVAL))
+            .keep_alive_timeout(timeout)
+            .keep_alive_while_idle(false)
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .max_frame_size(1 << 16);
+        Self {
+            h1,
+            h2: h2::H2Pool::new(h2_connector, h2),
+        }
     }
 
     /// Sends `req` on a pooled connection; HTTP/2 requests go over h2c, all others HTTP/1.1.
-    pub async fn send(
-        &self,
-        req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Error> {
         if req.version() == Version::HTTP_2 {
-            self.h2.request(req).await
+            Ok(self.h2.send(req).await?)
         } else {
-            self.h1.request(req).await
+            Ok(self.h1.request(req).await?)
         }
     }
 }
