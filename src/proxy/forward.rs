@@ -4,6 +4,7 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Uri, Version};
 
 use crate::router::Class;
@@ -35,15 +36,26 @@ pub(super) fn upstream_request(
     pod: &str,
     port: u16,
 ) -> Result<Request<UpstreamBody>, BadRequest> {
-    let path = client.uri.path_and_query().map_or("/", |p| p.as_str());
-    let authority = format!("{pod}:{port}");
+    // Built from parts: the client's path is reused as it is (no second parse), and the
+    // authority is assembled without the formatting machinery (both measured per request).
+    let mut authority = String::with_capacity(pod.len() + 6);
+    authority.push_str(pod);
+    authority.push(':');
+    authority.push_str(itoa::Buffer::new().format(port));
+    let authority = Authority::try_from(authority).map_err(http::Error::from)?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.path_and_query = Some(
+        client
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    uri.authority = Some(authority.clone());
     let mut req = Request::new(body);
     *req.method_mut() = client.method.clone();
-    *req.uri_mut() = Uri::builder()
-        .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query(path)
-        .build()?;
+    *req.uri_mut() = Uri::from_parts(uri).map_err(http::Error::from)?;
     let headers = req.headers_mut();
     *headers = client.headers.clone();
     strip_hop_by_hop(headers, wants_upgrade(&client.headers));
@@ -54,7 +66,7 @@ pub(super) fn upstream_request(
             *req.version_mut() = Version::HTTP_2;
         }
         Class::Http => {
-            let host = HeaderValue::from_str(&authority).map_err(http::Error::from)?;
+            let host = HeaderValue::from_str(authority.as_str()).map_err(http::Error::from)?;
             headers.insert(header::HOST, host);
             *req.version_mut() = Version::HTTP_11;
         }
@@ -110,6 +122,37 @@ pub(super) fn wants_upgrade(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn upstream_requests_keep_path_and_query_and_name_the_member() {
+        let client = Request::builder()
+            .method("GET")
+            .uri("http://127.0.0.1:4001/v2/keys/a?wait=true&recursive=true")
+            .header("host", "127.0.0.1:4001")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let empty = || {
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed()
+        };
+        let req = upstream_request(&client, empty(), Class::Http, "etcd-1", 2379).unwrap();
+        assert_eq!(
+            req.uri(),
+            "http://etcd-1:2379/v2/keys/a?wait=true&recursive=true"
+        );
+        assert_eq!(req.headers()["host"], "etcd-1:2379");
+        assert_eq!(req.version(), Version::HTTP_11);
+
+        let req = upstream_request(&client, empty(), Class::Grpc, "etcd-0", 65535).unwrap();
+        assert_eq!(req.uri().authority().unwrap(), "etcd-0:65535");
+        assert!(req.headers().get("host").is_none());
+        assert_eq!(req.headers()["te"], "trailers");
+        assert!(upstream_request(&client, empty(), Class::Grpc, "bad host", 1).is_err());
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_upgrades_stay() {
