@@ -31,7 +31,8 @@
 //! * [`router`]: protocol class, rewrite needed, member choice.
 //! * [`proxy`]: the per-request pipeline and protocol-correct errors.
 //! * [`rewrite`]: pure byte-exact rewriting of member URLs (gRPC, v2, gateway).
-//! * [`upstream`]: pooled HTTP/2 and HTTP/1.1 connections over a dialer seam.
+//! * [`upstream`]: one HTTP/2 connection per member and pooled HTTP/1.1 connections, over a
+//!   dialer seam.
 //! * [`k8s`]: kubeconfig, pod discovery, port-forward tunnels.
 //! * [`admin`], [`metrics`]: the optional admin listener, `/metrics` and `/healthz`.
 //! * [`error`], [`telemetry`], [`shutdown`]: leaves open to all: error plumbing, logging, signals.

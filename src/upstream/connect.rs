@@ -1,6 +1,7 @@
-//! The connector seam: hyper-util's pool asks for a connection to `http://<pod>:<port>`, and a
-//! [`Dial`] implementation opens it — a port-forward tunnel in normal use, a plain TCP
-//! connection in tests of the pool and (later) in in-cluster gateway mode.
+//! The connector seam: a client (hyper-util's HTTP/1.1 pool, or the HTTP/2 map in `h2.rs`)
+//! asks for a connection to `http://<pod>:<port>`, and a [`Dial`] implementation opens it: a
+//! port-forward tunnel in normal use, a plain TCP connection with `--direct`/`--endpoints`
+//! and in tests.
 
 use std::future::Future;
 use std::pin::Pin;
