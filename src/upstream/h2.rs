@@ -10,7 +10,7 @@
 //!
 //! What the pool did that matters here is kept:
 //! * one dial per member at a time: requests that arrive while a connection is being set up
-//!   wait for that one (a dial is a port-forward tunnel);
+//!   wait for that one (a dial is a port-forward tunnel), and the dial runs in its own task;
 //! * a closed connection is replaced on the next request;
 //! * a request that never left on a connection that turned out to be closed goes again on a
 //!   fresh one (hyper hands it back, body included), once.
@@ -172,6 +172,8 @@ impl H2Pool {
         }
     }
 
+    /// Opens a connection in a task of its own: it completes even if every request that
+    /// waited for it gives up (a half-opened tunnel is not left paused until the next one).
     fn connect(&self, key: &str) -> Connecting {
         let inner = self.inner.clone();
         let uri = Uri::builder()
@@ -179,7 +181,7 @@ impl H2Pool {
             .authority(key)
             .path_and_query("/")
             .build();
-        async move {
+        let opening = tokio::spawn(async move {
             let uri = uri.map_err(ConnectError::new)?;
             let io = inner
                 .connector
@@ -198,9 +200,10 @@ impl H2Pool {
                 }
             });
             Ok(sender)
-        }
-        .boxed()
-        .shared()
+        });
+        async move { opening.await.map_err(ConnectError::new)? }
+            .boxed()
+            .shared()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
@@ -230,6 +233,9 @@ mod tests {
         addr: std::net::SocketAddr,
         dials: AtomicUsize,
         refuse: bool,
+        delay: Duration,
+        /// Dials whose TCP connection was made.
+        connected: Arc<AtomicUsize>,
     }
 
     #[derive(Debug, thiserror::Error)]
@@ -239,12 +245,16 @@ mod tests {
     impl Dial for CountingDial {
         fn dial(&self, _pod: &str, _port: u16) -> DialFuture {
             self.dials.fetch_add(1, Ordering::SeqCst);
-            let (addr, refuse) = (self.addr, self.refuse);
+            let (addr, refuse, delay) = (self.addr, self.refuse, self.delay);
+            let connected = self.connected.clone();
             Box::pin(async move {
+                tokio::time::sleep(delay).await;
                 if refuse {
                     return Err(Refused.into());
                 }
-                Ok(Box::pin(TcpStream::connect(addr).await?) as BoxIo)
+                let tcp = TcpStream::connect(addr).await?;
+                connected.fetch_add(1, Ordering::SeqCst);
+                Ok(Box::pin(tcp) as BoxIo)
             })
         }
     }
@@ -310,6 +320,8 @@ mod tests {
             addr: server(false).await,
             dials: AtomicUsize::new(0),
             refuse: false,
+            delay: Duration::ZERO,
+            connected: Arc::default(),
         });
         let pool = pool(dial.clone());
         let sends = (0..20).map(|_| pool.send(get()));
@@ -326,6 +338,8 @@ mod tests {
             addr: server(true).await,
             dials: AtomicUsize::new(0),
             refuse: false,
+            delay: Duration::ZERO,
+            connected: Arc::default(),
         });
         let pool = pool(dial.clone());
         for _ in 0..3 {
@@ -344,11 +358,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dial_completes_after_the_request_that_started_it_gave_up() {
+        let dial = Arc::new(CountingDial {
+            addr: server(false).await,
+            dials: AtomicUsize::new(0),
+            refuse: false,
+            delay: Duration::from_millis(50),
+            connected: Arc::default(),
+        });
+        let pool = pool(dial.clone());
+        let gave_up = tokio::time::timeout(Duration::from_millis(5), pool.send(get())).await;
+        assert!(
+            gave_up.is_err(),
+            "the dial takes longer than the caller waits"
+        );
+        // Nobody polls the dial now; it finishes in its own task.
+        let mut finished = false;
+        for _ in 0..400 {
+            if dial.connected.load(Ordering::SeqCst) == 1 {
+                finished = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(finished, "the dial went on without the request");
+        assert_eq!(pool.send(get()).await.expect("response").status(), 200);
+        assert_eq!(dial.dials.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn a_failed_dial_is_a_connect_error_with_its_cause_and_is_not_cached() {
         let dial = Arc::new(CountingDial {
             addr: "127.0.0.1:1".parse().unwrap(),
             dials: AtomicUsize::new(0),
             refuse: true,
+            delay: Duration::ZERO,
+            connected: Arc::default(),
         });
         let pool = pool(dial.clone());
         let err = pool.send(get()).await.expect_err("refused");
