@@ -305,7 +305,9 @@ mod tests {
         let health = Health::default();
         let b = Backends::new(rx, health.clone(), Reads::Leader);
         health.record("b", true);
-        assert!(health.leader_pod().is_none());
+        assert!(health
+            .leader_position(["a", "b", "c"].into_iter())
+            .is_none());
         assert_ne!(
             b.pick(None, &[], true).unwrap().name,
             "",

@@ -299,6 +299,16 @@ mod tests {
         addr
     }
 
+    fn counting(addr: std::net::SocketAddr, refuse: bool, delay: Duration) -> Arc<CountingDial> {
+        Arc::new(CountingDial {
+            addr,
+            dials: AtomicUsize::new(0),
+            refuse,
+            delay,
+            connected: Arc::default(),
+        })
+    }
+
     fn pool(dial: Arc<CountingDial>) -> H2Pool {
         H2Pool::new(
             Connector::new(dial, None),
@@ -316,13 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_requests_share_one_dial_and_one_connection() {
-        let dial = Arc::new(CountingDial {
-            addr: server(false).await,
-            dials: AtomicUsize::new(0),
-            refuse: false,
-            delay: Duration::ZERO,
-            connected: Arc::default(),
-        });
+        let dial = counting(server(false).await, false, Duration::ZERO);
         let pool = pool(dial.clone());
         let sends = (0..20).map(|_| pool.send(get()));
         for resp in futures::future::join_all(sends).await {
@@ -334,13 +338,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_connection_is_replaced_on_the_next_request() {
-        let dial = Arc::new(CountingDial {
-            addr: server(true).await,
-            dials: AtomicUsize::new(0),
-            refuse: false,
-            delay: Duration::ZERO,
-            connected: Arc::default(),
-        });
+        let dial = counting(server(true).await, false, Duration::ZERO);
         let pool = pool(dial.clone());
         for _ in 0..3 {
             let resp = pool.send(get()).await.expect("response");
@@ -359,13 +357,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dial_completes_after_the_request_that_started_it_gave_up() {
-        let dial = Arc::new(CountingDial {
-            addr: server(false).await,
-            dials: AtomicUsize::new(0),
-            refuse: false,
-            delay: Duration::from_millis(50),
-            connected: Arc::default(),
-        });
+        let dial = counting(server(false).await, false, Duration::from_millis(50));
         let pool = pool(dial.clone());
         let gave_up = tokio::time::timeout(Duration::from_millis(5), pool.send(get())).await;
         assert!(
@@ -388,13 +380,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_dial_is_a_connect_error_with_its_cause_and_is_not_cached() {
-        let dial = Arc::new(CountingDial {
-            addr: "127.0.0.1:1".parse().unwrap(),
-            dials: AtomicUsize::new(0),
-            refuse: true,
-            delay: Duration::ZERO,
-            connected: Arc::default(),
-        });
+        let dial = counting("127.0.0.1:1".parse().unwrap(), true, Duration::ZERO);
         let pool = pool(dial.clone());
         let err = pool.send(get()).await.expect_err("refused");
         assert!(err.is_connect(), "{err}");

@@ -110,17 +110,6 @@ impl Health {
         self.learn(pod, member, leader);
     }
 
-    /// The pod whose member leads the cluster, if known. Writes go there: a follower would
-    /// forward them to the leader, one more hop.
-    pub fn leader_pod(&self) -> Option<String> {
-        let l = self.leader.lock().unwrap_or_else(|p| p.into_inner());
-        let leader = l.leader?;
-        l.ids
-            .iter()
-            .find(|(_, id)| **id == leader)
-            .map(|(pod, _)| pod.clone())
-    }
-
     fn lock(&self) -> MutexGuard<'_, HashMap<String, State>> {
         self.states
             .lock()
@@ -143,8 +132,9 @@ impl Health {
             .fold(0, |mask, (i, _)| mask | 1 << i)
     }
 
-    /// Where the leader's pod is among `names`, if the leader is known; no copies (this runs
-    /// on every request that prefers the leader).
+    /// Where the leader's pod is among `names`, if the leader is known. Writes go there: a
+    /// follower would forward them to the leader, one more hop. No copies: this runs on every
+    /// request that prefers the leader.
     pub fn leader_position<'a>(&self, mut names: impl Iterator<Item = &'a str>) -> Option<usize> {
         let l = self.leader.lock().unwrap_or_else(|p| p.into_inner());
         let leader = l.leader?;
@@ -361,13 +351,27 @@ mod tests {
     #[test]
     fn the_leader_is_learned_from_status_answers() {
         let h = Health::new(HealthConfig::default());
-        assert_eq!(h.leader_pod(), None);
+        let pods = || ["etcd-0", "etcd-1", "etcd-2"].into_iter();
+        assert_eq!(h.leader_position(pods()), None);
         h.learn("etcd-0", 10, 11);
-        assert_eq!(h.leader_pod(), None, "leader 11 not mapped to a pod yet");
+        assert_eq!(
+            h.leader_position(pods()),
+            None,
+            "leader 11 not mapped to a pod yet"
+        );
         h.learn("etcd-1", 11, 11);
-        assert_eq!(h.leader_pod().as_deref(), Some("etcd-1"));
+        assert_eq!(h.leader_position(pods()), Some(1));
+        assert_eq!(
+            h.leader_position(["etcd-0"].into_iter()),
+            None,
+            "the leader's pod is not among these"
+        );
         h.learn("etcd-0", 10, 0);
-        assert_eq!(h.leader_pod(), None, "no leader during an election");
+        assert_eq!(
+            h.leader_position(pods()),
+            None,
+            "no leader during an election"
+        );
     }
 
     #[test]
