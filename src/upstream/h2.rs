@@ -35,9 +35,11 @@ type Connecting = Shared<BoxFuture<'static, Result<Sender, ConnectError>>>;
 #[derive(Debug, Clone)]
 pub struct ConnectError(Arc<BoxError>);
 
+/// Reads as its cause (which says what could not be reached and why) and has it as its
+/// source, so the cause is found by type and `one_line` prints it once.
 impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("connection to etcd failed")
+        self.0.fmt(f)
     }
 }
 
@@ -388,6 +390,7 @@ mod tests {
             crate::error::find_cause::<Refused>(&err).is_some(),
             "{err:?}"
         );
+        assert_eq!(crate::error::one_line(&err), "tunnel refused");
         let _ = pool.send(get()).await.expect_err("refused again");
         assert_eq!(
             dial.dials.load(Ordering::SeqCst),
