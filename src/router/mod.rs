@@ -193,7 +193,7 @@ impl Backends {
 
 /// Pods past this many are never picked: candidate sets are `u64` masks. etcd clusters have
 /// 3, 5 or 7 members (etcd's FAQ advises against more), so this is no limit in practice.
-pub const MAX_MEMBERS: usize = 64;
+pub const MAX_MEMBERS: usize = u64::BITS as usize;
 
 /// The member chosen for one request: a view into the pod snapshot it was chosen from.
 #[derive(Debug)]

@@ -74,6 +74,11 @@ pub struct Health {
     leader: Arc<Mutex<Leader>>,
 }
 
+/// Whether `member` takes cluster traffic: unknown members do.
+fn takes_traffic(states: &HashMap<String, State>, member: &str) -> bool {
+    states.get(member).is_none_or(|s| s.up)
+}
+
 /// What the status probes taught us about raft leadership.
 #[derive(Default)]
 struct Leader {
@@ -118,17 +123,17 @@ impl Health {
 
     /// Whether `member` takes cluster traffic (unknown members do).
     pub fn is_up(&self, member: &str) -> bool {
-        self.lock().get(member).is_none_or(|s| s.up)
+        takes_traffic(&self.lock(), member)
     }
 
     /// [`Self::is_up`] for many members under one lock: bit `i` is set when the `i`-th name
-    /// takes cluster traffic. Names past the 64th get no bit.
+    /// takes cluster traffic. Names past the mask's width (64) get no bit.
     pub fn up_mask<'a>(&self, names: impl Iterator<Item = &'a str>) -> u64 {
         let states = self.lock();
         names
-            .take(64)
+            .take(u64::BITS as usize)
             .enumerate()
-            .filter(|(_, name)| states.get(*name).is_none_or(|s| s.up))
+            .filter(|(_, name)| takes_traffic(&states, name))
             .fold(0, |mask, (i, _)| mask | 1 << i)
     }
 
