@@ -27,6 +27,13 @@
 //! `grpc-proxy`, `endpoints`, `endpoints-spread`, `endpoints-member`, `tunnels`, `naive`; direct
 //! always runs) and `BENCH_SECTIONS` only the sections named (`serial`, `throughput`, `cold`, `memory`,
 //! `latency`). `BENCH_PROXY_LOG` [etcd-proxy's default] is the log filter etcd-proxy runs with.
+//!
+//! `BENCH_CPUS` [`shared`]: with `shared`, every process competes for every core, so a ratio
+//! measures what a request costs the whole machine. With `split`, the etcd members run on CPU 0
+//! and everything else (this load generator, the simulated API server, every proxy) on the
+//! other CPUs, pinned with `taskset`. That is the deployment etcd-proxy is for: the cluster is on
+//! other machines than the laptop running the proxy and its clients, so the proxy's CPU does
+//! not slow etcd down, and what it saves etcd (reads and writes sent to the leader) shows.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -69,6 +76,7 @@ struct Settings {
     latency_gets: usize,
     targets: Option<Vec<String>>,
     sections: Option<Vec<String>>,
+    split_cpus: bool,
 }
 
 impl Settings {
@@ -86,6 +94,11 @@ impl Settings {
             latency_gets: env_u64("BENCH_LATENCY_GETS", 11).max(1) as usize,
             targets: env_list("BENCH_TARGETS"),
             sections: env_list("BENCH_SECTIONS"),
+            split_cpus: match std::env::var("BENCH_CPUS").as_deref() {
+                Ok("split") => true,
+                Ok("shared") | Err(_) => false,
+                Ok(other) => panic!("BENCH_CPUS={other}: expected `shared` or `split`"),
+            },
         }
     }
 
@@ -169,6 +182,20 @@ fn cpu_time(pid: Option<u32>) -> Option<Duration> {
     let mut f = rest.split_whitespace().skip(11);
     let ticks: u64 = f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?;
     Some(Duration::from_millis(ticks * 10))
+}
+
+/// Pins every thread of process `pid` to `cpus` (a `taskset` CPU list); threads it starts
+/// later inherit the mask.
+fn pin(pid: u32, cpus: &str) {
+    let status = std::process::Command::new("taskset")
+        .args(["--all-tasks", "--pid", "--cpu-list", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .expect("BENCH_CPUS=split needs taskset (util-linux)");
+    assert!(
+        status.success(),
+        "taskset could not pin process {pid} to CPUs {cpus}"
+    );
 }
 
 fn host_port(url: &str) -> &str {
@@ -595,11 +622,37 @@ async fn main() {
     println!("* machine: {}", machine_note());
     println!(
         "* one real 3-member etcd cluster (simulated Kubernetes); load generator: etcd-client \
-         in this process (tokio, all cores), sharing the machine with etcd, the proxies and \
-         the simulated API server; ratio = value / direct"
+         in this process (tokio), on the same machine as etcd, the proxies and the \
+         simulated API server; ratio = value / direct"
     );
 
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if s.split_cpus {
+        assert!(
+            cpus >= 2,
+            "BENCH_CPUS=split needs at least 2 CPUs, this machine has {cpus}"
+        );
+        // Before anything is spawned: every child (proxies included) inherits this mask.
+        pin(std::process::id(), &format!("1-{}", cpus - 1));
+        let rest = if cpus == 2 {
+            "CPU 1".to_owned()
+        } else {
+            format!("CPUs 1-{}", cpus - 1)
+        };
+        println!(
+            "* CPUs split: the etcd members run on CPU 0, everything else on {rest} \
+             (as when the cluster runs on other machines than the proxy and its clients)"
+        );
+    } else {
+        println!("* CPUs shared: every process may run on every core");
+    }
+
     let sim = support::cluster(3).await;
+    if s.split_cpus {
+        for pid in sim.etcd_pids() {
+            pin(pid, "0");
+        }
+    }
     let members: Vec<String> = sim
         .pod_names()
         .iter()
