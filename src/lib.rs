@@ -36,11 +36,13 @@
 //! * [`k8s`]: kubeconfig, pod discovery, port-forward tunnels.
 //! * [`admin`], [`metrics`]: the optional admin listener, `/metrics` and `/healthz`.
 //! * [`error`], [`telemetry`], [`shutdown`]: leaves open to all: error plumbing, logging, signals.
+//!   `coalesce` (private) makes `h2` write small frames together, for the listener and upstream.
 
 pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;
+mod coalesce;
 pub mod config;
 pub mod endpoints;
 pub mod env;

@@ -24,7 +24,6 @@ use crate::proxy::Proxy;
 use crate::upstream::BoxIo;
 
 mod authority;
-mod coalesce;
 pub mod tls;
 
 /// How long in-flight requests may run after shutdown starts.
@@ -144,7 +143,7 @@ pub async fn serve(
                         }
                     }
                 };
-                let io = TokioIo::new(coalesce::CoalesceWrites::new(
+                let io = TokioIo::new(crate::coalesce::CoalesceWrites::new(
                     authority::RepairAuthority::new(io),
                 ));
                 let result = watcher

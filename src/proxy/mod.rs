@@ -27,7 +27,7 @@ use crate::metrics;
 use crate::rewrite::{self, AddrMap, Rewritten};
 use crate::router::{self, Backends, Class, Replay, Rewrite, Route};
 use crate::upstream::health::Health;
-use crate::upstream::{Upstream, UpstreamBody};
+use crate::upstream::{Body as UpstreamResponse, Upstream, UpstreamBody};
 
 mod forward;
 mod frames;
@@ -317,7 +317,7 @@ impl Proxy {
         &self,
         route: Route,
         path: &str,
-        resp: Response<Incoming>,
+        resp: Response<UpstreamResponse>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
@@ -328,7 +328,7 @@ impl Proxy {
             }
         });
         let Some(rewrite) = rewrite else {
-            return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
+            return Response::from_parts(parts, body.boxed());
         };
         let collected = match Limited::new(body, MAX_REWRITE_BODY).collect().await {
             Ok(c) => c,

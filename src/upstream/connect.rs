@@ -65,21 +65,26 @@ impl tower::Service<Uri> for Connector {
             .host()
             .zip(uri.port_u16())
             .map(|(h, p)| (h.to_owned(), p));
-        let dial = self.dial.clone();
-        let tls = self.tls.clone();
+        let this = self.clone();
         Box::pin(async move {
             let (pod, port) = target.ok_or_else(|| BadUri(uri.to_string()))?;
-            let io = dial.dial(&pod, port).await?;
-            let io = match tls {
-                None => io,
-                Some((tls, h2)) => {
-                    let name = tls.server_name(&pod)?;
-                    Box::pin(tls.connector(h2).connect(name, io).await?) as BoxIo
-                }
-            };
             Ok(Conn {
-                io: TokioIo::new(io),
+                io: TokioIo::new(this.open(&pod, port).await?),
             })
+        })
+    }
+}
+
+impl Connector {
+    /// Opens a connection to etcd's `port` in `pod`, with TLS to etcd if configured.
+    pub(super) async fn open(&self, pod: &str, port: u16) -> Result<BoxIo, BoxError> {
+        let io = self.dial.dial(pod, port).await?;
+        Ok(match &self.tls {
+            None => io,
+            Some((tls, h2)) => {
+                let name = tls.server_name(pod)?;
+                Box::pin(tls.connector(*h2).connect(name, io).await?) as BoxIo
+            }
         })
     }
 }

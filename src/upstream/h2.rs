@@ -1,35 +1,51 @@
 //! The gRPC side of the upstream: one multiplexed HTTP/2 connection per member, shared by
-//! every request to it, in a map keyed by `pod:port`.
+//! every request to it, in a map keyed by `pod:port`, on the `h2` crate directly.
 //!
-//! hyper-util's pooled client did this job before. For HTTP/2 it pools nothing a map cannot:
-//! there is one connection per member, and every stream shares it. Its per-request work
-//! (checkout, key hashing, moving the request future through several layers) measured at
-//! ~5,000 instructions per request under callgrind, 5 % of the proxy's whole cost per get,
-//! so the gRPC path uses hyper's connection API directly. HTTP/1.1 (v2, the JSON gateway,
-//! health checks) stays on hyper-util's pool: it needs one connection per request in flight.
+//! hyper's client did this job before (first its legacy pool, then its connection API). Per
+//! request it hands the request to the connection's task over a channel, spawns a task that
+//! waits for the response and, because a stream has no send window until its HEADERS are
+//! out, a second task that pipes the body. Both cost instructions, and the second one cost a
+//! write: the HEADERS of a unary call left in one `write`, its DATA in the next, so etcd's
+//! reader woke twice per call. Here the task serving the client's request opens the stream,
+//! queues what the body already holds behind the HEADERS (h2 buffers DATA until the stream
+//! has a window: a buffered gRPC request is at most a few MiB), and awaits the response
+//! itself. A body still being written by the client (Watch, LeaseKeepAlive) is piped by a
+//! task of its own, which waits for send window before each chunk.
 //!
-//! What the pool did that matters here is kept:
+//! Kept from the pool:
 //! * one dial per member at a time: requests that arrive while a connection is being set up
-//!   wait for that one (a dial is a port-forward tunnel), and the dial runs in its own task;
+//!   wait for that one (a dial is a port-forward tunnel), and the dial runs in its own task so
+//!   that it completes even if the request that started it gives up;
 //! * a closed connection is replaced on the next request;
-//! * a request that never left on a connection that turned out to be closed goes again on a
-//!   fresh one (hyper hands it back, body included), once.
+//! * a request that found its connection closed before it could leave goes again on a fresh
+//!   one, once.
+//!
+//! Kept from hyper's client: keepalive. While streams are open, each connection is pinged
+//! every `keepalive` (counted from the previous answer, so etcd never sees two pings closer
+//! than that) and closed when an answer takes longer than `timeout`, so a dead tunnel under a
+//! silent watch is found in seconds. An idle connection is not pinged: grpc-go counts pings on
+//! a connection without streams as abuse and closes it with `too_many_pings`.
 
 use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
-use futures::future::{BoxFuture, FutureExt, Shared};
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper::client::conn::http2::{Builder, SendRequest};
-use hyper_util::rt::TokioExecutor;
-use tower::Service;
+use bytes::Bytes;
+use futures::future::{poll_fn, BoxFuture, FutureExt, Shared};
+use h2::client::{Connection, SendRequest};
+use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
+use http::{HeaderMap, Request, Response};
+use hyper::body::{Body, Frame, SizeHint};
 
-use super::connect::Connector;
+use super::connect::{BoxIo, Connector};
 use super::{BoxError, UpstreamBody};
+use crate::coalesce::CoalesceWrites;
 
-type Sender = SendRequest<UpstreamBody>;
-type Connecting = Shared<BoxFuture<'static, Result<Sender, ConnectError>>>;
+type Io = CoalesceWrites<BoxIo>;
+type Connecting = Shared<BoxFuture<'static, Result<Conn, ConnectError>>>;
 
 /// Why a connection to a member could not be opened; shared by every request that waited.
 #[derive(Debug, Clone)]
@@ -53,17 +69,78 @@ impl ConnectError {
     fn new(e: impl Into<BoxError>) -> Self {
         Self(Arc::new(e.into()))
     }
-}
 
-impl ConnectError {
     /// The error that stopped the connection.
     pub fn cause(&self) -> &(dyn std::error::Error + 'static) {
         &**self.0
     }
 }
 
+/// A failed HTTP/2 request.
+#[derive(Debug, thiserror::Error)]
+pub enum H2Error {
+    /// No connection to the member could be opened: the request never left.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The connection was closed before the request could leave.
+    #[error("connection to the member closed: {0}")]
+    NotSent(#[source] h2::Error),
+    /// The request failed on an open connection.
+    #[error(transparent)]
+    Request(h2::Error),
+    /// Reading the request body failed; the stream was reset.
+    #[error("reading the request body: {0}")]
+    Body(#[source] BoxError),
+    /// The request URI names no member (a bug in the caller).
+    #[error("upstream URI {0} names no pod and port")]
+    NoAuthority(String),
+}
+
+impl H2Error {
+    /// The request never reached etcd: no connection, or etcd refused the stream unprocessed.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            H2Error::Connect(_) | H2Error::NotSent(_) | H2Error::NoAuthority(_) => true,
+            // RFC 9113 §8.7: REFUSED_STREAM means no application processing took place.
+            H2Error::Request(e) => e.reason() == Some(Reason::REFUSED_STREAM),
+            H2Error::Body(_) => false,
+        }
+    }
+}
+
+/// HTTP/2 settings and keepalive for the connections to the members.
+#[derive(Clone)]
+pub(super) struct H2Settings {
+    pub builder: h2::client::Builder,
+    /// Time between pings while streams are open.
+    pub keepalive: Duration,
+    /// How long a ping may go unanswered.
+    pub timeout: Duration,
+}
+
+/// What a connection's task and the requests on it share.
+#[derive(Debug, Default)]
+struct ConnState {
+    closed: AtomicBool,
+    /// Streams whose request or response is still under way (for keepalive).
+    open: AtomicUsize,
+}
+
+/// An open connection to a member.
+#[derive(Clone)]
+struct Conn {
+    sender: SendRequest<Bytes>,
+    state: Arc<ConnState>,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.state.closed.load(Ordering::Acquire)
+    }
+}
+
 enum Slot {
-    Ready(Sender),
+    Ready(Conn),
     Connecting(Connecting),
 }
 
@@ -75,37 +152,16 @@ pub(super) struct H2Pool {
 
 struct Inner {
     connector: Connector,
-    builder: Builder<TokioExecutor>,
+    settings: H2Settings,
     conns: Mutex<HashMap<String, Slot>>,
 }
 
-/// A failed HTTP/2 request.
-#[derive(Debug, thiserror::Error)]
-pub enum H2Error {
-    /// No connection to the member could be opened: the request never left.
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    /// The request failed on an open connection.
-    #[error(transparent)]
-    Request(#[from] hyper::Error),
-    /// The request URI names no member (a bug in the caller).
-    #[error("upstream URI {0} names no pod and port")]
-    NoAuthority(String),
-}
-
-impl H2Error {
-    /// The request never left: no connection could be opened.
-    pub fn is_connect(&self) -> bool {
-        matches!(self, H2Error::Connect(_) | H2Error::NoAuthority(_))
-    }
-}
-
 impl H2Pool {
-    pub(super) fn new(connector: Connector, builder: Builder<TokioExecutor>) -> Self {
+    pub(super) fn new(connector: Connector, settings: H2Settings) -> Self {
         Self {
             inner: Arc::new(Inner {
                 connector,
-                builder,
+                settings,
                 conns: Mutex::default(),
             }),
         }
@@ -114,35 +170,58 @@ impl H2Pool {
     /// Sends `req` on the connection to the member its URI names, opening one if needed.
     pub(super) async fn send(
         &self,
-        mut req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, H2Error> {
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<H2Body>, H2Error> {
         let Some(key) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
             return Err(H2Error::NoAuthority(req.uri().to_string()));
         };
+        let (parts, mut body) = req.into_parts();
         let mut retried = false;
-        loop {
-            let mut sender = self.sender(&key).await?;
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    // The connection closed before the request left: once more, on a new one.
-                    Some(back) if !retried => {
-                        self.forget(&key);
-                        retried = true;
-                        req = back;
-                    }
-                    _ => return Err(H2Error::Request(e.into_error())),
-                },
+        let (mut sender, state) = loop {
+            let conn = self.conn(&key).await?;
+            match conn.sender.clone().ready().await {
+                Ok(sender) => break (sender, conn.state),
+                // The connection closed before the request could leave: once more, on a new one.
+                Err(_) if !retried => {
+                    self.forget(&key, &conn.state);
+                    retried = true;
+                }
+                Err(e) => return Err(H2Error::NotSent(e)),
+            }
+        };
+        let open = StreamGuard::new(state);
+        let end = body.is_end_stream();
+        let (response, mut tx) = sender
+            .send_request(Request::from_parts(parts, ()), end)
+            .map_err(H2Error::NotSent)?;
+        if !end {
+            // What the body already holds goes behind the HEADERS now, in this task.
+            match poll_fn(|cx| Poll::Ready(send_ready(&mut body, &mut tx, cx))).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tokio::spawn(pipe(body, tx, open.clone()));
+                }
+                Err(e) => {
+                    tx.send_reset(Reason::CANCEL);
+                    return Err(H2Error::Body(e));
+                }
             }
         }
+        let resp = response.await.map_err(H2Error::Request)?;
+        Ok(resp.map(|recv| H2Body {
+            recv,
+            data_done: false,
+            done: false,
+            _open: open,
+        }))
     }
 
     /// An open connection to `key`: the current one, the one being opened, or a new one.
-    async fn sender(&self, key: &str) -> Result<Sender, ConnectError> {
+    async fn conn(&self, key: &str) -> Result<Conn, ConnectError> {
         let connecting = {
             let mut conns = self.lock();
             match conns.get(key) {
-                Some(Slot::Ready(s)) if !s.is_closed() => return Ok(s.clone()),
+                Some(Slot::Ready(c)) if !c.is_closed() => return Ok(c.clone()),
                 Some(Slot::Connecting(c)) => c.clone(),
                 _ => {
                     let c = self.connect(key);
@@ -157,7 +236,7 @@ impl H2Pool {
         if let Some(Slot::Connecting(c)) = conns.get(key) {
             if c.ptr_eq(&connecting) {
                 match &result {
-                    Ok(s) => conns.insert(key.to_owned(), Slot::Ready(s.clone())),
+                    Ok(conn) => conns.insert(key.to_owned(), Slot::Ready(conn.clone())),
                     Err(_) => conns.remove(key),
                 };
             }
@@ -165,11 +244,11 @@ impl H2Pool {
         result
     }
 
-    /// Drops the connection to `key` from the map if it has closed.
-    fn forget(&self, key: &str) {
+    /// Drops the connection `state` belongs to from the map, if it is still there.
+    fn forget(&self, key: &str, state: &Arc<ConnState>) {
+        state.closed.store(true, Ordering::Release);
         let mut conns = self.lock();
-        // The connection that failed is closed by now; a newer, open one stays.
-        if matches!(conns.get(key), Some(Slot::Ready(s)) if s.is_closed()) {
+        if matches!(conns.get(key), Some(Slot::Ready(c)) if Arc::ptr_eq(&c.state, state)) {
             conns.remove(key);
         }
     }
@@ -178,30 +257,33 @@ impl H2Pool {
     /// waited for it gives up (a half-opened tunnel is not left paused until the next one).
     fn connect(&self, key: &str) -> Connecting {
         let inner = self.inner.clone();
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(key)
-            .path_and_query("/")
-            .build();
+        let target = key
+            .rsplit_once(':')
+            .and_then(|(pod, port)| Some((pod.to_owned(), port.parse::<u16>().ok()?)));
+        let key = key.to_owned();
         let opening = tokio::spawn(async move {
-            let uri = uri.map_err(ConnectError::new)?;
+            let (pod, port) = target.ok_or_else(|| ConnectError::new(H2Error::NoAuthority(key)))?;
             let io = inner
                 .connector
-                .clone()
-                .call(uri)
+                .open(&pod, port)
                 .await
                 .map_err(ConnectError::new)?;
-            let (sender, conn) = inner
+            let (sender, mut conn) = inner
+                .settings
                 .builder
-                .handshake(io)
+                .handshake::<_, Bytes>(CoalesceWrites::new(io))
                 .await
                 .map_err(ConnectError::new)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-                }
-            });
-            Ok(sender)
+            let state = Arc::new(ConnState::default());
+            let pings = conn.ping_pong();
+            tokio::spawn(drive(
+                conn,
+                pings,
+                state.clone(),
+                inner.settings.keepalive,
+                inner.settings.timeout,
+            ));
+            Ok(Conn { sender, state })
         });
         async move { opening.await.map_err(ConnectError::new)? }
             .boxed()
@@ -216,6 +298,215 @@ impl H2Pool {
     }
 }
 
+/// Runs a connection until it ends, pinging it while streams are open; marks it closed then.
+async fn drive(
+    conn: Connection<Io, Bytes>,
+    mut pings: Option<PingPong>,
+    state: Arc<ConnState>,
+    every: Duration,
+    timeout: Duration,
+) {
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+                break;
+            }
+            () = tokio::time::sleep(every) => {
+                let Some(pp) = pings.as_mut() else { continue };
+                if state.open.load(Ordering::Relaxed) == 0 || pp.send_ping(Ping::opaque()).is_err() {
+                    continue;
+                }
+                let pong = tokio::time::timeout(timeout, poll_fn(|cx| pp.poll_pong(cx)));
+                tokio::select! {
+                    r = &mut conn => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                        }
+                        break;
+                    }
+                    answer = pong => if answer.is_err() {
+                        tracing::debug!(?timeout, "upstream HTTP/2 ping unanswered; closing the connection");
+                        break;
+                    },
+                }
+            }
+        }
+    }
+    // Dropping the connection fails the streams still on it.
+    state.closed.store(true, Ordering::Release);
+}
+
+/// Counts a stream as open while any part of it is under way.
+#[derive(Debug)]
+struct StreamGuard(Arc<ConnState>);
+
+impl StreamGuard {
+    fn new(state: Arc<ConnState>) -> Self {
+        state.open.fetch_add(1, Ordering::Relaxed);
+        Self(state)
+    }
+}
+
+impl Clone for StreamGuard {
+    fn clone(&self) -> Self {
+        Self::new(self.0.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends the frames `body` has ready without waiting; `Ok(true)` once the body has ended.
+fn send_ready(
+    body: &mut UpstreamBody,
+    tx: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+) -> Result<bool, BoxError> {
+    loop {
+        match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Pending => return Ok(false),
+            Poll::Ready(None) => {
+                tx.send_data(Bytes::new(), true)?;
+                return Ok(true);
+            }
+            Poll::Ready(Some(frame)) => {
+                if send_frame(frame?, body.is_end_stream(), tx)? {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+}
+
+/// Sends one body frame; `Ok(true)` if it ended the stream.
+fn send_frame(
+    frame: Frame<Bytes>,
+    end: bool,
+    tx: &mut SendStream<Bytes>,
+) -> Result<bool, h2::Error> {
+    match frame.into_data() {
+        Ok(data) => {
+            tx.send_data(data, end)?;
+            Ok(end)
+        }
+        Err(frame) => match frame.into_trailers() {
+            Ok(trailers) => {
+                tx.send_trailers(trailers)?;
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        },
+    }
+}
+
+/// Pipes the rest of a body that is still being written, one chunk per window.
+async fn pipe(mut body: UpstreamBody, mut tx: SendStream<Bytes>, _open: StreamGuard) {
+    loop {
+        // The next chunk, unless etcd resets the stream first.
+        let next = poll_fn(|cx| {
+            if let Poll::Ready(r) = tx.poll_reset(cx) {
+                return Poll::Ready(Err(r.map_or_else(|e| e.to_string(), |r| r.to_string())));
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Ok)
+        })
+        .await;
+        let frame = match next {
+            Err(why) => {
+                tracing::debug!(%why, "upstream reset a stream while its request was being sent");
+                return;
+            }
+            Ok(None) => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return;
+            }
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "request body failed; resetting the upstream stream");
+                tx.send_reset(Reason::CANCEL);
+                return;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            // Wait for window before queueing, so a fast writer cannot fill memory.
+            if !data.is_empty() && wait_capacity(&mut tx, data.len()).await.is_err() {
+                return;
+            }
+        }
+        match send_frame(frame, body.is_end_stream(), &mut tx) {
+            Ok(false) => {}
+            Ok(true) | Err(_) => return,
+        }
+    }
+}
+
+/// Waits until the stream may send at least part of `len` bytes.
+async fn wait_capacity(tx: &mut SendStream<Bytes>, len: usize) -> Result<(), ()> {
+    tx.reserve_capacity(len);
+    while tx.capacity() == 0 {
+        match poll_fn(|cx| tx.poll_capacity(cx)).await {
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return Err(()),
+        }
+    }
+    Ok(())
+}
+
+/// The body of a response from etcd: DATA frames, then trailers.
+#[derive(Debug)]
+pub struct H2Body {
+    recv: RecvStream,
+    data_done: bool,
+    done: bool,
+    _open: StreamGuard,
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // The bytes are handed on: etcd may send more.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => this.data_done = true,
+            }
+        }
+        let trailers: Result<Option<HeaderMap>, h2::Error> = ready!(this.recv.poll_trailers(cx));
+        this.done = true;
+        Poll::Ready(trailers.transpose().map(|t| t.map(Frame::trailers)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -224,7 +515,7 @@ mod tests {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Empty, Full};
     use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::net::{TcpListener, TcpStream};
 
     use super::super::connect::{BoxIo, Dial, DialFuture};
@@ -314,7 +605,11 @@ mod tests {
     fn pool(dial: Arc<CountingDial>) -> H2Pool {
         H2Pool::new(
             Connector::new(dial, None),
-            Builder::new(TokioExecutor::new()),
+            H2Settings {
+                builder: h2::client::Builder::new(),
+                keepalive: Duration::from_secs(5),
+                timeout: Duration::from_secs(5),
+            },
         )
     }
 
@@ -397,5 +692,131 @@ mod tests {
             2,
             "a failure is not kept"
         );
+    }
+
+    /// An HTTP/2 server that answers each request's HEADERS and then echoes its DATA; with
+    /// `freeze_after`, it stops reading the connection that long after the first answer, so
+    /// pings go unanswered.
+    async fn echo_server(freeze_after: Option<Duration>) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut conn = ::h2::server::handshake(tcp).await.unwrap();
+                    let Some(Ok((req, mut respond))) = conn.accept().await else {
+                        return;
+                    };
+                    let mut tx = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            let _ = tx.send_data(chunk, false);
+                        }
+                        let _ = tx.send_data(Bytes::new(), true);
+                    });
+                    let serve = async { while conn.accept().await.is_some() {} };
+                    match freeze_after {
+                        None => serve.await,
+                        Some(after) => {
+                            let _ = tokio::time::timeout(after, serve).await;
+                            // Hold the connection without reading it.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn keepalive_pool(dial: Arc<CountingDial>, every: Duration, timeout: Duration) -> H2Pool {
+        H2Pool::new(
+            Connector::new(dial, None),
+            H2Settings {
+                builder: h2::client::Builder::new(),
+                keepalive: every,
+                timeout,
+            },
+        )
+    }
+
+    /// A request whose body the caller writes while the response streams back.
+    fn streaming() -> (
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        Request<UpstreamBody>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let chunks = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, BoxError>(Frame::data(b)), rx))
+        });
+        let req = Request::builder()
+            .method("POST")
+            .uri("http://etcd-0:2379/etcdserverpb.Watch/Watch")
+            .version(http::Version::HTTP_2)
+            .body(http_body_util::StreamBody::new(chunks).boxed())
+            .unwrap();
+        (tx, req)
+    }
+
+    #[tokio::test]
+    async fn a_body_still_being_written_streams_both_ways() {
+        let dial = counting(echo_server(None).await, false, Duration::ZERO);
+        let pool = pool(dial);
+        let (tx, req) = streaming();
+        let mut body = pool.send(req).await.expect("response").into_body();
+        for chunk in ["one", "two", "three"] {
+            tx.send(Bytes::from(chunk)).unwrap();
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .expect("echo in time")
+                .expect("a frame")
+                .expect("no error");
+            assert_eq!(frame.into_data().unwrap(), chunk);
+        }
+        drop(tx);
+        let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+            .await
+            .expect("end in time")
+            .expect("clean end");
+        assert!(rest.to_bytes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_ping_fails_the_open_streams_and_the_connection_is_replaced() {
+        let every = Duration::from_millis(100);
+        let timeout = Duration::from_millis(200);
+
+        // A peer that answers pings: the stream stays open through several of them.
+        let dial = counting(echo_server(None).await, false, Duration::ZERO);
+        let pool = keepalive_pool(dial, every, timeout);
+        let (_tx, req) = streaming();
+        let mut body = pool.send(req).await.expect("response").into_body();
+        let quiet = tokio::time::timeout(every * 8, body.frame()).await;
+        assert!(quiet.is_err(), "a live connection is kept: {quiet:?}");
+
+        // A peer that stops reading: the stream fails once a ping goes unanswered.
+        let dial = counting(
+            echo_server(Some(Duration::from_millis(20))).await,
+            false,
+            Duration::ZERO,
+        );
+        let pool = keepalive_pool(dial.clone(), every, timeout);
+        let (_tx, req) = streaming();
+        let mut body = pool.send(req).await.expect("response").into_body();
+        let failed = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the dead connection is noticed within the keepalive timeout");
+        assert!(matches!(failed, Some(Err(_))), "{failed:?}");
+        // The next request dials again instead of using the dead connection.
+        let (_tx, req) = streaming();
+        let _ = pool.send(req).await.expect("response on a new connection");
+        assert_eq!(dial.dials.load(Ordering::SeqCst), 2);
     }
 }

@@ -1,7 +1,7 @@
 //! Upstream connections to etcd members, pooled and reused.
 //!
 //! Two clients share one [`Dial`] seam: gRPC goes as HTTP/2 prior knowledge (h2c) over one
-//! multiplexed connection per member (`h2.rs`, on hyper's connection API), everything else as
+//! multiplexed connection per member (`h2.rs`, on the `h2` crate), everything else as
 //! HTTP/1.1 through hyper-util's pool (etcd's plain port sends every HTTP/2 connection to its
 //! gRPC server, so v2, the JSON gateway, `/health` and `/version` must be HTTP/1.1;
 //! `etcd-protocols.md` §2.2). Each upstream connection is one
@@ -16,18 +16,21 @@ mod h2;
 pub mod health;
 pub mod tls;
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use connect::{BoxIo, Dial, DialFuture};
+pub use h2::H2Body;
 
 pub use crate::error::BoxError;
 
@@ -105,26 +108,68 @@ impl Upstream {
             .pool_idle_timeout(H1_IDLE)
             .pool_max_idle_per_host(64)
             .build(h1_connector);
-        let mut h2 = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            .keep_alive_interval(keepalive.max(ETCD_MIN_PING_INTERVAL))
-            .keep_alive_timeout(timeout)
-            .keep_alive_while_idle(false)
-            .initial_stream_window_size(1 << 20)
+        let mut builder = ::h2::client::Builder::new();
+        builder
+            .enable_push(false)
+            .initial_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
             .max_frame_size(1 << 16);
+        let settings = h2::H2Settings {
+            builder,
+            keepalive: keepalive.max(ETCD_MIN_PING_INTERVAL),
+            timeout,
+        };
         Self {
             h1,
-            h2: h2::H2Pool::new(h2_connector, h2),
+            h2: h2::H2Pool::new(h2_connector, settings),
         }
     }
 
     /// Sends `req` on a pooled connection; HTTP/2 requests go over h2c, all others HTTP/1.1.
-    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Error> {
+    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Body>, Error> {
         if req.version() == Version::HTTP_2 {
-            Ok(self.h2.send(req).await?)
+            Ok(self.h2.send(req).await?.map(Body::H2))
         } else {
-            Ok(self.h1.request(req).await?)
+            Ok(self.h1.request(req).await?.map(Body::H1))
+        }
+    }
+}
+
+/// A response body from etcd, from either client.
+pub enum Body {
+    /// From the HTTP/1.1 pool.
+    H1(Incoming),
+    /// From an HTTP/2 connection.
+    H2(H2Body),
+}
+
+/// Errors keep their type inside the box: hyper's server finds an `h2::Error` in the chain
+/// and resets the client's stream with etcd's code.
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Body::H1(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            Body::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::H1(b) => b.is_end_stream(),
+            Body::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::H1(b) => b.size_hint(),
+            Body::H2(b) => b.size_hint(),
         }
     }
 }

@@ -34,6 +34,7 @@ use super::frames::{frame, Deframer};
 use super::{Inner, ProxyBody};
 use crate::error::{one_line, BoxError};
 use crate::router::Class;
+use crate::upstream::Body as UpstreamResponse;
 
 /// The gRPC path of etcd's watch stream.
 pub(super) const PATH: &str = "/etcdserverpb.Watch/Watch";
@@ -100,7 +101,8 @@ enum Ended {
 }
 
 /// The response to an upstream Watch request, not yet arrived.
-type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, String>> + Send>>;
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<UpstreamResponse>, String>> + Send>>;
 
 /// One upstream stream being set up: where requests go, and its response.
 struct Attempt {
@@ -110,7 +112,7 @@ struct Attempt {
 }
 
 /// The next frame of the upstream body, once there is one.
-async fn next_frame(body: &mut Option<Incoming>) -> Option<Result<Frame<Bytes>, hyper::Error>> {
+async fn next_frame(body: &mut Option<UpstreamResponse>) -> Option<Result<Frame<Bytes>, BoxError>> {
     match body {
         Some(b) => b.frame().await,
         None => std::future::pending().await,
@@ -253,7 +255,7 @@ impl Session {
         } = attempt;
         // Once the client has half-closed, the upstream request ends after the re-creations.
         let mut up_tx = (!*client_done).then_some(tx);
-        let mut upstream: Option<Incoming> = None;
+        let mut upstream: Option<UpstreamResponse> = None;
         let mut up_frames = Deframer::default();
         let lost = |why: String, established: bool| Ended::Lost { why, established };
         let mut stopping = self.inner.stopping.clone();
@@ -324,7 +326,7 @@ impl Session {
                             return self.trailers(trailers, *client_done, out).await;
                         }
                     },
-                    Some(Err(e)) => return lost(format!("{member}: {}", one_line(&e)), true),
+                    Some(Err(e)) => return lost(format!("{member}: {}", one_line(&*e)), true),
                     None => return lost(format!("{member} ended the stream without a status"), true),
                 },
                 _ = out.closed() => return Ended::Done,

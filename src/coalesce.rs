@@ -1,4 +1,4 @@
-//! Makes hyper's HTTP/2 server write many small frames in one system call.
+//! Makes `h2` write many small frames in one system call, on both sides of the proxy.
 //!
 //! The `h2` crate copies a DATA frame into its 16 KiB write buffer only when the payload is
 //! smaller than a threshold; a larger payload is chained behind the buffer and the buffer must
@@ -14,7 +14,8 @@
 //! CPU per 1,000 gets fell from 35 to 24 ms. Payloads of 1 KiB and more are still chained,
 //! now as two plain writes (header, payload) instead of one `writev`; their cost is the copy.
 //!
-//! The upstream side needs nothing: hyper's client I/O trait defaults to "not vectored".
+//! The upstream connections (`upstream::h2`, on the `h2` crate directly) are wrapped too: the
+//! requests that are ready together go to etcd in one write.
 
 use std::io;
 use std::pin::Pin;
@@ -22,13 +23,13 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A client connection that hides its vectored-write support from `h2`.
-pub(super) struct CoalesceWrites<S> {
+/// A connection that hides its vectored-write support from `h2`.
+pub(crate) struct CoalesceWrites<S> {
     inner: S,
 }
 
 impl<S> CoalesceWrites<S> {
-    pub(super) fn new(inner: S) -> Self {
+    pub(crate) fn new(inner: S) -> Self {
         Self { inner }
     }
 }
