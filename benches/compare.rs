@@ -4,8 +4,9 @@
 //!
 //! Targets, all in one invocation against the simulated cluster's real etcd 3.4 members:
 //!
-//! * **direct**: the members themselves (the physical limit). Serial latency and cold starts
-//!   use `etcd-0`; throughput spreads the client connections over the three members.
+//! * **direct**: the members themselves (the physical limit). Serial latency goes to the leader
+//!   and to a follower (ratios are to the leader), cold starts to `etcd-0`; throughput spreads
+//!   the client connections over the three members.
 //! * **etcd gateway** (L4 TCP round robin) and **etcd grpc-proxy** (L7), both from `/usr/bin/etcd`.
 //! * **etcd-proxy gateway mode** (`--endpoints`, direct TCP to the members), through its cluster
 //!   endpoint (linearizable reads to the leader, the default; and a second proxy with
@@ -279,19 +280,41 @@ async fn wait_ready(addr: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Serial latency
 
-async fn serial_latency(endpoint: &str, gets: usize) -> (Duration, Duration) {
-    let mut c = Client::connect([endpoint], None).await.expect("connect");
-    for _ in 0..(gets / 10).max(50) {
-        c.get(GET_KEY, None).await.expect("warm-up get");
+/// Serial gets through each endpoint, interleaved: `rounds` rounds, each running a share of
+/// the gets against every endpoint in turn (starting one endpoint later each round), so that
+/// a slow moment of the machine hits every target alike. Returns each endpoint's latencies by
+/// round.
+async fn serial_latency(
+    endpoints: &[String],
+    gets: usize,
+    rounds: usize,
+) -> Vec<Vec<Vec<Duration>>> {
+    let mut clients = Vec::new();
+    for endpoint in endpoints {
+        let mut c = Client::connect([endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        for _ in 0..(gets / 10).max(50) {
+            c.get(GET_KEY, None).await.expect("warm-up get");
+        }
+        clients.push(c);
     }
-    let mut lat = Vec::with_capacity(gets);
-    for _ in 0..gets {
-        let t = Instant::now();
-        c.get(GET_KEY, None).await.expect("get");
-        lat.push(t.elapsed());
+    let per_round = gets.div_ceil(rounds);
+    let mut lat = vec![Vec::with_capacity(rounds); endpoints.len()];
+    for round in 0..rounds {
+        for k in 0..clients.len() {
+            let i = (round + k) % clients.len();
+            let mut this = Vec::with_capacity(per_round);
+            for _ in 0..per_round {
+                let t = Instant::now();
+                clients[i].get(GET_KEY, None).await.expect("get");
+                this.push(t.elapsed());
+            }
+            this.sort();
+            lat[i].push(this);
+        }
     }
-    lat.sort();
-    (percentile(&lat, 50), percentile(&lat, 99))
+    lat
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -668,7 +691,7 @@ async fn main() {
     }
     let leader = leader_of(&sim).await;
     println!(
-        "* members: {} (leader: {leader}); direct serial/cold = {}",
+        "* members: {} (leader: {leader}); direct cold starts go to {}",
         sim.pod_names().join(" "),
         sim.pod_names()[0]
     );
@@ -771,45 +794,69 @@ async fn main() {
         // only after a ReadIndex round trip to the leader.
         eprintln!("serial gets");
         let pods = sim.pod_names();
-        let role = |pod: &str| if pod == leader { "leader" } else { "follower" };
-        let other = if leader == pods[0] {
-            pods[1].clone()
-        } else {
-            leader.clone()
-        };
+        // Ratios are to the leader, the fastest a linearizable get can be.
+        let follower = pods
+            .iter()
+            .find(|p| **p != leader)
+            .expect("a follower")
+            .clone();
         let mut rows: Vec<(String, String)> = targets
             .iter()
             .map(|t| (t.name.to_owned(), t.serial.clone()))
             .collect();
-        rows[0].0 = format!("direct to {} ({})", pods[0], role(&pods[0]));
+        rows[0] = (
+            format!("direct to {leader} (leader)"),
+            sim.member_client_url(&leader).expect("member url"),
+        );
         rows.insert(
             1,
             (
-                format!("direct to {other} ({})", role(&other)),
-                sim.member_client_url(&other).expect("member url"),
+                format!("direct to {follower} (follower)"),
+                sim.member_client_url(&follower).expect("member url"),
             ),
         );
-        let mut serial = Vec::new();
-        for (_, endpoint) in &rows {
-            serial.push(serial_latency(endpoint, s.serial_gets).await);
-        }
+        let endpoints: Vec<String> = rows.iter().map(|(_, e)| e.clone()).collect();
+        let rounds = 10;
+        let by_round = serial_latency(&endpoints, s.serial_gets, rounds).await;
+        let all: Vec<Vec<Duration>> = by_round
+            .iter()
+            .map(|r| {
+                let mut v: Vec<Duration> = r.iter().flatten().copied().collect();
+                v.sort();
+                v
+            })
+            .collect();
+        let p = |i: usize, q: usize| percentile(&all[i], q);
         println!();
         println!(
-            "## Serial linearizable get, 1 client ({} gets after {} warm-up gets)",
+            "## Serial linearizable get, 1 client ({} gets per target after {} warm-up gets, \
+             interleaved in {rounds} rounds)",
             s.serial_gets,
             (s.serial_gets / 10).max(50)
         );
         println!();
-        println!("| target | p50 | p99 | p50 ratio | p99 ratio |");
-        println!("|---|---|---|---|---|");
-        for ((name, _), (p50, p99)) in rows.iter().zip(&serial) {
+        println!(
+            "| target | p50 | p99 | p50 ratio to the leader | p50 ratio round by round: median (min-max) | p99 ratio |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for (i, (name, _)) in rows.iter().enumerate() {
+            let paired: Vec<f64> = (0..rounds)
+                .map(|r| {
+                    percentile(&by_round[i][r], 50).as_secs_f64()
+                        / percentile(&by_round[0][r], 50).as_secs_f64()
+                })
+                .collect();
+            let (lo, hi) = paired
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
             println!(
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {:.2} ({lo:.2}-{hi:.2}) | {} |",
                 name,
-                ms(*p50),
-                ms(*p99),
-                dratio(*p50, serial[0].0),
-                dratio(*p99, serial[0].1)
+                ms(p(i, 50)),
+                ms(p(i, 99)),
+                dratio(p(i, 50), p(0, 50)),
+                median_f64(paired),
+                dratio(p(i, 99), p(0, 99))
             );
         }
     }

@@ -819,4 +819,69 @@ mod tests {
         let _ = pool.send(req).await.expect("response on a new connection");
         assert_eq!(dial.dials.load(Ordering::SeqCst), 2);
     }
+
+    #[tokio::test]
+    async fn a_reset_from_etcd_reaches_the_client_with_its_code() {
+        // etcd's side: answers the stream's HEADERS and, once the proxy has them, resets it.
+        let (got_headers, reset_now) = tokio::sync::oneshot::channel::<()>();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let etcd = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = ::h2::server::handshake(tcp).await.unwrap();
+            let Some(Ok((_req, mut respond))) = conn.accept().await else {
+                return;
+            };
+            let mut tx = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            tokio::spawn(async move {
+                let _ = reset_now.await;
+                tx.send_reset(Reason::ENHANCE_YOUR_CALM);
+            });
+            while conn.accept().await.is_some() {}
+        });
+        // The proxy's side: hyper's server, answering with the upstream response as is.
+        let pool = pool(counting(etcd, false, Duration::ZERO));
+        let got_headers = Arc::new(Mutex::new(Some(got_headers)));
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = front.accept().await.unwrap();
+            let svc = service_fn(move |_req| {
+                let pool = pool.clone();
+                let got_headers = got_headers.clone();
+                async move {
+                    let resp = pool.send(get()).await.expect("response headers");
+                    if let Some(tx) = got_headers.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                    Ok::<_, std::convert::Infallible>(resp.map(super::super::Body::H2))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+        // The client.
+        let tcp = TcpStream::connect(front_addr).await.unwrap();
+        let (client, conn) = ::h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = Request::post("http://etcd-proxy/etcdserverpb.KV/Range")
+            .body(())
+            .unwrap();
+        let (response, _tx) = client.send_request(req, true).unwrap();
+        // The reset may overtake the response HEADERS on the client's side; either way it
+        // must carry etcd's code.
+        let outcome = tokio::time::timeout(Duration::from_secs(5), async move {
+            let mut body = response.await?.into_body();
+            while body.data().await.transpose()?.is_some() {}
+            Ok::<_, ::h2::Error>(())
+        })
+        .await
+        .expect("reset in time");
+        let err = outcome.expect_err("the stream is reset");
+        assert_eq!(err.reason(), Some(Reason::ENHANCE_YOUR_CALM), "{err}");
+    }
 }
