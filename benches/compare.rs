@@ -815,9 +815,23 @@ async fn main() {
                 sim.member_client_url(&follower).expect("member url"),
             ),
         );
+        // The floor for any proxy: one extra hop that does nothing but copy bytes, as a
+        // separate process (etcd's L4 gateway with the leader as its only endpoint).
+        let relay_dir = work.path().join("leader-relay");
+        std::fs::create_dir_all(&relay_dir).expect("relay dir");
+        let leader_url = sim.member_client_url(&leader).expect("member url");
+        let relay = start_go_proxy("gateway", std::slice::from_ref(&leader_url), &relay_dir).await;
+        rows.insert(
+            2,
+            (
+                "reference: one bare TCP hop to the leader (etcd gateway, leader only)".into(),
+                relay.addr.clone(),
+            ),
+        );
         let endpoints: Vec<String> = rows.iter().map(|(_, e)| e.clone()).collect();
         let rounds = 10;
         let by_round = serial_latency(&endpoints, s.serial_gets, rounds).await;
+        drop(relay);
         let all: Vec<Vec<Duration>> = by_round
             .iter()
             .map(|r| {
