@@ -1,5 +1,6 @@
-//! The connector seam: a client (hyper-util's HTTP/1.1 pool, or the HTTP/2 map in `h2.rs`)
-//! asks for a connection to `http://<pod>:<port>`, and a [`Dial`] implementation opens it: a
+//! The connector seam: a client (hyper-util's HTTP/1.1 pool through `tower::Service`, or the
+//! HTTP/2 map in `h2.rs` through [`Connector::open`]) asks for a connection to etcd's port in a
+//! pod (`http://<pod>:<port>`), and a [`Dial`] implementation opens it: a
 //! port-forward tunnel in normal use, a plain TCP connection with `--direct`/`--endpoints`
 //! and in tests.
 
@@ -113,9 +114,8 @@ impl hyper::rt::Read for Conn {
     }
 }
 
-/// `poll_write_vectored` is deliberately not forwarded: hyper then reports the connection as
-/// not vectored, and `h2` copies request payloads under 1 KiB into its write buffer, so
-/// requests that are ready together leave in one write (see `listener::coalesce`).
+/// Only hyper-util's HTTP/1.1 pool uses this type (the HTTP/2 map wraps [`Connector::open`]'s
+/// stream in `coalesce::CoalesceWrites` itself); hyper's default "not vectored" is kept.
 impl hyper::rt::Write for Conn {
     fn poll_write(
         self: Pin<&mut Self>,
