@@ -20,25 +20,29 @@
 //! * a request that found its connection closed before it could leave goes again on a fresh
 //!   one, once.
 //!
-//! Kept from hyper's client: keepalive. While streams are open, each connection is pinged
-//! every `keepalive` (counted from the previous answer, so etcd never sees two pings closer
-//! than that) and closed when an answer takes longer than `timeout`, so a dead tunnel under a
-//! silent watch is found in seconds. An idle connection is not pinged: grpc-go counts pings on
-//! a connection without streams as abuse and closes it with `too_many_pings`.
+//! Kept from hyper's client: keepalive (`keepalive.rs`). While streams are open, each
+//! connection is pinged and closed when an answer takes longer than `timeout`, so a dead tunnel
+//! under a silent watch is found in seconds. Sending a request body and reading a response body
+//! are in `stream.rs`.
+
+mod keepalive;
+mod stream;
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::{poll_fn, BoxFuture, FutureExt, Shared};
-use h2::client::{Connection, SendRequest};
-use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
-use http::{HeaderMap, Request, Response};
-use hyper::body::{Body, Frame, SizeHint};
+use h2::client::SendRequest;
+use h2::Reason;
+use http::{Request, Response};
+use hyper::body::Body;
+
+pub use stream::H2Body;
+use stream::{pipe, send_ready, StreamGuard};
 
 use super::connect::{BoxIo, Connector};
 use super::{BoxError, UpstreamBody};
@@ -208,12 +212,7 @@ impl H2Pool {
             }
         }
         let resp = response.await.map_err(H2Error::Request)?;
-        Ok(resp.map(|recv| H2Body {
-            recv,
-            data_done: false,
-            done: false,
-            _open: open,
-        }))
+        Ok(resp.map(|recv| H2Body::new(recv, open)))
     }
 
     /// An open connection to `key`: the current one, the one being opened, or a new one.
@@ -276,7 +275,7 @@ impl H2Pool {
                 .map_err(ConnectError::new)?;
             let state = Arc::new(ConnState::default());
             let pings = conn.ping_pong();
-            tokio::spawn(drive(
+            tokio::spawn(keepalive::drive(
                 conn,
                 pings,
                 state.clone(),
@@ -298,215 +297,6 @@ impl H2Pool {
     }
 }
 
-/// Runs a connection until it ends, pinging it while streams are open; marks it closed then.
-async fn drive(
-    conn: Connection<Io, Bytes>,
-    mut pings: Option<PingPong>,
-    state: Arc<ConnState>,
-    every: Duration,
-    timeout: Duration,
-) {
-    tokio::pin!(conn);
-    loop {
-        tokio::select! {
-            r = &mut conn => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-                }
-                break;
-            }
-            () = tokio::time::sleep(every) => {
-                let Some(pp) = pings.as_mut() else { continue };
-                if state.open.load(Ordering::Relaxed) == 0 || pp.send_ping(Ping::opaque()).is_err() {
-                    continue;
-                }
-                let pong = tokio::time::timeout(timeout, poll_fn(|cx| pp.poll_pong(cx)));
-                tokio::select! {
-                    r = &mut conn => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-                        }
-                        break;
-                    }
-                    answer = pong => if answer.is_err() {
-                        tracing::debug!(?timeout, "upstream HTTP/2 ping unanswered; closing the connection");
-                        break;
-                    },
-                }
-            }
-        }
-    }
-    // Dropping the connection fails the streams still on it.
-    state.closed.store(true, Ordering::Release);
-}
-
-/// Counts a stream as open while any part of it is under way.
-#[derive(Debug)]
-struct StreamGuard(Arc<ConnState>);
-
-impl StreamGuard {
-    fn new(state: Arc<ConnState>) -> Self {
-        state.open.fetch_add(1, Ordering::Relaxed);
-        Self(state)
-    }
-}
-
-impl Clone for StreamGuard {
-    fn clone(&self) -> Self {
-        Self::new(self.0.clone())
-    }
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Sends the frames `body` has ready without waiting; `Ok(true)` once the body has ended.
-fn send_ready(
-    body: &mut UpstreamBody,
-    tx: &mut SendStream<Bytes>,
-    cx: &mut Context<'_>,
-) -> Result<bool, BoxError> {
-    loop {
-        match Pin::new(&mut *body).poll_frame(cx) {
-            Poll::Pending => return Ok(false),
-            Poll::Ready(None) => {
-                tx.send_data(Bytes::new(), true)?;
-                return Ok(true);
-            }
-            Poll::Ready(Some(frame)) => {
-                if send_frame(frame?, body.is_end_stream(), tx)? {
-                    return Ok(true);
-                }
-            }
-        }
-    }
-}
-
-/// Sends one body frame; `Ok(true)` if it ended the stream.
-fn send_frame(
-    frame: Frame<Bytes>,
-    end: bool,
-    tx: &mut SendStream<Bytes>,
-) -> Result<bool, h2::Error> {
-    match frame.into_data() {
-        Ok(data) => {
-            tx.send_data(data, end)?;
-            Ok(end)
-        }
-        Err(frame) => match frame.into_trailers() {
-            Ok(trailers) => {
-                tx.send_trailers(trailers)?;
-                Ok(true)
-            }
-            Err(_) => Ok(false),
-        },
-    }
-}
-
-/// Pipes the rest of a body that is still being written, one chunk per window.
-async fn pipe(mut body: UpstreamBody, mut tx: SendStream<Bytes>, _open: StreamGuard) {
-    loop {
-        // The next chunk, unless etcd resets the stream first.
-        let next = poll_fn(|cx| {
-            if let Poll::Ready(r) = tx.poll_reset(cx) {
-                return Poll::Ready(Err(r.map_or_else(|e| e.to_string(), |r| r.to_string())));
-            }
-            Pin::new(&mut body).poll_frame(cx).map(Ok)
-        })
-        .await;
-        let frame = match next {
-            Err(why) => {
-                tracing::debug!(%why, "upstream reset a stream while its request was being sent");
-                return;
-            }
-            Ok(None) => {
-                let _ = tx.send_data(Bytes::new(), true);
-                return;
-            }
-            Ok(Some(Err(e))) => {
-                tracing::debug!(error = %e, "request body failed; resetting the upstream stream");
-                tx.send_reset(Reason::CANCEL);
-                return;
-            }
-            Ok(Some(Ok(frame))) => frame,
-        };
-        if let Some(data) = frame.data_ref() {
-            // Wait for window before queueing, so a fast writer cannot fill memory.
-            if !data.is_empty() && wait_capacity(&mut tx, data.len()).await.is_err() {
-                return;
-            }
-        }
-        match send_frame(frame, body.is_end_stream(), &mut tx) {
-            Ok(false) => {}
-            Ok(true) | Err(_) => return,
-        }
-    }
-}
-
-/// Waits until the stream may send at least part of `len` bytes.
-async fn wait_capacity(tx: &mut SendStream<Bytes>, len: usize) -> Result<(), ()> {
-    tx.reserve_capacity(len);
-    while tx.capacity() == 0 {
-        match poll_fn(|cx| tx.poll_capacity(cx)).await {
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => return Err(()),
-        }
-    }
-    Ok(())
-}
-
-/// The body of a response from etcd: DATA frames, then trailers.
-#[derive(Debug)]
-pub struct H2Body {
-    recv: RecvStream,
-    data_done: bool,
-    done: bool,
-    _open: StreamGuard,
-}
-
-impl Body for H2Body {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // The bytes are handed on: etcd may send more.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                None => this.data_done = true,
-            }
-        }
-        let trailers: Result<Option<HeaderMap>, h2::Error> = ready!(this.recv.poll_trailers(cx));
-        this.done = true;
-        Poll::Ready(trailers.transpose().map(|t| t.map(Frame::trailers)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -514,6 +304,7 @@ mod tests {
 
     use bytes::Bytes;
     use http_body_util::{BodyExt, Empty, Full};
+    use hyper::body::Frame;
     use hyper::service::service_fn;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::net::{TcpListener, TcpStream};
