@@ -68,14 +68,58 @@ pub struct Upstream {
 }
 
 /// A failed upstream request.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum Error {
     /// On the gRPC (HTTP/2) path.
-    #[error(transparent)]
-    H2(#[from] h2::H2Error),
+    H2(h2::H2Error),
     /// On the HTTP/1.1 path.
-    #[error(transparent)]
-    H1(#[from] hyper_util::client::legacy::Error),
+    H1(hyper_util::client::legacy::Error),
+}
+
+impl From<h2::H2Error> for Error {
+    fn from(e: h2::H2Error) -> Self {
+        Error::H2(e)
+    }
+}
+
+impl From<hyper_util::client::legacy::Error> for Error {
+    fn from(e: hyper_util::client::legacy::Error) -> Self {
+        Error::H1(e)
+    }
+}
+
+/// A connection that could not be opened reads as its cause: hyper-util's own text for it,
+/// "client error (Connect)", says nothing the cause does not.
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::H2(e) => std::fmt::Display::fmt(e, f),
+            Error::H1(e) => match connect_cause(e) {
+                Some(cause) => std::fmt::Display::fmt(cause, f),
+                None => std::fmt::Display::fmt(e, f),
+            },
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::H2(e) => std::error::Error::source(e),
+            Error::H1(e) => connect_cause(e).or_else(|| std::error::Error::source(e)),
+        }
+    }
+}
+
+/// The connector's error behind a failed HTTP/1.1 connect, if that is what failed.
+fn connect_cause(
+    e: &hyper_util::client::legacy::Error,
+) -> Option<&(dyn std::error::Error + 'static)> {
+    if e.is_connect() {
+        std::error::Error::source(e)
+    } else {
+        None
+    }
 }
 
 impl Error {
@@ -136,6 +180,7 @@ impl Upstream {
 }
 
 /// A response body from etcd, from either client.
+#[derive(Debug)]
 pub enum Body {
     /// From the HTTP/1.1 pool.
     H1(Incoming),
@@ -170,6 +215,58 @@ impl hyper::body::Body for Body {
         match self {
             Body::H1(b) => b.size_hint(),
             Body::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot connect to member etcd-0 at 127.0.0.1:1: refused")]
+    struct Refused;
+
+    struct RefusingDial;
+
+    impl Dial for RefusingDial {
+        fn dial(&self, _pod: &str, _port: u16) -> DialFuture {
+            Box::pin(async { Err(Refused.into()) })
+        }
+    }
+
+    fn upstream() -> Upstream {
+        Upstream::new(
+            Arc::new(RefusingDial),
+            None,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_failed_connect_reads_as_its_cause_on_both_paths() {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let req = Request::builder()
+                .uri("http://etcd-0:2379/version")
+                .version(version)
+                .body(
+                    Full::new(Bytes::new())
+                        .map_err(|never| match never {})
+                        .boxed(),
+                )
+                .unwrap();
+            let err = upstream().send(req).await.expect_err("refused");
+            assert!(err.is_connect(), "{version:?}: {err}");
+            assert_eq!(
+                crate::error::one_line(&err),
+                "cannot connect to member etcd-0 at 127.0.0.1:1: refused",
+                "{version:?}"
+            );
+            assert!(
+                crate::error::find_cause::<Refused>(&err).is_some(),
+                "{version:?}: {err:?}"
+            );
         }
     }
 }
