@@ -394,14 +394,7 @@ mod tests {
     }
 
     fn pool(dial: Arc<CountingDial>) -> H2Pool {
-        H2Pool::new(
-            Connector::new(dial, None),
-            H2Settings {
-                builder: h2::client::Builder::new(),
-                keepalive: Duration::from_secs(5),
-                timeout: Duration::from_secs(5),
-            },
-        )
+        keepalive_pool(dial, Duration::from_secs(5), Duration::from_secs(5))
     }
 
     fn get() -> Request<UpstreamBody> {
@@ -485,6 +478,21 @@ mod tests {
         );
     }
 
+    /// Accepts an HTTP/2 connection's first stream and answers its HEADERS; the connection
+    /// (to keep serving) and the stream's two halves.
+    async fn first_stream(
+        tcp: TcpStream,
+    ) -> Option<(
+        ::h2::server::Connection<TcpStream, Bytes>,
+        http::Request<::h2::RecvStream>,
+        ::h2::SendStream<Bytes>,
+    )> {
+        let mut conn = ::h2::server::handshake(tcp).await.ok()?;
+        let (req, mut respond) = conn.accept().await?.ok()?;
+        let tx = respond.send_response(http::Response::new(()), false).ok()?;
+        Some((conn, req, tx))
+    }
+
     /// An HTTP/2 server that answers each request's HEADERS and then echoes its DATA; with
     /// `freeze_after`, it stops reading the connection that long after the first answer, so
     /// pings go unanswered.
@@ -495,13 +503,9 @@ mod tests {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
                 tokio::spawn(async move {
-                    let mut conn = ::h2::server::handshake(tcp).await.unwrap();
-                    let Some(Ok((req, mut respond))) = conn.accept().await else {
+                    let Some((mut conn, req, mut tx)) = first_stream(tcp).await else {
                         return;
                     };
-                    let mut tx = respond
-                        .send_response(http::Response::new(()), false)
-                        .unwrap();
                     tokio::spawn(async move {
                         let mut body = req.into_body();
                         while let Some(Ok(chunk)) = body.data().await {
@@ -619,13 +623,9 @@ mod tests {
         let etcd = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let mut conn = ::h2::server::handshake(tcp).await.unwrap();
-            let Some(Ok((_req, mut respond))) = conn.accept().await else {
+            let Some((mut conn, _req, mut tx)) = first_stream(tcp).await else {
                 return;
             };
-            let mut tx = respond
-                .send_response(http::Response::new(()), false)
-                .unwrap();
             tokio::spawn(async move {
                 let _ = reset_now.await;
                 tx.send_reset(Reason::ENHANCE_YOUR_CALM);
