@@ -192,6 +192,31 @@ pub struct Cli {
     )]
     pub etcd_server_name: Option<String>,
 
+    /// Open connections each local endpoint accepts; further ones are closed at once.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 4096,
+        help_heading = "Limits (every listener is treated as exposed)"
+    )]
+    pub max_connections: usize,
+
+    /// Open connections one client address may hold, over all local endpoints. Raise it for
+    /// many clients behind one NAT address.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 256,
+        help_heading = "Limits (every listener is treated as exposed)"
+    )]
+    pub max_connections_per_address: usize,
+
+    /// How long a connection may take to send a complete first request, and may then sit idle
+    /// until one of its requests has authenticated (HTTP/1.1: also the time to send each
+    /// request head). Authenticated connections have no idle limit.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration, help_heading = "Limits (every listener is treated as exposed)")]
+    pub header_timeout: std::time::Duration,
+
     /// Serve `/metrics` (Prometheus) and `/healthz` on this address.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<SocketAddr>,

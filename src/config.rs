@@ -90,6 +90,12 @@ pub struct Config {
     pub etcd_tls: Option<EtcdTls>,
     /// The admin listener (`/metrics`, `/healthz`).
     pub admin: Option<SocketAddr>,
+    /// Open connections per local endpoint.
+    pub max_connections: usize,
+    /// Open connections per client address.
+    pub max_connections_per_address: usize,
+    /// Time to a first request, and idle time until authenticated.
+    pub header_timeout: Duration,
 }
 
 /// TLS settings toward etcd.
@@ -121,6 +127,12 @@ pub enum Error {
     /// A keepalive setting of zero.
     #[error("--{flag} must be longer than zero")]
     ZeroDuration {
+        /// The flag.
+        flag: &'static str,
+    },
+    /// A limit of zero would refuse every connection.
+    #[error("--{flag} must be at least 1")]
+    ZeroCount {
         /// The flag.
         flag: &'static str,
     },
@@ -197,6 +209,21 @@ impl TryFrom<Cli> for Config {
                 flag: "keepalive-timeout",
             });
         }
+        if cli.header_timeout.is_zero() {
+            return Err(Error::ZeroDuration {
+                flag: "header-timeout",
+            });
+        }
+        if cli.max_connections == 0 {
+            return Err(Error::ZeroCount {
+                flag: "max-connections",
+            });
+        }
+        if cli.max_connections_per_address == 0 {
+            return Err(Error::ZeroCount {
+                flag: "max-connections-per-address",
+            });
+        }
         Ok(Config {
             kubeconfig: cli.kubeconfig,
             context: cli.context.filter(|c| !c.is_empty()),
@@ -215,6 +242,9 @@ impl TryFrom<Cli> for Config {
             direct: cli.direct,
             endpoints: cli.endpoints,
             admin: cli.admin,
+            max_connections: cli.max_connections,
+            max_connections_per_address: cli.max_connections_per_address,
+            header_timeout: cli.header_timeout,
             etcd_tls: cli.etcd_cacert.map(|cacert| EtcdTls {
                 cacert,
                 identity: cli.etcd_cert.zip(cli.etcd_key),

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::config::MemberPorts;
 use crate::k8s::discovery::EtcdPod;
-use crate::listener::{self, Endpoint};
+use crate::listener::{self, Endpoint, Serving};
 use crate::proxy::Proxy;
 use crate::rewrite::{AddrMap, LocalEndpoint};
 
@@ -34,19 +34,19 @@ pub struct MemberEndpoints {
     ports: MemberPorts,
     /// `http` or `https`, for the URLs.
     scheme: &'static str,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    serving: Serving,
     open: BTreeMap<String, Open>,
     map_tx: watch::Sender<Arc<AddrMap>>,
 }
 
 impl MemberEndpoints {
-    /// No endpoints yet, on `ip`, serving TLS with `tls` if set; the receiver follows the
-    /// rewrite map.
+    /// No endpoints yet, on `ip`, served as `serving` says (TLS, limits); the receiver follows
+    /// the rewrite map.
     pub fn new(
         ip: IpAddr,
         ports: MemberPorts,
         scheme: &'static str,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        serving: Serving,
     ) -> (Self, watch::Receiver<Arc<AddrMap>>) {
         let (map_tx, map_rx) = watch::channel(Arc::new(AddrMap::default()));
         (
@@ -54,7 +54,7 @@ impl MemberEndpoints {
                 ip,
                 ports,
                 scheme,
-                tls,
+                serving,
                 open: BTreeMap::new(),
                 map_tx,
             },
@@ -195,7 +195,7 @@ impl MemberEndpoints {
                 tasks.spawn(listener::serve(
                     endpoint,
                     proxy.clone(),
-                    self.tls.clone(),
+                    self.serving.clone(),
                     rx,
                 ));
             }
@@ -245,7 +245,10 @@ mod tests {
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             MemberPorts::Ephemeral,
             "http",
-            None,
+            Serving {
+                tls: None,
+                admission: crate::listener::Admission::new(Default::default()),
+            },
         );
         let three: Vec<EtcdPod> = ["etcd-0", "etcd-1", "etcd-2"].map(pod).to_vec();
         eps.bind_initial(&three).await.unwrap();

@@ -17,7 +17,7 @@ use crate::config::{Config, TlsSource};
 use crate::endpoints::MemberEndpoints;
 use crate::k8s::discovery::{Discovery, EtcdPod, Selection};
 use crate::k8s::{self, tunnel};
-use crate::listener::{self, tls, Endpoint};
+use crate::listener::{self, tls, Admission, Endpoint, Limits, Serving};
 use crate::proxy::Proxy;
 use crate::router::Backends;
 use crate::upstream::health::{Health, HealthConfig};
@@ -127,7 +127,7 @@ pub struct Running {
     upstream: Upstream,
     legacy: HashSet<String>,
     stop_tx: watch::Sender<bool>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    serving: Serving,
     admin: Option<tokio::net::TcpListener>,
 }
 
@@ -164,8 +164,16 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         name: Arc::from("cluster"),
         pinned: None,
     };
+    let serving = Serving {
+        tls,
+        admission: Admission::new(Limits {
+            max_connections: cfg.max_connections,
+            max_connections_per_address: cfg.max_connections_per_address,
+            header_timeout: cfg.header_timeout,
+        }),
+    };
     let (mut members, map_rx) =
-        MemberEndpoints::new(cfg.listen.ip(), cfg.member_ports, scheme, tls.clone());
+        MemberEndpoints::new(cfg.listen.ip(), cfg.member_ports, scheme, serving.clone());
     members.bind_initial(&pods).await?;
 
     let (pods_tx, pods_rx) = watch::channel(Arc::new(pods.clone()));
@@ -245,7 +253,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         upstream,
         legacy,
         stop_tx,
-        tls,
+        serving,
         admin,
     })
 }
@@ -263,7 +271,7 @@ impl Running {
         let cluster = tokio::spawn(listener::serve(
             self.cluster,
             self.proxy.clone(),
-            self.tls,
+            self.serving,
             stop_rx.clone(),
         ));
         let members = tokio::spawn(self.members.run(

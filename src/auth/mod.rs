@@ -22,7 +22,9 @@ mod users;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -43,6 +45,8 @@ pub const ERR_AUTH_FAILED: &str = "etcdserver: authentication failed, invalid us
 pub const ERR_USER_EMPTY: &str = "etcdserver: user name is empty";
 /// Sent when a token is unknown or expired.
 pub const ERR_INVALID_TOKEN: &str = "etcdserver: invalid auth token";
+/// Sent for a request over the size etcd (or the proxy, for what it buffers) accepts.
+pub const ERR_REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
 
 /// gRPC codes etcd uses for those (`codes.InvalidArgument`, `codes.Unauthenticated`).
 pub const INVALID_ARGUMENT: u8 = 3;
@@ -54,6 +58,9 @@ pub const UNAUTHENTICATED: u8 = 16;
 const BASIC_CACHE: Duration = Duration::from_secs(60);
 /// Largest login request body read.
 const MAX_LOGIN_BODY: usize = 64 * 1024;
+/// Password hashes checked at once, each on a blocking thread: a flood of logins queues for
+/// these instead of taking a thread each, and the event loop never runs one.
+const HASH_WORKERS: usize = 2;
 
 /// The answer to a request that is not forwarded.
 #[derive(Debug)]
@@ -74,6 +81,17 @@ pub enum Verdict {
     GrpcLogin(Bytes),
     /// Answer a gateway `/v3/auth/authenticate` with this JSON.
     GatewayLogin(Bytes),
+    /// A login request larger than the proxy reads: etcd's "request is too large".
+    TooLarge(Class),
+}
+
+/// A request the auth layer lets through, with its credentials removed.
+#[derive(Debug)]
+pub enum Pass<R> {
+    /// It carried valid credentials.
+    Authenticated(R),
+    /// It is one of the few open to anyone (health, version, member list).
+    Open(R),
 }
 
 /// Users, tokens and login throttling.
@@ -82,6 +100,7 @@ pub struct Auth {
     users: Arc<users::Users>,
     tokens: tokens::Tokens,
     limiter: limit::Limiter,
+    hashers: tokio::sync::Semaphore,
     basic_ok: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
@@ -92,6 +111,7 @@ impl Auth {
             users: Arc::new(users::Users::load(path)?),
             tokens: tokens::Tokens::default(),
             limiter: limit::Limiter::default(),
+            hashers: tokio::sync::Semaphore::new(HASH_WORKERS),
             basic_ok: Mutex::new(HashMap::new()),
         })
     }
@@ -103,7 +123,7 @@ impl Auth {
         class: Class,
         peer: IpAddr,
         mut req: Request<Incoming>,
-    ) -> Result<Request<Incoming>, Verdict> {
+    ) -> Result<Pass<Request<Incoming>>, Verdict> {
         let path = req.uri().path().to_owned();
         match class {
             Class::Grpc => {
@@ -113,14 +133,14 @@ impl Auth {
                 let token = take(req.headers_mut(), "token")
                     .or_else(|| take(req.headers_mut(), "authorization"));
                 if grpc_open(&path) {
-                    return Ok(req);
+                    return Ok(Pass::Open(req));
                 }
                 match token {
                     None => Err(Verdict::GrpcError {
                         code: INVALID_ARGUMENT,
                         message: ERR_USER_EMPTY,
                     }),
-                    Some(t) if self.tokens.check(&t).is_some() => Ok(req),
+                    Some(t) if self.tokens.check(&t).is_some() => Ok(Pass::Authenticated(req)),
                     Some(_) => Err(Verdict::GrpcError {
                         code: UNAUTHENTICATED,
                         message: ERR_INVALID_TOKEN,
@@ -133,7 +153,7 @@ impl Auth {
                 }
                 let credentials = take(req.headers_mut(), header::AUTHORIZATION.as_str());
                 if http_open(&path) {
-                    return Ok(req);
+                    return Ok(Pass::Open(req));
                 }
                 match credentials {
                     None => Err(Verdict::Unauthorized {
@@ -142,14 +162,16 @@ impl Auth {
                     Some(value) => match value.strip_prefix("Basic ") {
                         Some(b64) => {
                             if self.basic(peer, b64.trim()).await {
-                                Ok(req)
+                                Ok(Pass::Authenticated(req))
                             } else {
                                 Err(Verdict::Unauthorized {
                                     message: ERR_AUTH_FAILED,
                                 })
                             }
                         }
-                        None if self.tokens.check(value.trim()).is_some() => Ok(req),
+                        None if self.tokens.check(value.trim()).is_some() => {
+                            Ok(Pass::Authenticated(req))
+                        }
                         None => Err(Verdict::Unauthorized {
                             message: ERR_INVALID_TOKEN,
                         }),
@@ -159,23 +181,29 @@ impl Auth {
         }
     }
 
-    /// Verifies a login, throttled per client address. The hash check (tens of milliseconds
-    /// by design) runs on a blocking thread, never on the event loop that serves everyone.
+    /// Verifies a login, throttled per client address (attempts still being checked count).
+    /// The hash check (tens of milliseconds by design) runs on one of [`HASH_WORKERS`]
+    /// blocking threads, never on the event loop that serves everyone.
     async fn login(&self, peer: IpAddr, name: &str, password: &str) -> Option<String> {
-        if !self.limiter.allowed(peer) {
-            tracing::warn!(%peer, user = name, "login refused: too many failures from this address");
+        let Some(attempt) = self.limiter.begin(peer) else {
+            tracing::debug!(%peer, user = name, "login refused: too many failures from this address");
             return None;
-        }
-        let users = self.users.clone();
-        let (n, p) = (name.to_owned(), password.to_owned());
-        let verified = tokio::task::spawn_blocking(move || users.verify(&n, &p))
-            .await
-            .unwrap_or(false);
+        };
+        let verified = match self.hashers.acquire().await {
+            Ok(_permit) => {
+                let users = self.users.clone();
+                let (n, p) = (name.to_owned(), password.to_owned());
+                tokio::task::spawn_blocking(move || users.verify(&n, &p))
+                    .await
+                    .unwrap_or(false)
+            }
+            Err(_) => false,
+        };
+        let blocked = attempt.finish(verified);
         if verified {
-            self.limiter.succeeded(peer);
             return Some(name.to_owned());
         }
-        if self.limiter.failed(peer) {
+        if blocked {
             tracing::warn!(%peer, "too many failed logins; refusing logins from this address for a while");
         } else {
             tracing::info!(%peer, user = name, "failed login");
@@ -214,8 +242,10 @@ impl Auth {
             code: INVALID_ARGUMENT,
             message: ERR_AUTH_FAILED,
         };
-        let Some(body) = read_body(req).await else {
-            return failed;
+        let body = match read_body(req).await {
+            Body::Read(b) => b,
+            Body::TooLarge => return Verdict::TooLarge(Class::Grpc),
+            Body::Broken => return failed,
         };
         // One length-prefixed message: AuthenticateRequest { name = 1; password = 2; }.
         let Some(msg) = body.get(5..) else {
@@ -248,8 +278,10 @@ impl Auth {
         let failed = Verdict::Unauthorized {
             message: ERR_AUTH_FAILED,
         };
-        let Some(body) = read_body(req).await else {
-            return failed;
+        let body = match read_body(req).await {
+            Body::Read(b) => b,
+            Body::TooLarge => return Verdict::TooLarge(Class::Http),
+            Body::Broken => return failed,
         };
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
             return failed;
@@ -268,12 +300,22 @@ impl Auth {
     }
 }
 
-async fn read_body(req: Request<Incoming>) -> Option<Bytes> {
-    Limited::new(req.into_body(), MAX_LOGIN_BODY)
+/// A login request's body.
+enum Body {
+    Read(Bytes),
+    TooLarge,
+    Broken,
+}
+
+async fn read_body(req: Request<Incoming>) -> Body {
+    match Limited::new(req.into_body(), MAX_LOGIN_BODY)
         .collect()
         .await
-        .ok()
-        .map(|c| c.to_bytes())
+    {
+        Ok(c) => Body::Read(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Body::TooLarge,
+        Err(_) => Body::Broken,
+    }
 }
 
 /// Removes a header, returning its value.

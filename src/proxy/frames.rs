@@ -6,8 +6,12 @@ use bytes::{Buf, Bytes, BytesMut};
 
 /// 1 flag byte + 4-byte big-endian length.
 const PREFIX: usize = 5;
-/// etcd's own cap on a received message (`--max-request-bytes` + 512 KiB) is far below this.
-const MAX_MESSAGE: usize = 64 << 20;
+/// The largest message accepted from etcd: its watch responses are not split unless the
+/// client asks for fragments, so this is generous.
+pub const MAX_FROM_ETCD: usize = 64 << 20;
+/// The largest message accepted from a client: etcd's own cap on a received message
+/// (`--max-request-bytes`, 1.5 MiB by default, + 512 KiB of gRPC overhead).
+pub const MAX_FROM_CLIENT: usize = 2 << 20;
 
 /// A stream that is not a sequence of uncompressed gRPC messages.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -15,18 +19,26 @@ pub enum Error {
     /// Compressed messages cannot be inspected (etcd and clientv3 never compress).
     #[error("compressed gRPC message on a watch stream")]
     Compressed,
-    /// A length beyond any sane message.
-    #[error("gRPC message of {0} bytes is too large")]
-    TooLarge(usize),
+    /// A message over the deframer's limit, in grpc-go's words (what etcd answers too).
+    #[error("grpc: received message larger than max ({0} vs. {1})")]
+    TooLarge(usize, usize),
 }
 
 /// Reassembles messages from chunks.
-#[derive(Default)]
 pub struct Deframer {
     buf: BytesMut,
+    limit: usize,
 }
 
 impl Deframer {
+    /// Reassembles messages of at most `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            limit,
+        }
+    }
+
     /// Adds a chunk.
     pub fn push(&mut self, chunk: &[u8]) {
         self.buf.extend_from_slice(chunk);
@@ -41,8 +53,8 @@ impl Deframer {
             return Err(Error::Compressed);
         }
         let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        if len > MAX_MESSAGE {
-            return Err(Error::TooLarge(len));
+        if len > self.limit {
+            return Err(Error::TooLarge(len, self.limit));
         }
         if self.buf.len() < PREFIX + len {
             return Ok(None);
@@ -70,7 +82,7 @@ mod tests {
         let mut stream = frame(b"hello").to_vec();
         stream.extend_from_slice(&frame(b""));
         stream.extend_from_slice(&frame(b"world"));
-        let mut d = Deframer::default();
+        let mut d = Deframer::new(MAX_FROM_ETCD);
         let mut got = Vec::new();
         for chunk in stream.chunks(3) {
             d.push(chunk);
@@ -90,11 +102,20 @@ mod tests {
 
     #[test]
     fn compressed_and_huge_messages_are_refused() {
-        let mut d = Deframer::default();
+        let mut d = Deframer::new(MAX_FROM_ETCD);
         d.push(&[1, 0, 0, 0, 1, 7]);
         assert_eq!(d.next_message(), Err(Error::Compressed));
-        let mut d = Deframer::default();
+        let mut d = Deframer::new(MAX_FROM_ETCD);
         d.push(&[0, 0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(d.next_message(), Err(Error::TooLarge(_))));
+        assert!(matches!(
+            d.next_message(),
+            Err(Error::TooLarge(_, MAX_FROM_ETCD))
+        ));
+        let mut d = Deframer::new(MAX_FROM_CLIENT);
+        d.push(&[0, 0, 0x20, 0, 1]);
+        assert_eq!(
+            d.next_message().unwrap_err().to_string(),
+            "grpc: received message larger than max (2097153 vs. 2097152)"
+        );
     }
 }

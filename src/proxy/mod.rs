@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
-use crate::auth::Auth;
+use crate::auth::{Auth, Pass};
 use crate::error::{find_cause, one_line, BoxError};
 use crate::k8s::tunnel;
 use crate::metrics;
@@ -38,6 +38,11 @@ use forward::{strip_hop_by_hop, upstream_request, wants_upgrade};
 use reply::{
     empty, error_response, with_trailers, GRPC_INTERNAL, GRPC_UNAVAILABLE, GRPC_UNIMPLEMENTED,
 };
+
+/// Marks a response to a request that passed the proxy's authentication, so the listener
+/// can stop treating its connection as a stranger's.
+#[derive(Debug, Clone, Copy)]
+pub struct Authenticated;
 
 /// The response body type.
 pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -146,6 +151,8 @@ impl Proxy {
     }
 
     /// Serves one request from `peer`; `pinned` names the member of a per-member endpoint.
+    /// A response to a request that passed authentication (any request, without
+    /// `--auth-file`) carries the [`Authenticated`] extension.
     pub async fn handle(
         &self,
         pinned: Option<&str>,
@@ -153,41 +160,47 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let route = router::classify(&req);
-        let mut req = match &self.inner.auth {
+        let req = match &self.inner.auth {
             Some(auth) => {
                 let path = req.uri().path().to_owned();
                 match auth.check(route.class, peer, req).await {
-                    Ok(req) => req,
+                    Ok(Pass::Authenticated(req)) => req,
+                    Ok(Pass::Open(req)) => return Ok(self.forward(pinned, route, req).await),
                     Err(verdict) => return Ok(reply::verdict(&path, verdict)),
                 }
             }
             None => req,
         };
+        let mut resp = self.forward(pinned, route, req).await;
+        resp.extensions_mut().insert(Authenticated);
+        Ok(resp)
+    }
+
+    /// Forwards an admitted request.
+    async fn forward(
+        &self,
+        pinned: Option<&str>,
+        route: Route,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
         if route.class == Class::Grpc
             && req.uri().path() == watches::PATH
             && !self.is_legacy(pinned)
         {
             let (parts, body) = req.into_parts();
-            return Ok(watches::serve(
-                self.inner.clone(),
-                pinned.map(str::to_owned),
-                parts,
-                body,
-            ));
+            return watches::serve(self.inner.clone(), pinned.map(str::to_owned), parts, body);
         }
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let path = parts.uri.path().to_owned();
         let mut body = match ReqBody::new(body, route.replay).await {
             Ok(b) => b,
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return reply::too_large(route.class);
+            }
             Err(e) => {
                 let msg = format!("cannot read the request body: {e}");
-                return Ok(error_response(
-                    route.class,
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    GRPC_INTERNAL,
-                    &msg,
-                ));
+                return error_response(route.class, StatusCode::BAD_REQUEST, GRPC_INTERNAL, &msg);
             }
         };
         let mut tried: Vec<String> = Vec::new();
@@ -206,12 +219,7 @@ impl Proxy {
                 Ok(pod) => pod,
                 Err(e) => {
                     let status = StatusCode::SERVICE_UNAVAILABLE;
-                    return Ok(error_response(
-                        route.class,
-                        status,
-                        GRPC_UNAVAILABLE,
-                        &e.to_string(),
-                    ));
+                    return error_response(route.class, status, GRPC_UNAVAILABLE, &e.to_string());
                 }
             };
             if route.class == Class::Grpc && self.inner.legacy.contains(&pod.name) {
@@ -219,33 +227,23 @@ impl Proxy {
                     "etcd member {} runs etcd 2.x, which has no v3 gRPC API; use the v2 API (ETCDCTL_API=2)",
                     pod.name
                 );
-                return Ok(error_response(
+                return error_response(
                     route.class,
                     StatusCode::NOT_IMPLEMENTED,
                     GRPC_UNIMPLEMENTED,
                     &msg,
-                ));
+                );
             }
             let Some(up_body) = body.next() else {
                 // Unreachable: a streamed body is only ever sent once (no replay).
                 let msg = "request body already sent";
-                return Ok(error_response(
-                    route.class,
-                    StatusCode::BAD_GATEWAY,
-                    GRPC_UNAVAILABLE,
-                    msg,
-                ));
+                return error_response(route.class, StatusCode::BAD_GATEWAY, GRPC_UNAVAILABLE, msg);
             };
             let up_req = match upstream_request(&parts, up_body, route.class, &pod.name, pod.port) {
                 Ok(r) => r,
                 Err(e) => {
                     let status = StatusCode::BAD_REQUEST;
-                    return Ok(error_response(
-                        route.class,
-                        status,
-                        GRPC_INTERNAL,
-                        &e.to_string(),
-                    ));
+                    return error_response(route.class, status, GRPC_INTERNAL, &e.to_string());
                 }
             };
             tracing::debug!(member = %pod.name, %path, class = ?route.class, "forwarding");
@@ -287,12 +285,12 @@ impl Proxy {
                     }
                     tracing::warn!(member = %pod.name, %path, error = %msg, "upstream request failed");
                     let msg = format!("etcd member {} unreachable: {msg}", pod.name);
-                    return Ok(error_response(
+                    return error_response(
                         route.class,
                         StatusCode::BAD_GATEWAY,
                         GRPC_UNAVAILABLE,
                         &msg,
-                    ));
+                    );
                 }
             }
         };
@@ -302,9 +300,9 @@ impl Proxy {
                 tokio::spawn(splice_upgrade(client, upstream));
             }
             let (parts, _) = resp.into_parts();
-            return Ok(Response::from_parts(parts, empty()));
+            return Response::from_parts(parts, empty());
         }
-        Ok(self.respond(route, &path, resp).await)
+        self.respond(route, &path, resp).await
     }
 
     /// Whether the pinned member runs etcd 2.x (the cluster endpoint checks per attempt).

@@ -14,6 +14,7 @@ use crate::error::BoxError;
 use crate::router::Class;
 
 /// gRPC status codes we emit (grpc/grpc doc/statuscodes.md).
+pub(super) const GRPC_INVALID_ARGUMENT: u8 = 3;
 pub(super) const GRPC_UNIMPLEMENTED: u8 = 12;
 pub(super) const GRPC_INTERNAL: u8 = 13;
 pub(super) const GRPC_UNAVAILABLE: u8 = 14;
@@ -101,6 +102,7 @@ pub(super) fn verdict(path: &str, verdict: Verdict) -> Response<ProxyBody> {
             );
             r
         }
+        Verdict::TooLarge(class) => too_large(class),
         Verdict::GatewayLogin(json) => {
             let mut r = Response::new(full(json));
             r.headers_mut().insert(
@@ -110,6 +112,16 @@ pub(super) fn verdict(path: &str, verdict: Verdict) -> Response<ProxyBody> {
             r
         }
     }
+}
+
+/// etcd's answer to a request over its size limit: `InvalidArgument` for gRPC, 413 for HTTP.
+pub(super) fn too_large(class: Class) -> Response<ProxyBody> {
+    error_response(
+        class,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        GRPC_INVALID_ARGUMENT,
+        crate::auth::ERR_REQUEST_TOO_LARGE,
+    )
 }
 
 /// 401 in the dialect of the API the path belongs to (v2 error JSON, gateway error JSON, text).

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::forward::upstream_request;
-use super::frames::{frame, Deframer};
+use super::frames::{frame, Deframer, Error as FrameError, MAX_FROM_CLIENT, MAX_FROM_ETCD};
 use super::{Inner, ProxyBody};
 use crate::error::{one_line, BoxError};
 use crate::router::Class;
@@ -142,7 +142,7 @@ impl Session {
     }
 
     async fn run(mut self, parts: Parts, mut client: Incoming, out: Out) {
-        let mut client_frames = Deframer::default();
+        let mut client_frames = Deframer::new(MAX_FROM_CLIENT);
         let mut client_done = false;
         let mut failing_since: Option<Instant> = None;
         let mut backoff = BACKOFF_START;
@@ -256,7 +256,7 @@ impl Session {
         // Once the client has half-closed, the upstream request ends after the re-creations.
         let mut up_tx = (!*client_done).then_some(tx);
         let mut upstream: Option<UpstreamResponse> = None;
-        let mut up_frames = Deframer::default();
+        let mut up_frames = Deframer::new(MAX_FROM_ETCD);
         let lost = |why: String, established: bool| Ended::Lost { why, established };
         let mut stopping = self.inner.stopping.clone();
         loop {
@@ -291,7 +291,11 @@ impl Session {
                                 }
                                 Ok(None) => break,
                                 Err(e) => {
-                                    let _ = out.send(Ok(Frame::trailers(grpc_trailers("13", &e.to_string())))).await;
+                                    let code = match e {
+                                        FrameError::TooLarge(..) => "8",
+                                        FrameError::Compressed => "13",
+                                    };
+                                    let _ = out.send(Ok(Frame::trailers(grpc_trailers(code, &e.to_string())))).await;
                                     return Ended::Done;
                                 }
                             }
