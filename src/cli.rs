@@ -214,7 +214,7 @@ pub struct Cli {
     /// How long a connection may take to send a complete first request, and may then sit idle
     /// until one of its requests has authenticated (HTTP/1.1: also the time to send each
     /// request head). Authenticated connections have no idle limit.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration, help_heading = "Limits (every listener is treated as exposed)")]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration, help_heading = "Limits (every listener is treated as exposed)")]
     pub header_timeout: std::time::Duration,
 
     /// Serve `/metrics` (Prometheus) and `/healthz` on this address.

@@ -12,6 +12,8 @@ mod clients;
 mod errors;
 /// Gateway mode: --endpoints, straight to etcd, no Kubernetes.
 mod gateway;
+/// Hostile, unauthenticated clients: header bombs, oversized frames, slowloris, login floods.
+mod hostile;
 /// Shutdown on SIGTERM/SIGINT and resuming after SIGSTOP/SIGCONT (a laptop sleeping).
 mod lifecycle;
 /// Scaling, API server outages, kubelet idle timeouts and restarted pods.

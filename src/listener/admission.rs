@@ -42,7 +42,7 @@ impl Default for Limits {
         Self {
             max_connections: 4096,
             max_connections_per_address: 256,
-            header_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(5),
         }
     }
 }

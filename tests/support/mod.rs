@@ -7,6 +7,8 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use etcd_proxy_sim::{SimCluster, SimConfig};
+
+pub mod attack;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
@@ -88,7 +90,7 @@ pub async fn start_proxy_env(sim: &SimCluster, extra: &[&str], env: &[(&str, &st
 }
 
 /// Spawns the proxy and parses its start-up summary (which it prints once ready).
-async fn spawn_and_read_summary(mut cmd: Command) -> Proxy {
+pub async fn spawn_and_read_summary(mut cmd: Command) -> Proxy {
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
