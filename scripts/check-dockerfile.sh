@@ -38,6 +38,7 @@ start=$SECONDS
 if python3 scripts/dockerfile/check.py . "$CARGO_TARGET_DIR/dockerfile-check"; then
   echo "check-dockerfile: ok ($((SECONDS - start)) s)"
 else
-  echo "check-dockerfile: the image would not build (new files must be git-added; see above)" >&2
+  echo "check-dockerfile: FAILED: the image would not build from a clean checkout (see above;" \
+    "the context holds git-tracked files only)" >&2
   exit 1
 fi

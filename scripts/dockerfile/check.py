@@ -1,9 +1,9 @@
 """Check the Dockerfile without Docker; run by scripts/check-dockerfile.sh (which explains it).
 
-  python3 scripts/dockerfile/check.py REPO WORKDIR
+  python3 scripts/dockerfile/check.py REPO OUT
 
-Copies REPO's build context (git-tracked files through .dockerignore) to WORKDIR/context,
-replays the builder stage's WORKDIR/ENV/COPY/RUN instructions in WORKDIR/build (see
+Copies REPO's build context (git-tracked files through .dockerignore) to OUT/context,
+replays the builder stage's WORKDIR/ENV/COPY/RUN instructions in OUT/build (see
 steps.py), then checks the runtime stage: each file it copies from the builder was written
 there, its entrypoint is one of those files, it runs as a non-root user, and the base images
 fit together (images.py). Prints one line per problem and exits 1 on any.
@@ -114,7 +114,8 @@ def replay_builder(stage, context, files, build):
 
 
 def needed_rust(produced, build):
-    """The highest rust-version among the crates the copied binaries are compiled from."""
+    """(version, its text, crate): the highest rust-version among the crates the copied
+    binaries are compiled from (normal and build dependencies on this host's platform)."""
     host = re.search(r"^host: (\S+)", subprocess.run(["rustc", "-vV"], capture_output=True,
                                                      text=True, check=True).stdout, re.M).group(1)
     meta = cargo_json(build, "--locked", "--filter-platform", host)
@@ -122,7 +123,7 @@ def needed_rust(produced, build):
     nodes = {n["id"]: n for n in meta["resolve"]["nodes"]}
     todo = [p["id"] for p in meta["packages"] if p["id"] in meta["workspace_members"]
             and any("bin" in t["kind"] and t["name"] in produced for t in p["targets"])]
-    seen, best = set(), ((0, 0, 0), "nothing")
+    seen, best = set(), ((0, 0, 0), "", "nothing")
     while todo:
         pid = todo.pop()
         if pid in seen:
@@ -131,7 +132,7 @@ def needed_rust(produced, build):
         rv = packages[pid].get("rust_version")
         if rv:
             version = tuple(int(x) for x in (rv.split(".") + ["0", "0"])[:3])
-            best = max(best, (version, packages[pid]["name"]))
+            best = max(best, (version, rv, packages[pid]["name"]))
         todo += [d["pkg"] for d in nodes[pid]["deps"]
                  if any(k["kind"] in (None, "build") for k in d["dep_kinds"])]
     return best

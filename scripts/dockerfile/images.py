@@ -42,18 +42,17 @@ def debian_release(image):
 
 
 def check(builder, runtime, needed):
-    """Error lines for the builder and runtime image names; `needed` is the (major, minor,
-    patch) Rust version the compiled crates require, and the crate that requires it."""
+    """Error lines for the builder and runtime image names; `needed` is (version tuple,
+    version text, crate): the Rust version the compiled crates require, and which does."""
     errors = []
     repo, tag = _split(builder)
     if repo not in RUST_REPOS:
         return [f"builder image {builder}: not the official rust image; extend images.py"]
     pinned = rust_version(tag)
-    version, crate = needed
+    version, text, crate = needed
     if pinned and pinned < version:
-        want = ".".join(map(str, version))
         errors.append(f"builder image {builder}: Rust {tag.split('-')[0]} is older than "
-                      f"{want}, the rust-version of {crate}")
+                      f"{text}, the highest rust-version among the crates it compiles ({crate})")
     built_on = debian_release(builder)
     if built_on is None:
         errors.append(f"builder image {builder}: name the Debian release in the tag "

@@ -90,10 +90,10 @@ class Runner:
             else:
                 raise StepError(f"{shlex.join(argv)}: the replay does not know {argv[0]!r}")
 
-    def _exec(self, argv):
+    def _exec(self, argv, shown=None):
         result = subprocess.run(argv, cwd=self.root, env=self.env)
         if result.returncode != 0:
-            raise StepError(f"{shlex.join(argv)} exited with status {result.returncode}")
+            raise StepError(f"{shown or shlex.join(argv)} exited with status {result.returncode}")
 
     def _cargo(self, args, built):
         sub = next((i for i, a in enumerate(args) if not a.startswith(("-", "+"))), None)
@@ -107,7 +107,8 @@ class Runner:
         unknown = sorted(set(names) - self.bins)
         if unknown:
             raise StepError(f"cargo build --bin {' '.join(unknown)}: no such binary in Cargo.toml")
-        self._exec([self.cargo] + args[:sub] + ["check"] + rest)
+        check = [self.cargo] + args[:sub] + ["check"] + rest
+        self._exec(check, f"cargo {shlex.join(args)} (replayed as `{shlex.join(check)}`)")
         built.setdefault(cargo_output_dir(rest), set()).update(names)
 
     def _copy(self, argv, built):
