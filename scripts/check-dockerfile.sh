@@ -20,6 +20,8 @@
 # Not covered: anything that needs the real base images (system packages the build would
 # need inside rust:…, the registry being reachable from the builder).
 #
+# The parsers behind it have unit tests (scripts/dockerfile/test_check.py), run first.
+#
 # Exit status 0 when the image would build; 1 with "check-dockerfile: …" lines otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,11 +36,13 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/etcd-proxy-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 mkdir -p "$CARGO_TARGET_DIR"
 
+export PYTHONDONTWRITEBYTECODE=1
 start=$SECONDS
+python3 -m unittest discover -s scripts/dockerfile -q 2>/dev/null \
+  || { python3 -m unittest discover -s scripts/dockerfile; echo "check-dockerfile: its own unit tests fail" >&2; exit 1; }
 if python3 scripts/dockerfile/check.py . "$CARGO_TARGET_DIR/dockerfile-check"; then
   echo "check-dockerfile: ok ($((SECONDS - start)) s)"
 else
-  echo "check-dockerfile: FAILED: the image would not build from a clean checkout (see above;" \
-    "the context holds git-tracked files only)" >&2
+  echo "check-dockerfile: FAILED (see above; the build context holds git-tracked files only)" >&2
   exit 1
 fi

@@ -39,6 +39,11 @@ def cargo_json(cwd, *args):
     return json.loads(out.stdout)
 
 
+def bin_names(build):
+    meta = cargo_json(build, "--no-deps")
+    return {t["name"] for p in meta["packages"] for t in p["targets"] if "bin" in t["kind"]}
+
+
 def copy_into(context, files, sources, dest, workdir, root, build):
     """COPY sources... dest, from the context copy into `root` (standing for the first WORKDIR)."""
     for src in sources:
@@ -82,7 +87,7 @@ def replay_builder(stage, context, files, build):
             elif root is None:
                 raise CheckError("comes before WORKDIR: the replay needs a working directory")
             elif ins.keyword == "ENV":
-                words = shlex.split(ins.args)
+                words = shlex.split(ins.args) or [""]
                 pairs = [w.split("=", 1) for w in words] if "=" in words[0] else [[words[0], " ".join(words[1:])]]
                 for key, value in pairs:
                     if key in LAYOUT_ENV:
@@ -98,9 +103,7 @@ def replay_builder(stage, context, files, build):
                 if command.startswith(("[", "--")):
                     raise CheckError("only the shell form with --mount/--network flags is supported")
                 if runner is None:
-                    meta = cargo_json(build, "--no-deps")
-                    bins = {t["name"] for p in meta["packages"] for t in p["targets"] if "bin" in t["kind"]}
-                    runner = Runner(None, root, env, "cargo", bins)
+                    runner = Runner(None, root, env, "cargo", lambda: bin_names(build))
                 runner.root = os.path.join(build, posixpath.relpath(workdir, root))
                 runner.workdir = workdir
                 runner.run(command)

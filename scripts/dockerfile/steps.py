@@ -68,12 +68,13 @@ def cargo_output_dir(args):
 
 
 class Runner:
-    def __init__(self, root, workdir, env, cargo, bins):
+    def __init__(self, root, workdir, env, cargo, find_bins):
         self.root = root          # the copy of the context, standing for `workdir`
         self.workdir = workdir    # the container path of the working directory
         self.env = env
         self.cargo = cargo
-        self.bins = bins          # every [[bin]] name in the workspace
+        self.find_bins = find_bins  # -> every [[bin]] name in the workspace, once it is there
+        self.bins = None
         self.produced = {}        # container path -> binary name, for the final stage
 
     def run(self, command):
@@ -103,6 +104,8 @@ class Runner:
         rest = args[sub + 1:]
         if "--locked" not in args:
             raise StepError("cargo build in the image must use --locked (the lockfile CI tests)")
+        if self.bins is None:
+            self.bins = self.find_bins()
         names = _option(rest, "--bin") or sorted(self.bins)
         unknown = sorted(set(names) - self.bins)
         if unknown:
