@@ -58,7 +58,7 @@ def copy_into(context, files, sources, dest, workdir, root, build):
         else:
             picked = {f: f[len(src) + 1:] for f in files if f.startswith(src + "/")}
         if not picked:
-            raise CheckError(f"COPY {src}: not in the build context (git-tracked files "
+            raise CheckError(f"COPY {src}: not in the build context (tracked files "
                              f"minus .dockerignore)")
         base = posixpath.normpath(posixpath.join(workdir, dest))
         if base != root and not base.startswith(root.rstrip("/") + "/"):

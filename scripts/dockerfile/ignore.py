@@ -76,12 +76,15 @@ def ignored(path, rules):
 
 
 def tracked_files(root):
-    """The files a clean checkout has: git's tracked files that exist in the work tree."""
-    out = subprocess.run(
-        ["git", "-C", root, "ls-files", "-z", "--cached"],
-        check=True, capture_output=True,
-    ).stdout.decode()
-    return sorted(p for p in set(out.split("\0")) if p and os.path.isfile(os.path.join(root, p)))
+    """The files a clean checkout has: git's tracked files that exist in the work tree, or
+    every file when `root` is not a git checkout (e.g. an exported source tree)."""
+    out = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached"], capture_output=True)
+    if out.returncode == 0:
+        paths = set(out.stdout.decode().split("\0"))
+    else:
+        paths = {os.path.relpath(os.path.join(d, f), root)
+                 for d, _, names in os.walk(root) for f in names}
+    return sorted(p for p in paths if p and os.path.isfile(os.path.join(root, p)))
 
 
 def context_files(root):
