@@ -88,7 +88,10 @@ def replay_builder(stage, context, files, build):
                 raise CheckError("comes before WORKDIR: the replay needs a working directory")
             elif ins.keyword == "ENV":
                 words = shlex.split(ins.args) or [""]
-                pairs = [w.split("=", 1) for w in words] if "=" in words[0] else [[words[0], " ".join(words[1:])]]
+                if "=" in words[0]:
+                    pairs = [w.split("=", 1) for w in words]
+                else:  # the legacy `ENV KEY value` form
+                    pairs = [[words[0], " ".join(words[1:])]]
                 for key, value in pairs:
                     if key in LAYOUT_ENV:
                         raise CheckError(f"{key} moves cargo's output; not supported")
@@ -108,7 +111,8 @@ def replay_builder(stage, context, files, build):
                 runner.workdir = workdir
                 runner.run(command)
             else:
-                raise CheckError("is not supported in the builder stage; extend scripts/dockerfile/check.py")
+                raise CheckError("is not supported in the builder stage; "
+                                 "extend scripts/dockerfile/check.py")
         except (CheckError, StepError, ValueError) as e:
             raise CheckError(f"{where}: {e}")
     if runner is None:
@@ -150,20 +154,24 @@ def check_runtime(stage, builder, runner):
             *sources, dest = words
             for src in sources:
                 if origin and origin[0] not in (builder.name, "0"):
-                    errors.append(f"line {ins.line}: COPY --from={origin[0]}: not the builder stage")
+                    errors.append(f"line {ins.line}: COPY --from={origin[0]}: "
+                                  f"not the builder stage")
                 elif origin and posixpath.normpath(src) not in runner.produced:
+                    made = ", ".join(sorted(runner.produced)) or "nothing"
                     errors.append(f"line {ins.line}: COPY --from={origin[0]} {src}: the builder "
-                                  f"writes no such file (it writes: {', '.join(sorted(runner.produced)) or 'nothing'})")
+                                  f"writes no such file (it writes: {made})")
                 into_dir = dest.endswith("/") or len(sources) > 1
                 copied.add(posixpath.join(dest, posixpath.basename(src)) if into_dir else dest)
         elif ins.keyword == "USER":
             user = ins.args.split(":")[0].strip()
         elif ins.keyword == "ENTRYPOINT":
-            entry = json.loads(ins.args)[0] if ins.args.startswith("[") else shlex.split(ins.args)[0]
+            words = json.loads(ins.args) if ins.args.startswith("[") else shlex.split(ins.args)
+            entry = words[0] if words else None
     if user is None or user in ("root", "0"):
         errors.append(f"runtime stage (line {stage.line}): runs as root; keep a non-root USER")
     if entry is None or entry not in copied:
-        errors.append(f"runtime stage (line {stage.line}): ENTRYPOINT {entry} is not a file it copies")
+        errors.append(f"runtime stage (line {stage.line}): ENTRYPOINT {entry} "
+                      f"is not a file it copies")
     return errors
 
 
@@ -171,7 +179,8 @@ def main(repo, work):
     with open(os.path.join(repo, "Dockerfile"), encoding="utf-8") as f:
         all_stages = stages(f.read())
     if len(all_stages) != 2:
-        raise CheckError(f"Dockerfile has {len(all_stages)} stages; the check knows builder + runtime")
+        raise CheckError(f"Dockerfile has {len(all_stages)} stages; "
+                         f"the check knows two (builder, runtime)")
     builder, runtime = all_stages
     files = context_files(repo)
     shutil.rmtree(work, ignore_errors=True)
@@ -181,7 +190,8 @@ def main(repo, work):
         shutil.copy2(os.path.join(repo, f), os.path.join(context, f))
     build = os.path.join(work, "build")
     os.makedirs(build)
-    print(f"check-dockerfile: build context: {len(files)} files; replaying the builder stage", flush=True)
+    print(f"check-dockerfile: build context: {len(files)} files; replaying the builder stage",
+          flush=True)
     runner = replay_builder(builder, context, files, build)
     errors = check_runtime(runtime, builder, runner)
     binaries = {n for n in runner.produced.values() if n}
@@ -192,7 +202,7 @@ def main(repo, work):
 if __name__ == "__main__":
     try:
         problems = main(os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2]))
-    except (CheckError, ParseError, IgnoreError, StepError) as e:
+    except (CheckError, ParseError, IgnoreError, StepError, ValueError) as e:
         problems = [str(e)]
     for p in problems:
         print(f"check-dockerfile: {p}", file=sys.stderr)

@@ -80,8 +80,11 @@ class ImagesTest(unittest.TestCase):
             self.assertEqual(images.check(builder, self.runtime, self.need), [], builder)
 
     def test_implausible(self):
-        for builder, runtime in (("rust:1.88-bookworm", self.runtime), ("rust:1-trixie", self.runtime),
-                                 ("rust:1", self.runtime), ("rust:1-bookworm", "gcr.io/distroless/static-debian12"),
+        static = "gcr.io/distroless/static-debian12"
+        for builder, runtime in (("rust:1.88-bookworm", self.runtime),
+                                 ("rust:1-trixie", self.runtime),
+                                 ("rust:1", self.runtime),
+                                 ("rust:1-bookworm", static),
                                  ("rust:1-bookworm", "alpine:3")):
             self.assertEqual(len(images.check(builder, runtime, self.need)), 1, (builder, runtime))
 
