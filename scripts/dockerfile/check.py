@@ -165,7 +165,10 @@ def check_runtime(stage, builder, runner):
         elif ins.keyword == "USER":
             user = ins.args.split(":")[0].strip()
         elif ins.keyword == "ENTRYPOINT":
-            words = json.loads(ins.args) if ins.args.startswith("[") else shlex.split(ins.args)
+            try:
+                words = json.loads(ins.args) if ins.args.startswith("[") else shlex.split(ins.args)
+            except ValueError as e:
+                raise CheckError(f"line {ins.line}: ENTRYPOINT: {e}")
             entry = words[0] if words else None
     if user is None or user in ("root", "0"):
         errors.append(f"runtime stage (line {stage.line}): runs as root; keep a non-root USER")
