@@ -161,6 +161,18 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", help_heading = "TLS and authentication")]
     pub auth_file: Option<PathBuf>,
 
+    /// Sign login tokens with the key in this file (at least 32 random bytes, e.g. from the
+    /// Secret that holds the users file), so that every etcd-proxy with the same key and
+    /// users file accepts them: gateway replicas share logins. Without it, tokens are signed
+    /// with a random key per process. Tokens are valid for 10 minutes; clients log in again.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "auth_file",
+        help_heading = "TLS and authentication"
+    )]
+    pub token_key: Option<PathBuf>,
+
     /// Allow listening on a non-loopback address without both TLS and --auth-file.
     #[arg(long, help_heading = "TLS and authentication")]
     pub insecure_expose: bool,

@@ -82,6 +82,8 @@ pub struct Config {
     pub client_ca: Option<PathBuf>,
     /// Users file for local authentication.
     pub auth_file: Option<PathBuf>,
+    /// Key that signs login tokens, shared by replicas.
+    pub token_key: Option<PathBuf>,
     /// Connect to pod IPs instead of port-forwarding.
     pub direct: bool,
     /// Fixed etcd URLs to serve without Kubernetes.
@@ -239,6 +241,7 @@ impl TryFrom<Cli> for Config {
             tls,
             client_ca: cli.client_ca,
             auth_file: cli.auth_file,
+            token_key: cli.token_key,
             direct: cli.direct,
             endpoints: cli.endpoints,
             admin: cli.admin,

@@ -18,6 +18,8 @@ mod hostile;
 mod lifecycle;
 /// Scaling, API server outages, kubelet idle timeouts and restarted pods.
 mod membership;
+/// Gateway replicas sharing logins through --token-key.
+mod replicas;
 /// Failover, reconnects and isolation under faults injected in the simulated cluster.
 mod resilience;
 /// TLS on the local endpoints: --tls-auto, given certificates, client certificates.

@@ -147,9 +147,13 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let auth = cfg
         .auth_file
         .as_deref()
-        .map(Auth::load)
+        .map(|users| Auth::load(users, cfg.token_key.as_deref()))
         .transpose()?
         .map(Arc::new);
+    if let Some(auth) = &auth {
+        tracing::info!(key = %auth.key_id(), shared = cfg.token_key.is_some(), "login tokens signed");
+        tokio::spawn(auth.clone().follow_users_file());
+    }
     let (tls, ca_cert) = tls_config(&cfg)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = listener::bind(cfg.listen).await?;

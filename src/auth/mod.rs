@@ -20,8 +20,8 @@ mod tokens;
 mod users;
 
 use std::net::IpAddr;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -37,7 +37,16 @@ use std::collections::HashMap;
 use crate::protowire::{put_len_field, Fields, LEN};
 use crate::router::Class;
 
-pub use users::Error;
+/// Why authentication cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The users file.
+    #[error(transparent)]
+    Users(#[from] users::Error),
+    /// The token key.
+    #[error(transparent)]
+    Key(#[from] tokens::KeyError),
+}
 
 /// etcd's messages (`api/v3rpc/rpctypes/error.go`), so clients map them to their errors.
 pub const ERR_AUTH_FAILED: &str = "etcdserver: authentication failed, invalid user ID or password";
@@ -94,10 +103,14 @@ pub enum Pass<R> {
     Open(R),
 }
 
+/// How often the users file is checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
 /// Users, tokens and login throttling.
 pub struct Auth {
-    /// Shared with the blocking threads that check passwords.
-    users: Arc<users::Users>,
+    path: PathBuf,
+    /// The users file as last loaded; shared with the blocking threads that check passwords.
+    users: RwLock<Arc<users::Users>>,
     tokens: tokens::Tokens,
     limiter: limit::Limiter,
     hashers: tokio::sync::Semaphore,
@@ -105,15 +118,74 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// Loads the users file.
-    pub fn load(path: &Path) -> Result<Self, Error> {
+    /// Loads the users file, and the token key if one is given (else tokens are signed with a
+    /// random key of this process's own).
+    pub fn load(path: &Path, token_key: Option<&Path>) -> Result<Self, Error> {
+        let tokens = match token_key {
+            Some(k) => tokens::Tokens::from_file(k)?,
+            None => tokens::Tokens::random()?,
+        };
         Ok(Self {
-            users: Arc::new(users::Users::load(path)?),
-            tokens: tokens::Tokens::default(),
+            path: path.to_owned(),
+            users: RwLock::new(Arc::new(users::Users::load(path)?)),
+            tokens,
             limiter: limit::Limiter::default(),
             hashers: tokio::sync::Semaphore::new(HASH_WORKERS),
             basic_ok: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The token key's id, for the start-up log (replicas sharing logins show the same).
+    pub fn key_id(&self) -> String {
+        self.tokens.key_id()
+    }
+
+    fn users(&self) -> Arc<users::Users> {
+        self.users.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reloads the users file whenever its contents change, so that a new password or a
+    /// removed user takes effect (and revokes that user's tokens) without a restart. A file
+    /// that no longer parses keeps the users last loaded, with a warning.
+    pub async fn follow_users_file(self: Arc<Self>) {
+        let mut seen = std::fs::read(&self.path).ok();
+        loop {
+            tokio::time::sleep(RELOAD_EVERY).await;
+            let now = std::fs::read(&self.path).ok();
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let Some(bytes) = &seen else {
+                tracing::warn!(path = %self.path.display(), "cannot read --auth-file; keeping the users last loaded");
+                continue;
+            };
+            let text = String::from_utf8_lossy(bytes);
+            match users::Users::parse_text(&text, &self.path) {
+                Ok(users) => {
+                    tracing::info!(users = users.count(), "reloaded --auth-file");
+                    *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users);
+                    self.basic_ok
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
+                }
+                Err(e) => tracing::warn!("{e}; keeping the users last loaded"),
+            }
+        }
+    }
+
+    /// Whether `token` is a live token of a user whose entry is unchanged since it was issued.
+    fn token_ok(&self, token: &str) -> bool {
+        self.tokens
+            .check(token, unix_now())
+            .is_some_and(|c| self.users().binding(&c.user) == Some(c.binding))
+    }
+
+    /// A token for `user`, bound to their current entry.
+    fn issue(&self, user: &str) -> Option<String> {
+        let binding = self.users().binding(user)?;
+        Some(self.tokens.issue(user, binding, unix_now()))
     }
 
     /// Checks `req` (of protocol `class`, from `peer`): `Ok` with the request stripped of the
@@ -140,7 +212,7 @@ impl Auth {
                         code: INVALID_ARGUMENT,
                         message: ERR_USER_EMPTY,
                     }),
-                    Some(t) if self.tokens.check(&t).is_some() => Ok(Pass::Authenticated(req)),
+                    Some(t) if self.token_ok(&t) => Ok(Pass::Authenticated(req)),
                     Some(_) => Err(Verdict::GrpcError {
                         code: UNAUTHENTICATED,
                         message: ERR_INVALID_TOKEN,
@@ -169,9 +241,7 @@ impl Auth {
                                 })
                             }
                         }
-                        None if self.tokens.check(value.trim()).is_some() => {
-                            Ok(Pass::Authenticated(req))
-                        }
+                        None if self.token_ok(value.trim()) => Ok(Pass::Authenticated(req)),
                         None => Err(Verdict::Unauthorized {
                             message: ERR_INVALID_TOKEN,
                         }),
@@ -191,7 +261,7 @@ impl Auth {
         };
         let verified = match self.hashers.acquire().await {
             Ok(_permit) => {
-                let users = self.users.clone();
+                let users = self.users();
                 let (n, p) = (name.to_owned(), password.to_owned());
                 tokio::task::spawn_blocking(move || users.verify(&n, &p))
                     .await
@@ -263,7 +333,7 @@ impl Auth {
         let Some(token) = self
             .login(peer, &name, &password)
             .await
-            .and_then(|user| self.tokens.issue(&user))
+            .and_then(|user| self.issue(&user))
         else {
             return failed;
         };
@@ -291,13 +361,20 @@ impl Auth {
         let Some(token) = self
             .login(peer, name, password)
             .await
-            .and_then(|user| self.tokens.issue(&user))
+            .and_then(|user| self.issue(&user))
         else {
             return failed;
         };
         let json = serde_json::json!({ "header": {}, "token": token });
         Verdict::GatewayLogin(Bytes::from(json.to_string()))
     }
+}
+
+/// Seconds since the Unix epoch: token expiry must mean the same on every replica.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A login request's body.

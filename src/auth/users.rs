@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use sha2::{Digest, Sha256};
 
 /// Why the users file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +95,30 @@ impl Users {
             });
         }
         Ok(Self { users })
+    }
+
+    /// A fingerprint of `name`'s entry (name and hash), which changes when the entry does;
+    /// `None` for an unknown user. Tokens carry it, so a changed password revokes them.
+    pub fn binding(&self, name: &str) -> Option<[u8; 8]> {
+        let hash = match self.users.get(name)? {
+            Hash::Bcrypt(h) | Hash::Argon2(h) => h,
+        };
+        let digest = Sha256::new()
+            .chain_update(name.as_bytes())
+            .chain_update(b":")
+            .chain_update(hash.as_bytes())
+            .finalize();
+        digest[..8].try_into().ok()
+    }
+
+    /// How many users there are.
+    pub fn count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Parses the users file's text (`path` names it in errors).
+    pub fn parse_text(text: &str, path: &Path) -> Result<Self, Error> {
+        Self::parse(text, path)
     }
 
     /// Whether `password` is `name`'s. Slow on purpose (the hash's cost); unknown users cost
