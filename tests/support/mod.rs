@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use std::future::{Future, IntoFuture};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -12,6 +13,42 @@ use tokio::process::{Child, ChildStdout, Command};
 
 /// Generous bound for anything that should take a second or two.
 pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Bound for starting a simulated cluster: its members get 30 s to report healthy, and a
+/// start that fails is retried once.
+pub const START_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Awaits `fut` for at most [`DEADLINE`]; past that the test fails naming `what` and the
+/// caller's line, so a hang fails instead of blocking CI.
+///
+/// Every await in the tests goes through this (or [`within_for`]), except awaits of the
+/// helpers in this module, which bound themselves, and of fixed sleeps.
+#[track_caller]
+pub fn within<'a, F>(what: &'a str, fut: F) -> impl Future<Output = F::Output> + 'a
+where
+    F: IntoFuture + 'a,
+{
+    within_for(DEADLINE, what, fut)
+}
+
+/// [`within`] with another bound.
+#[track_caller]
+pub fn within_for<'a, F>(
+    limit: Duration,
+    what: &'a str,
+    fut: F,
+) -> impl Future<Output = F::Output> + 'a
+where
+    F: IntoFuture + 'a,
+{
+    let at = std::panic::Location::caller();
+    async move {
+        match tokio::time::timeout(limit, fut).await {
+            Ok(out) => out,
+            Err(_) => panic!("{what}: not done within {limit:?} (at {at})"),
+        }
+    }
+}
 
 /// A simulated cluster with `members` real etcd members.
 pub async fn cluster(members: usize) -> SimCluster {
