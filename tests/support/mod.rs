@@ -50,14 +50,15 @@ where
     }
 }
 
-/// A simulated cluster with `members` real etcd members.
+/// A simulated cluster with `members` real etcd members, within [`START_DEADLINE`].
 pub async fn cluster(members: usize) -> SimCluster {
-    SimCluster::start(SimConfig {
+    let start = SimCluster::start(SimConfig {
         members,
         ..SimConfig::default()
-    })
-    .await
-    .expect("simulated cluster starts")
+    });
+    within_for(START_DEADLINE, "the simulated cluster starts", start)
+        .await
+        .expect("simulated cluster starts")
 }
 
 /// A running `etcd-proxy` process.
@@ -131,6 +132,7 @@ async fn spawn_and_read_summary(mut cmd: Command) -> Proxy {
         .spawn()
         .expect("spawn etcd-proxy");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    // Bounded as a whole below.
     let read = async {
         let first = lines.next_line().await.ok()??;
         // "Forwarding ... (N members: ...) via context ..."
@@ -150,7 +152,9 @@ async fn spawn_and_read_summary(mut cmd: Command) -> Proxy {
         Ok(Some(r)) => r,
         other => {
             let _ = child.start_kill();
-            let out = child.wait_with_output().await.expect("proxy output");
+            let out = within("the killed proxy exits", child.wait_with_output())
+                .await
+                .expect("proxy output");
             panic!(
                 "etcd-proxy did not print its summary ({}): stderr:\n{}",
                 if other.is_err() {
@@ -208,7 +212,9 @@ pub async fn run(mut cmd: Command, stdin: &str) -> Output {
         .kill_on_drop(true);
     let mut child = cmd.spawn().expect("spawn");
     if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes()).await.expect("stdin");
+        within("writing stdin", input.write_all(stdin.as_bytes()))
+            .await
+            .expect("stdin");
     }
     let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
         .await
@@ -264,7 +270,9 @@ pub async fn proxy_fails(args: &[&str]) -> (ExitStatus, String) {
         .unwrap_or_else(|_| panic!("etcd-proxy {args:?} hung instead of failing"))
         .expect("wait");
     let mut err = String::new();
-    stderr.read_to_string(&mut err).await.expect("read stderr");
+    within("reading stderr", stderr.read_to_string(&mut err))
+        .await
+        .expect("read stderr");
     (status, err)
 }
 
@@ -407,7 +415,7 @@ pub fn pki(dir: &Path, server_names: &[&str]) -> Pki {
 pub async fn until_leader_learned(c: &mut etcd_client::Client, leader: u64) {
     let deadline = std::time::Instant::now() + DEADLINE;
     loop {
-        let r = c.put("lead", "x", None).await.expect("put");
+        let r = within("put", c.put("lead", "x", None)).await.expect("put");
         if r.header().expect("header").member_id() == leader {
             return;
         }
