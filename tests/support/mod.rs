@@ -41,13 +41,7 @@ pub fn within_for<'a, F>(
 where
     F: IntoFuture + 'a,
 {
-    let at = std::panic::Location::caller();
-    async move {
-        match tokio::time::timeout(limit, fut).await {
-            Ok(out) => out,
-            Err(_) => panic!("{what}: not done within {limit:?} (at {at})"),
-        }
-    }
+    etcd_proxy_sim::within_for(limit, what, fut)
 }
 
 /// A simulated cluster with `members` real etcd members, within [`START_DEADLINE`].
