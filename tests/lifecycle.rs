@@ -87,7 +87,7 @@ async fn put_in_flight(
         .expect("put");
     sim.set_latency(latency);
     let in_flight = tokio::spawn(async move {
-        let put = within("c.put", c.put("k", "during", None)).await;
+        let put = within("the put held in flight", c.put("k", "during", None)).await;
         (put, Instant::now(), c)
     });
     until_stored(etcd, "k", "during").await;
@@ -153,7 +153,7 @@ async fn a_second_signal_exits_at_once() {
         .expect("wait");
     let took = again.elapsed();
     assert!(
-        took < Duration::from_secs(1),
+        took < Duration::from_secs(2),
         "the proxy took {took:?} to exit after a second signal"
     );
     let (put, _, _c) = within("the in-flight put", in_flight).await.expect("task");
