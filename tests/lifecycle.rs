@@ -139,7 +139,7 @@ async fn a_second_signal_exits_at_once() {
     let sim = cluster(1).await;
     let mut proxy = start_proxy(&sim, &[]).await;
     let (c, mut etcd) = clients(&sim, &proxy.cluster_addr).await;
-    let in_flight = put_in_flight(&sim, c, &mut etcd, Duration::from_secs(3)).await;
+    let in_flight = put_in_flight(&sim, c, &mut etcd, Duration::from_secs(4)).await;
 
     let pid = proxy.child.id().expect("pid");
     signal(pid, "-TERM");
