@@ -6,7 +6,8 @@ use tokio::net::TcpStream;
 
 use crate::support::{cluster, start_proxy, until_leader_learned, within, DEADLINE};
 
-/// Sends one raw HTTP/1.1 request and returns the whole response.
+/// Sends one raw HTTP/1.1 request and returns the whole response. Every step is bounded, so
+/// callers await it directly.
 pub async fn http1(addr: &str, method: &str, path: &str, body: &str) -> String {
     let mut s = within("TcpStream::connect", TcpStream::connect(addr))
         .await
