@@ -1,7 +1,7 @@
 use std::path::Path;
 
 use crate::clients::http1;
-use crate::support::{cluster, ctl3, etcdctl, run, start_proxy};
+use crate::support::{cluster, ctl3, etcdctl, run, start_proxy, within};
 
 /// A users file with alice (password "wonderland"), bcrypt at the lowest cost for speed.
 fn users_file(dir: &Path) -> String {
@@ -124,19 +124,28 @@ async fn etcdctl_user_v2_username_and_gateway_tokens() {
         "{forged}"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 async fn authed(addr: &str, path: &str, body: &str, token: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut s = within(
+        "tokio::net::TcpStream::connect",
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .unwrap();
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await.unwrap();
+    within("s.write_all", s.write_all(req.as_bytes()))
+        .await
+        .unwrap();
     let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
+    within("s.read_to_end", s.read_to_end(&mut out))
+        .await
+        .unwrap();
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -168,7 +177,7 @@ async fn repeated_wrong_passwords_block_the_client_for_a_while() {
         "the right password is refused while blocked"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,5 +199,5 @@ async fn without_an_auth_file_etcds_own_auth_passes_through() {
         anonymous.stdout
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }

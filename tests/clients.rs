@@ -4,16 +4,21 @@ use etcd_client::{Client, GetOptions, WatchOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{cluster, start_proxy, until_leader_learned, DEADLINE};
+use crate::support::{cluster, start_proxy, until_leader_learned, within, DEADLINE};
 
-/// Sends one raw HTTP/1.1 request and returns the whole response.
+/// Sends one raw HTTP/1.1 request and returns the whole response. Every step is bounded, so
+/// callers await it directly.
 pub async fn http1(addr: &str, method: &str, path: &str, body: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut s = within("TcpStream::connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await.expect("write");
+    within("s.write_all", s.write_all(req.as_bytes()))
+        .await
+        .expect("write");
     let mut out = Vec::new();
     tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
         .await
@@ -26,25 +31,35 @@ pub async fn http1(addr: &str, method: &str, path: &str, body: &str) -> String {
 async fn etcd_client_crate_kv_watch_lease_and_members() {
     let sim = cluster(3).await;
     let proxy = start_proxy(&sim, &[]).await;
-    let mut client = Client::connect([proxy.cluster_addr.as_str()], None)
-        .await
-        .expect("connect");
+    let mut client = within(
+        "Client::connect",
+        Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect");
 
-    client.put("k1", "v1", None).await.expect("put");
-    let got = client.get("k1", None).await.expect("get");
+    within("client.put", client.put("k1", "v1", None))
+        .await
+        .expect("put");
+    let got = within("client.get", client.get("k1", None))
+        .await
+        .expect("get");
     assert_eq!(got.kvs()[0].value(), b"v1");
 
-    let mut watch = client
-        .watch("w/", Some(WatchOptions::new().with_prefix()))
-        .await
-        .expect("watch");
-    let created = watch
-        .message()
+    let mut watch = within(
+        "client.watch",
+        client.watch("w/", Some(WatchOptions::new().with_prefix())),
+    )
+    .await
+    .expect("watch");
+    let created = within("watch.message", watch.message())
         .await
         .expect("watch created")
         .expect("message");
     assert!(created.created());
-    client.put("w/x", "1", None).await.expect("put");
+    within("client.put", client.put("w/x", "1", None))
+        .await
+        .expect("put");
     let ev = tokio::time::timeout(DEADLINE, watch.message())
         .await
         .expect("event in time")
@@ -52,21 +67,28 @@ async fn etcd_client_crate_kv_watch_lease_and_members() {
         .expect("some");
     assert_eq!(ev.events()[0].kv().expect("kv").key(), b"w/x");
 
-    let lease = client.lease_grant(30, None).await.expect("grant");
-    let (mut keeper, mut stream) = client
-        .lease_keep_alive(lease.id())
+    let lease = within("client.lease_grant", client.lease_grant(30, None))
         .await
-        .expect("keepalive");
-    keeper.keep_alive().await.expect("send keepalive");
-    let ka = stream
-        .message()
+        .expect("grant");
+    let (mut keeper, mut stream) = within(
+        "client.lease_keep_alive",
+        client.lease_keep_alive(lease.id()),
+    )
+    .await
+    .expect("keepalive");
+    within("keeper.keep_alive", keeper.keep_alive())
+        .await
+        .expect("send keepalive");
+    let ka = within("stream.message", stream.message())
         .await
         .expect("keepalive reply")
         .expect("some");
     assert_eq!(ka.id(), lease.id());
     assert!(ka.ttl() > 0);
 
-    let members = client.member_list().await.expect("member list");
+    let members = within("client.member_list", client.member_list())
+        .await
+        .expect("member list");
     let urls: BTreeSet<String> = members
         .members()
         .iter()
@@ -80,11 +102,11 @@ async fn etcd_client_crate_kv_watch_lease_and_members() {
     // Each member endpoint is pinned to its own member.
     let mut ids = BTreeSet::new();
     for (_, url) in &proxy.members {
-        let mut c = Client::connect([url.as_str()], None)
+        let mut c = within("Client::connect", Client::connect([url.as_str()], None))
             .await
             .expect("connect member");
         ids.insert(
-            c.status()
+            within("c.status", c.status())
                 .await
                 .expect("status")
                 .header()
@@ -94,7 +116,7 @@ async fn etcd_client_crate_kv_watch_lease_and_members() {
     }
     assert_eq!(ids.len(), 3);
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +158,7 @@ async fn json_gateway_and_raw_v2_responses_are_rewritten() {
     let version = http1(ep, "GET", "/version", "").await;
     assert!(version.contains("\"etcdserver\":\"3.4"), "{version}");
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 /// Reads from `s` until `needle` appears in what was read (or the deadline passes).
@@ -164,9 +186,13 @@ async fn v2_long_poll_and_gateway_streams_are_not_buffered() {
 
     // v2 long-poll: etcd sends the headers at once and the event when it happens; the proxy
     // must stream both without waiting for the body to end.
-    let mut lp = TcpStream::connect(ep).await.unwrap();
+    let mut lp = within("TcpStream::connect", TcpStream::connect(ep))
+        .await
+        .unwrap();
     let req = format!("GET /v2/keys/lp?wait=true HTTP/1.1\r\nHost: {ep}\r\n\r\n");
-    lp.write_all(req.as_bytes()).await.unwrap();
+    within("lp.write_all", lp.write_all(req.as_bytes()))
+        .await
+        .unwrap();
     let mut got = String::new();
     read_until(&mut lp, &mut got, "\r\n\r\n").await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
@@ -177,13 +203,17 @@ async fn v2_long_poll_and_gateway_streams_are_not_buffered() {
     read_until(&mut lp, &mut got, "\"value\":\"hello\"").await;
 
     // Gateway watch over a streamed POST body: the created event arrives while the stream is open.
-    let mut w = TcpStream::connect(ep).await.unwrap();
+    let mut w = within("TcpStream::connect", TcpStream::connect(ep))
+        .await
+        .unwrap();
     let body = r#"{"create_request":{"key":"c3Q="}}"#;
     let req = format!(
         "POST /v3/watch HTTP/1.1\r\nHost: {ep}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    w.write_all(req.as_bytes()).await.unwrap();
+    within("w.write_all", w.write_all(req.as_bytes()))
+        .await
+        .unwrap();
     let mut got = String::new();
     read_until(&mut w, &mut got, "\"created\":true").await;
     let put = http1(ep, "POST", "/v3/kv/put", r#"{"key":"c3Q=","value":"MQ=="}"#).await;
@@ -198,9 +228,12 @@ async fn v2_long_poll_and_gateway_streams_are_not_buffered() {
             .expect("upgrade in time")
             .expect("websocket upgrade through the proxy");
     assert_eq!(resp.status(), 101);
-    ws.send(Message::text(r#"{"create_request":{"key":"d3M="}}"#))
-        .await
-        .unwrap();
+    within(
+        "ws.send",
+        ws.send(Message::text(r#"{"create_request":{"key":"d3M="}}"#)),
+    )
+    .await
+    .unwrap();
     let first = tokio::time::timeout(DEADLINE, ws.next())
         .await
         .expect("message in time")
@@ -221,7 +254,7 @@ async fn v2_long_poll_and_gateway_streams_are_not_buffered() {
         "{event}"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 /// The member IDs that served `n` gets of `key`.
@@ -229,7 +262,7 @@ async fn readers(c: &mut Client, n: usize, serializable: bool) -> BTreeSet<u64> 
     let mut readers = BTreeSet::new();
     for _ in 0..n {
         let opts = serializable.then(|| GetOptions::new().with_serializable());
-        let r = c.get("lead", opts).await.expect("get");
+        let r = within("c.get", c.get("lead", opts)).await.expect("get");
         readers.insert(r.header().expect("header").member_id());
     }
     readers
@@ -239,13 +272,21 @@ async fn readers(c: &mut Client, n: usize, serializable: bool) -> BTreeSet<u64> 
 async fn writes_and_linearizable_reads_go_to_the_raft_leader() {
     let sim = cluster(3).await;
     let proxy = start_proxy(&sim, &["--keepalive", "200ms"]).await;
-    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
+    let mut c = within(
+        "Client::connect",
+        Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect");
+    let leader = within("c.status", c.status())
         .await
-        .expect("connect");
-    let leader = c.status().await.expect("status").leader();
+        .expect("status")
+        .leader();
     until_leader_learned(&mut c, leader).await;
     for _ in 0..10 {
-        let r = c.put("lead", "y", None).await.expect("put");
+        let r = within("c.put", c.put("lead", "y", None))
+            .await
+            .expect("put");
         assert_eq!(
             r.header().expect("header").member_id(),
             leader,
@@ -278,9 +319,12 @@ async fn writes_and_linearizable_reads_go_to_the_raft_leader() {
         ],
     )
     .await;
-    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
-        .await
-        .expect("connect");
+    let mut c = within(
+        "Client::connect",
+        Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect");
     until_leader_learned(&mut c, leader).await;
     let linearizable = readers(&mut c, 12, false).await;
     assert!(
@@ -288,7 +332,7 @@ async fn writes_and_linearizable_reads_go_to_the_raft_leader() {
         "with --reads spread, linearizable reads spread: {linearizable:?}"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,10 +350,13 @@ async fn admin_listener_serves_metrics_and_healthz() {
         .and_then(|r| r.split('/').next())
         .expect("admin address")
         .to_owned();
-    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
-        .await
-        .expect("connect");
-    c.put("m", "1", None).await.expect("put");
+    let mut c = within(
+        "Client::connect",
+        Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect");
+    within("c.put", c.put("m", "1", None)).await.expect("put");
 
     let metrics = http1(&admin, "GET", "/metrics", "").await;
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
@@ -331,7 +378,7 @@ async fn admin_listener_serves_metrics_and_healthz() {
         "{healthz}"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 /// Values on both sides of `h2`'s copy/chain threshold (256 bytes with vectored writes, 1 KiB
@@ -341,9 +388,12 @@ async fn admin_listener_serves_metrics_and_healthz() {
 async fn payloads_of_every_size_cross_intact_when_interleaved() {
     let sim = cluster(1).await;
     let proxy = start_proxy(&sim, &[]).await;
-    let client = Client::connect([proxy.cluster_addr.as_str()], None)
-        .await
-        .expect("connect");
+    let client = within(
+        "Client::connect",
+        Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect");
     let sizes = [
         0usize,
         1,
@@ -366,19 +416,25 @@ async fn payloads_of_every_size_cross_intact_when_interleaved() {
         let mut c = client.clone();
         tasks.spawn(async move {
             let key = format!("sizes/{i:02}");
-            c.put(key.as_str(), value(i, len), None).await.expect("put");
-            let got = c.get(key.as_str(), None).await.expect("get");
+            within("c.put", c.put(key.as_str(), value(i, len), None))
+                .await
+                .expect("put");
+            let got = within("c.get", c.get(key.as_str(), None))
+                .await
+                .expect("get");
             assert_eq!(got.kvs()[0].value(), value(i, len), "value of {len} bytes");
         });
     }
-    while let Some(done) = tasks.join_next().await {
+    while let Some(done) = within("tasks.join_next", tasks.join_next()).await {
         done.expect("task");
     }
     let mut c = client.clone();
-    let all = c
-        .get("sizes/", Some(GetOptions::new().with_prefix()))
-        .await
-        .expect("range");
+    let all = within(
+        "c.get",
+        c.get("sizes/", Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    .expect("range");
     assert_eq!(all.kvs().len(), sizes.len());
     for (i, kv) in all.kvs().iter().enumerate() {
         assert_eq!(kv.value(), value(i, sizes[i]), "range: value {i}");

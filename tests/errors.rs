@@ -1,7 +1,10 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{cluster, ctl3, missing_path, proxy_fails, start_proxy, DEADLINE};
+use crate::support::{
+    cluster, ctl3, missing_path, proxy_fails, start_proxy, within, within_for, DEADLINE,
+    START_DEADLINE,
+};
 
 /// Exactly one line on stderr, containing `needle`, and a non-zero exit.
 fn one_clear_line(status: std::process::ExitStatus, stderr: &str, needle: &str) {
@@ -71,7 +74,9 @@ async fn cluster_errors_are_one_clear_line() {
     one_clear_line(status, &err, "needs `create` on `pods/portforward`");
 
     // A busy local port.
-    let busy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let busy = within("TcpListener::bind", TcpListener::bind("127.0.0.1:0"))
+        .await
+        .unwrap();
     let addr = busy.local_addr().unwrap().to_string();
     let args = vec![
         "--kubeconfig".to_string(),
@@ -81,16 +86,20 @@ async fn cluster_errors_are_one_clear_line() {
     ];
     let (status, err) = run(args).await;
     one_clear_line(status, &err, &format!("{addr} is already in use"));
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_not_listening_on_the_pod_loopback_is_named() {
-    let sim = etcd_proxy_sim::SimCluster::start(etcd_proxy_sim::SimConfig {
-        members: 1,
-        loopback_listen: false,
-        ..Default::default()
-    })
+    let sim = within_for(
+        START_DEADLINE,
+        "etcd_proxy_sim::SimCluster::start",
+        etcd_proxy_sim::SimCluster::start(etcd_proxy_sim::SimConfig {
+            members: 1,
+            loopback_listen: false,
+            ..Default::default()
+        }),
+    )
     .await
     .unwrap();
     let kc = sim.kubeconfig_path().to_str().unwrap().to_owned();
@@ -100,7 +109,7 @@ async fn etcd_not_listening_on_the_pod_loopback_is_named() {
         &err,
         "nothing is listening on localhost:2379 inside pod etcd-0: etcd is down there, or it does not listen on the pod's loopback",
     );
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,10 +119,15 @@ async fn malformed_client_frames_end_only_that_connection() {
     let ep = proxy.cluster_addr.clone();
 
     // A good client connection stays open across the bad ones.
-    let mut client = etcd_client::Client::connect([ep.as_str()], None)
+    let mut client = within(
+        "etcd_client::Client::connect",
+        etcd_client::Client::connect([ep.as_str()], None),
+    )
+    .await
+    .unwrap();
+    within("client.put", client.put("before", "1", None))
         .await
         .unwrap();
-    client.put("before", "1", None).await.unwrap();
 
     for garbage in [
         // HTTP/2 preface followed by a frame header claiming a 16 MiB DATA frame on stream 0.
@@ -123,9 +137,11 @@ async fn malformed_client_frames_end_only_that_connection() {
         // A truncated HTTP/1 request line, then EOF.
         b"GET /v2/keys".to_vec(),
     ] {
-        let mut s = TcpStream::connect(&ep).await.unwrap();
-        s.write_all(&garbage).await.unwrap();
-        let _ = s.shutdown().await;
+        let mut s = within("TcpStream::connect", TcpStream::connect(&ep))
+            .await
+            .unwrap();
+        within("s.write_all", s.write_all(&garbage)).await.unwrap();
+        let _ = within("s.shutdown", s.shutdown()).await;
         let mut buf = Vec::new();
         let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf)).await;
         assert!(
@@ -134,8 +150,7 @@ async fn malformed_client_frames_end_only_that_connection() {
         );
     }
 
-    client
-        .put("after", "2", None)
+    within("client.put", client.put("after", "2", None))
         .await
         .expect("the good connection still works");
     assert_eq!(
@@ -146,5 +161,5 @@ async fn malformed_client_frames_end_only_that_connection() {
         "2"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 
-use crate::support::{cluster, ctl3, start_proxy, Proxy};
+use crate::support::{
+    cluster, ctl3, start_proxy, within, within_for, Proxy, DEADLINE, START_DEADLINE,
+};
 
 /// The client URLs `member list` shows through the proxy.
 async fn listed_urls(proxy: &Proxy) -> BTreeSet<String> {
@@ -61,10 +63,13 @@ async fn status_rows(proxy: &Proxy) -> BTreeSet<(String, u64)> {
 async fn api_outage_and_scaling_3_5_3_while_serving() {
     let sim = cluster(3).await;
     let proxy = start_proxy(&sim, &[]).await;
-    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
-        .await
-        .expect("connect");
-    c.put("k", "v", None).await.expect("put");
+    let mut c = within(
+        "Client::connect",
+        Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect");
+    within("c.put", c.put("k", "v", None)).await.expect("put");
 
     // The API server is down for 3 s: traffic through open tunnels goes on.
     let failures = Arc::new(AtomicUsize::new(0));
@@ -84,8 +89,8 @@ async fn api_outage_and_scaling_3_5_3_while_serving() {
             }
         })
     };
-    sim.pause_api(Duration::from_secs(3)).await;
-    reader.await.expect("reader");
+    within("sim.pause_api", sim.pause_api(Duration::from_secs(3))).await;
+    within("reader", reader).await.expect("reader");
     assert!(reads.load(Ordering::Relaxed) > 50);
     assert_eq!(
         failures.load(Ordering::Relaxed),
@@ -94,7 +99,9 @@ async fn api_outage_and_scaling_3_5_3_while_serving() {
     );
 
     // Discovery caught up after the outage: scaling up shows in member list through the proxy.
-    sim.scale(5).await.expect("scale up");
+    within_for(START_DEADLINE, "sim.scale", sim.scale(5))
+        .await
+        .expect("scale up");
     let five = until_members(&proxy, 5).await;
     let rows = status_rows(&proxy).await;
     assert_eq!(rows.len(), 5, "{rows:?}");
@@ -108,18 +115,25 @@ async fn api_outage_and_scaling_3_5_3_while_serving() {
         five
     );
 
-    sim.scale(3).await.expect("scale down");
+    within_for(START_DEADLINE, "sim.scale", sim.scale(3))
+        .await
+        .expect("scale down");
     let three = until_members(&proxy, 3).await;
     assert_eq!(status_rows(&proxy).await.len(), 3);
     for gone in five.difference(&three) {
         let addr = gone.trim_start_matches("http://");
         assert!(
-            tokio::net::TcpStream::connect(addr).await.is_err(),
+            within(
+                "tokio::net::TcpStream::connect",
+                tokio::net::TcpStream::connect(addr)
+            )
+            .await
+            .is_err(),
             "endpoint {gone} of a removed member still open"
         );
     }
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,11 +162,14 @@ async fn kubelet_idle_timeout_shorter_than_the_keepalive_closes_tunnels_longer_d
     sim.set_kubelet_idle_timeout(Some(Duration::from_secs(1)));
     let proxy = start_proxy(&sim, &["--keepalive", "3s"]).await;
     let closed_before = sim.idle_closures();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(
-        sim.idle_closures() > closed_before,
-        "keepalive longer than the idle timeout"
-    );
+    let deadline = Instant::now() + DEADLINE;
+    while sim.idle_closures() == closed_before {
+        assert!(
+            Instant::now() < deadline,
+            "keepalive longer than the idle timeout: no tunnel was closed as idle"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The proxy still works: it opens new tunnels.
     assert_eq!(
         ctl3(&proxy.cluster_addr, &["get", "idle", "--print-value-only"])
@@ -162,7 +179,7 @@ async fn kubelet_idle_timeout_shorter_than_the_keepalive_closes_tunnels_longer_d
         "1"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,8 +188,12 @@ async fn a_restarted_pod_with_a_new_ip_is_used_again() {
     let proxy = start_proxy(&sim, &[]).await;
     let (name, url) = proxy.members[1].clone();
     let ip_before = sim.pod_ip(&name);
-    sim.kill_pod(&name).await.expect("kill");
-    sim.restart_pod(&name).await.expect("restart");
+    within("sim.kill_pod", sim.kill_pod(&name))
+        .await
+        .expect("kill");
+    within_for(START_DEADLINE, "sim.restart_pod", sim.restart_pod(&name))
+        .await
+        .expect("restart");
     assert_ne!(sim.pod_ip(&name), ip_before);
     // The member endpoint reaches the restarted member (bounded wait for it to rejoin).
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -204,5 +225,5 @@ async fn a_restarted_pod_with_a_new_ip_is_used_again() {
     }
     assert_eq!(status_rows(&proxy).await.len(), 3);
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 
-use crate::support::{cluster, start_proxy, until_leader_learned};
+use crate::support::{cluster, start_proxy, until_leader_learned, within, within_for};
 
 /// Counts of one load run.
 #[derive(Default)]
@@ -22,9 +22,12 @@ async fn load(endpoint: String, workers: usize, until: Instant, counts: Arc<Load
         let endpoint = endpoint.clone();
         let counts = counts.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = Client::connect([endpoint.as_str()], None)
-                .await
-                .expect("connect");
+            let mut c = within(
+                "Client::connect",
+                Client::connect([endpoint.as_str()], None),
+            )
+            .await
+            .expect("connect");
             let mut i = 0u64;
             while Instant::now() < until {
                 i += 1;
@@ -47,7 +50,7 @@ async fn load(endpoint: String, workers: usize, until: Instant, counts: Arc<Load
         }));
     }
     for t in tasks {
-        t.await.expect("load task");
+        within("load task", t).await.expect("load task");
     }
 }
 
@@ -83,7 +86,9 @@ async fn killing_a_member_under_load_fails_no_reads() {
     let until = Instant::now() + Duration::from_secs(4);
     let run = tokio::spawn(load(proxy.cluster_addr.clone(), 8, until, counts.clone()));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    sim.kill_pod(&victim).await.expect("kill pod");
+    within("sim.kill_pod", sim.kill_pod(&victim))
+        .await
+        .expect("kill pod");
     run.await.expect("load");
 
     let (reads, writes) = (
@@ -100,7 +105,7 @@ async fn killing_a_member_under_load_fails_no_reads() {
         "only writes in flight on the dead member may fail: {failed_writes}"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,13 +121,18 @@ async fn after_the_leader_dies_writes_and_reads_follow_the_new_leader() {
         }
     }
     let (old_pod, old_id) = old.expect("a leader");
-    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
-        .await
-        .expect("connect");
+    let mut c = within(
+        "Client::connect",
+        Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect");
     until_leader_learned(&mut c, old_id).await;
     let deadline = Instant::now() + crate::support::DEADLINE;
 
-    sim.kill_pod(&old_pod).await.expect("kill the leader");
+    within("sim.kill_pod", sim.kill_pod(&old_pod))
+        .await
+        .expect("kill the leader");
     let survivors: Vec<&String> = proxy
         .members
         .iter()
@@ -166,24 +176,27 @@ async fn after_the_leader_dies_writes_and_reads_follow_the_new_leader() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let r = c.get("failover", None).await.expect("get");
+    let r = within("c.get", c.get("failover", None)).await.expect("get");
     assert_eq!(
         r.kvs()[0].value(),
         b"1",
         "the write through the new leader is read back"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutting_every_tunnel_repeatedly_fails_no_reads() {
     let sim = cluster(3).await;
     let proxy = start_proxy(&sim, &[]).await;
-    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
-        .await
-        .expect("connect");
-    c.put("cut", "v", None).await.expect("put");
+    let mut c = within(
+        "Client::connect",
+        Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect");
+    within("c.put", c.put("cut", "v", None)).await.expect("put");
 
     let counts = Arc::new(Load::default());
     let until = Instant::now() + Duration::from_secs(4);
@@ -205,7 +218,7 @@ async fn cutting_every_tunnel_repeatedly_fails_no_reads() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         sim.cut_tunnels();
     }
-    reader.await.expect("reader");
+    within("reader", reader).await.expect("reader");
     let reads = counts.reads.load(Ordering::Relaxed);
     let failed = counts.failed_reads.load(Ordering::Relaxed);
     eprintln!(
@@ -216,7 +229,7 @@ async fn cutting_every_tunnel_repeatedly_fails_no_reads() {
     assert_eq!(failed, 0);
     assert!(sim.portforward_count() > before, "tunnels were re-opened");
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,9 +280,12 @@ async fn watch_sees_every_revision_once_while_tunnels_are_cut() {
         revs
     });
 
-    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
-        .await
-        .expect("connect");
+    let mut c = within(
+        "Client::connect",
+        Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect");
     // Writes count once the watch is known to be registered: a write it reported.
     let first = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
@@ -305,7 +321,10 @@ async fn watch_sees_every_revision_once_while_tunnels_are_cut() {
         }
     }
     target_tx.send_replace(*written.last().expect("writes"));
-    let revs = seen.await.expect("watch output");
+    // The watcher gives up by itself after its 60 s.
+    let revs = within_for(Duration::from_secs(60), "the watcher", seen)
+        .await
+        .expect("watch output");
     child.start_kill().expect("kill watch");
     let revs: Vec<i64> = revs.into_iter().filter(|r| *r > first).collect();
     eprintln!(
@@ -326,7 +345,7 @@ async fn watch_sees_every_revision_once_while_tunnels_are_cut() {
         );
     }
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,36 +355,50 @@ async fn a_watch_resumed_past_a_compaction_gets_etcds_compaction_error() {
     let sim = cluster(1).await;
     let proxy = start_proxy(&sim, &[]).await;
     let direct = sim.member_client_url("etcd-0").expect("member url");
-    let mut d = Client::connect([direct.as_str()], None)
+    let mut d = within("Client::connect", Client::connect([direct.as_str()], None))
         .await
         .expect("direct");
-    let mut c = Client::connect([proxy.cluster_addr.as_str()], None)
+    let mut c = within(
+        "Client::connect",
+        Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect");
+    let mut w = within(
+        "c.watch",
+        c.watch("c/", Some(etcd_client::WatchOptions::new().with_prefix())),
+    )
+    .await
+    .expect("watch");
+    assert!(within("w.message", w.message())
         .await
-        .expect("connect");
-    let mut w = c
-        .watch("c/", Some(etcd_client::WatchOptions::new().with_prefix()))
+        .expect("created")
+        .expect("msg")
+        .created());
+    within("d.put", d.put("c/1", "1", None)).await.expect("put");
+    let ev = within("w.message", w.message())
         .await
-        .expect("watch");
-    assert!(w.message().await.expect("created").expect("msg").created());
-    d.put("c/1", "1", None).await.expect("put");
-    let ev = w.message().await.expect("event").expect("msg");
+        .expect("event")
+        .expect("msg");
     assert_eq!(ev.events().len(), 1);
 
     // The tunnels die and no new one can be opened for 3 s; meanwhile history is compacted.
-    let pause = sim.pause_api(Duration::from_secs(3));
+    let pause = within("sim.pause_api", sim.pause_api(Duration::from_secs(3)));
     let compact = async {
         sim.cut_tunnels();
-        d.put("c/2", "2", None).await.expect("put");
-        let rev = d
-            .put("c/3", "3", None)
+        within("d.put", d.put("c/2", "2", None)).await.expect("put");
+        let rev = within("d.put", d.put("c/3", "3", None))
             .await
             .expect("put")
             .header()
             .expect("header")
             .revision();
-        d.compact(rev, Some(CompactionOptions::new().with_physical()))
-            .await
-            .expect("compact");
+        within(
+            "d.compact",
+            d.compact(rev, Some(CompactionOptions::new().with_physical())),
+        )
+        .await
+        .expect("compact");
         rev
     };
     let ((), compacted_at) = tokio::join!(pause, compact);
@@ -382,7 +415,7 @@ async fn a_watch_resumed_past_a_compaction_gets_etcds_compaction_error() {
         "etcd's compaction error reaches the client"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,16 +431,26 @@ async fn one_members_failure_leaves_other_connections_alone() {
         .find(|(n, _)| *n != victim)
         .cloned()
         .expect("another member");
-    let mut pinned = Client::connect([other_url.as_str()], None)
+    let mut pinned = within(
+        "Client::connect",
+        Client::connect([other_url.as_str()], None),
+    )
+    .await
+    .expect("connect");
+    let mut w = within("pinned.watch", pinned.watch("iso", None))
         .await
-        .expect("connect");
-    let mut w = pinned.watch("iso", None).await.expect("watch");
-    assert!(w.message().await.expect("created").expect("msg").created());
+        .expect("watch");
+    assert!(within("w.message", w.message())
+        .await
+        .expect("created")
+        .expect("msg")
+        .created());
     let opened = sim.portforward_count();
 
-    sim.kill_pod(&victim).await.expect("kill");
-    pinned
-        .put("iso", "1", None)
+    within("sim.kill_pod", sim.kill_pod(&victim))
+        .await
+        .expect("kill");
+    within("pinned.put", pinned.put("iso", "1", None))
         .await
         .expect("the other member's connection still works");
     let ev = tokio::time::timeout(Duration::from_secs(10), w.message())
@@ -423,7 +466,7 @@ async fn one_members_failure_leaves_other_connections_alone() {
         "{reopened_for_other} tunnels opened after the kill"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,11 +476,18 @@ async fn a_v2_long_poll_ends_cleanly_when_its_tunnel_drops() {
     let sim = cluster(1).await;
     let proxy = start_proxy(&sim, &[]).await;
     let ep = proxy.cluster_addr.clone();
-    let mut s = tokio::net::TcpStream::connect(&ep).await.expect("connect");
+    let mut s = within(
+        "tokio::net::TcpStream::connect",
+        tokio::net::TcpStream::connect(&ep),
+    )
+    .await
+    .expect("connect");
     let req = format!("GET /v2/keys/lp?wait=true HTTP/1.1\r\nHost: {ep}\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
+    within("s.write_all", s.write_all(req.as_bytes()))
+        .await
+        .expect("write");
     let mut buf = vec![0u8; 4096];
-    let n = s.read(&mut buf).await.expect("headers");
+    let n = within("s.read", s.read(&mut buf)).await.expect("headers");
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 
     sim.cut_tunnels();
@@ -453,5 +503,5 @@ async fn a_v2_long_poll_ends_cleanly_when_its_tunnel_drops() {
     .await;
     assert!(ended.is_ok(), "the long-poll hung after its tunnel dropped");
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }

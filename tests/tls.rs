@@ -1,6 +1,6 @@
 use std::path::{Path, PathBuf};
 
-use crate::support::{cluster, etcdctl, pki, run, start_proxy, start_proxy_env};
+use crate::support::{cluster, etcdctl, pki, run, start_proxy, start_proxy_env, within};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -97,7 +97,7 @@ async fn tls_auto_serves_etcdctl_v3_and_v2_with_https_member_urls() {
     let again = start_proxy_env(&sim, &["--tls-auto"], &env).await;
     assert_eq!(std::fs::read(&ca).unwrap(), before);
     drop(again);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +163,7 @@ async fn client_certificates_are_required_with_client_ca() {
         out.stdout
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,5 +200,5 @@ async fn env_flag_points_etcdctl_at_the_proxy() {
         .args(["put", "env", "ok"]);
     run(put, "").await.ok();
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }

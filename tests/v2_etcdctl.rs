@@ -1,4 +1,4 @@
-use crate::support::{cluster, ctl2, start_proxy};
+use crate::support::{cluster, ctl2, start_proxy, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v2_commands_work_without_no_sync() {
@@ -38,5 +38,5 @@ async fn v2_commands_work_without_no_sync() {
         "{health}"
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }

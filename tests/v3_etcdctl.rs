@@ -3,7 +3,7 @@ use std::process::Stdio;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::support::{cluster, ctl3, etcdctl, run, start_proxy, DEADLINE};
+use crate::support::{cluster, ctl3, etcdctl, run, start_proxy, within, DEADLINE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_txn_lease_and_watch_through_the_cluster_endpoint() {
@@ -88,14 +88,17 @@ async fn kv_txn_lease_and_watch_through_the_cluster_endpoint() {
     .await
     .expect("watch event");
     assert_eq!(seen, "PUT");
-    let key = lines.next_line().await.unwrap().unwrap();
+    let key = within("lines.next_line", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(key, "/w/k");
 
     ctl3(ep, &["del", "foo"]).await;
     assert_eq!(ctl3(ep, &["get", "foo"]).await.stdout.trim(), "");
     drop(child);
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +168,7 @@ async fn member_list_and_cluster_commands_see_local_endpoints() {
         3
     );
     drop(proxy);
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,5 +200,5 @@ async fn every_target_kind_finds_the_members() {
         );
         drop(proxy);
     }
-    sim.shutdown().await;
+    within("sim.shutdown", sim.shutdown()).await;
 }

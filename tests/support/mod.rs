@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use std::future::{Future, IntoFuture};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -15,14 +16,45 @@ use tokio::process::{Child, ChildStdout, Command};
 /// Generous bound for anything that should take a second or two.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// A simulated cluster with `members` real etcd members.
+/// Bound for starting a simulated cluster: its members get 30 s to report healthy, and a
+/// start that fails is retried once.
+pub const START_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Awaits `fut` for at most [`DEADLINE`]; past that the test fails naming `what` and the
+/// caller's line, so a hang fails instead of blocking CI.
+///
+/// Every await in the tests goes through this (or [`within_for`]), except awaits of the
+/// helpers in this module, which bound themselves, and of fixed sleeps.
+#[track_caller]
+pub fn within<'a, F>(what: &'a str, fut: F) -> impl Future<Output = F::Output> + 'a
+where
+    F: IntoFuture + 'a,
+{
+    within_for(DEADLINE, what, fut)
+}
+
+/// [`within`] with another bound.
+#[track_caller]
+pub fn within_for<'a, F>(
+    limit: Duration,
+    what: &'a str,
+    fut: F,
+) -> impl Future<Output = F::Output> + 'a
+where
+    F: IntoFuture + 'a,
+{
+    etcd_proxy_sim::within_for(limit, what, fut)
+}
+
+/// A simulated cluster with `members` real etcd members, within [`START_DEADLINE`].
 pub async fn cluster(members: usize) -> SimCluster {
-    SimCluster::start(SimConfig {
+    let start = SimCluster::start(SimConfig {
         members,
         ..SimConfig::default()
-    })
-    .await
-    .expect("simulated cluster starts")
+    });
+    within_for(START_DEADLINE, "the simulated cluster starts", start)
+        .await
+        .expect("simulated cluster starts")
 }
 
 /// A running `etcd-proxy` process.
@@ -96,6 +128,7 @@ pub async fn spawn_and_read_summary(mut cmd: Command) -> Proxy {
         .spawn()
         .expect("spawn etcd-proxy");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    // Bounded as a whole below.
     let read = async {
         let first = lines.next_line().await.ok()??;
         // "Forwarding ... (N members: ...) via context ..."
@@ -115,7 +148,9 @@ pub async fn spawn_and_read_summary(mut cmd: Command) -> Proxy {
         Ok(Some(r)) => r,
         other => {
             let _ = child.start_kill();
-            let out = child.wait_with_output().await.expect("proxy output");
+            let out = within("the killed proxy exits", child.wait_with_output())
+                .await
+                .expect("proxy output");
             panic!(
                 "etcd-proxy did not print its summary ({}): stderr:\n{}",
                 if other.is_err() {
@@ -173,7 +208,9 @@ pub async fn run(mut cmd: Command, stdin: &str) -> Output {
         .kill_on_drop(true);
     let mut child = cmd.spawn().expect("spawn");
     if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes()).await.expect("stdin");
+        within("writing stdin", input.write_all(stdin.as_bytes()))
+            .await
+            .expect("stdin");
     }
     let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
         .await
@@ -229,7 +266,9 @@ pub async fn proxy_fails(args: &[&str]) -> (ExitStatus, String) {
         .unwrap_or_else(|_| panic!("etcd-proxy {args:?} hung instead of failing"))
         .expect("wait");
     let mut err = String::new();
-    stderr.read_to_string(&mut err).await.expect("read stderr");
+    within("reading stderr", stderr.read_to_string(&mut err))
+        .await
+        .expect("read stderr");
     (status, err)
 }
 
@@ -372,7 +411,7 @@ pub fn pki(dir: &Path, server_names: &[&str]) -> Pki {
 pub async fn until_leader_learned(c: &mut etcd_client::Client, leader: u64) {
     let deadline = std::time::Instant::now() + DEADLINE;
     loop {
-        let r = c.put("lead", "x", None).await.expect("put");
+        let r = within("put", c.put("lead", "x", None)).await.expect("put");
         if r.header().expect("header").member_id() == leader {
             return;
         }

@@ -32,6 +32,7 @@ mod store;
 mod tls;
 mod watch;
 
+use std::future::{Future, IntoFuture};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -437,6 +438,29 @@ impl Drop for SimCluster {
         self.shared.tunnels.cut();
         for m in &self.shared.members() {
             m.start_kill();
+        }
+    }
+}
+
+/// For tests driving the simulator: awaits `fut` for at most `limit`, and past that panics
+/// naming `what` and the caller's line, so a hang fails the test instead of blocking CI.
+///
+/// [`SimCluster`]'s async methods do not time out themselves (beyond a starting member's 30 s
+/// to report healthy); tests await them through this.
+#[track_caller]
+pub fn within_for<'a, F>(
+    limit: Duration,
+    what: &'a str,
+    fut: F,
+) -> impl Future<Output = F::Output> + 'a
+where
+    F: IntoFuture + 'a,
+{
+    let at = std::panic::Location::caller();
+    async move {
+        match tokio::time::timeout(limit, fut).await {
+            Ok(out) => out,
+            Err(_) => panic!("{what}: not done within {limit:?} (at {at})"),
         }
     }
 }

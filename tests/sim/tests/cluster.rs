@@ -2,6 +2,7 @@
 //! a `kube::Client` built from the generated kubeconfig, kube-rs' WebSocket
 //! port-forward, kube-runtime's watcher, and real etcd members behind it.
 
+use std::future::{Future, IntoFuture};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -13,9 +14,19 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use etcd_proxy_sim::{SimCluster, SimConfig};
+use etcd_proxy_sim::{within_for, SimCluster, SimConfig};
 
 const STEP: Duration = Duration::from_secs(15);
+
+/// Starting etcd members: a cluster (each member gets 30 s to report healthy, and a failed
+/// start is retried once), a scale step, a pod restart.
+const START: Duration = Duration::from_secs(90);
+
+/// Awaits `fut` for at most [`STEP`]; a hang fails the test naming `what` and the line.
+#[track_caller]
+fn within<'a, F: IntoFuture + 'a>(what: &'a str, fut: F) -> impl Future<Output = F::Output> + 'a {
+    within_for(STEP, what, fut)
+}
 
 fn one_member() -> SimConfig {
     SimConfig {
@@ -30,9 +41,12 @@ async fn client_for(path: &std::path::Path, context: Option<&str>) -> Client {
         context: context.map(str::to_string),
         ..Default::default()
     };
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &opts)
-        .await
-        .expect("kube config");
+    let cfg = within(
+        "kube::Config::from_custom_kubeconfig",
+        kube::Config::from_custom_kubeconfig(kc, &opts),
+    )
+    .await
+    .expect("kube config");
     Client::try_from(cfg).expect("client")
 }
 
@@ -63,7 +77,9 @@ async fn http_via_tunnel(pods: &Api<Pod>, pod: &str, path: &str) -> String {
         .expect("portforward");
     let mut s = pf.take_stream(2379).expect("stream");
     let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
+    within("s.write_all", s.write_all(req.as_bytes()))
+        .await
+        .expect("write");
     let mut buf = Vec::new();
     tokio::time::timeout(STEP, s.read_to_end(&mut buf))
         .await
@@ -87,17 +103,21 @@ async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
 
 #[tokio::test]
 async fn discovery_objects_and_portforward() {
-    let c = SimCluster::start(one_member()).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(one_member()))
+        .await
+        .expect("start");
     assert!(c.api_url().starts_with("https://127.0.0.1:"));
     let kc = std::fs::read_to_string(c.kubeconfig_path()).unwrap();
     assert!(kc.contains("certificate-authority-data"));
     let client = client(&c, None).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "etcd");
 
-    let list = pods
-        .list(&ListParams::default().labels("app=etcd"))
-        .await
-        .expect("list");
+    let list = within(
+        "pods.list",
+        pods.list(&ListParams::default().labels("app=etcd")),
+    )
+    .await
+    .expect("list");
     assert_eq!(list.items.len(), 1);
     let pod = &list.items[0];
     assert_eq!(pod.metadata.name.as_deref(), Some("etcd-0"));
@@ -107,42 +127,54 @@ async fn discovery_objects_and_portforward() {
     assert_eq!(labels["statefulset.kubernetes.io/pod-name"], "etcd-0");
     assert_eq!(labels["apps.kubernetes.io/pod-index"], "0");
 
-    let none = pods
-        .list(&ListParams::default().labels("app=etcd,app notin (etcd)"))
-        .await
-        .unwrap();
+    let none = within(
+        "pods.list",
+        pods.list(&ListParams::default().labels("app=etcd,app notin (etcd)")),
+    )
+    .await
+    .unwrap();
     assert!(none.items.is_empty());
-    let by_name = pods
-        .list(&ListParams::default().fields("metadata.name=etcd-0"))
-        .await
-        .unwrap();
+    let by_name = within(
+        "pods.list",
+        pods.list(&ListParams::default().fields("metadata.name=etcd-0")),
+    )
+    .await
+    .unwrap();
     assert_eq!(by_name.items.len(), 1);
 
     let other: Api<Pod> = Api::namespaced(client.clone(), "default");
-    assert!(other
-        .list(&ListParams::default())
+    assert!(within("other.list", other.list(&ListParams::default()))
         .await
         .unwrap()
         .items
         .is_empty());
-    assert_eq!(api_code(other.get("etcd-0").await.unwrap_err()).0, 404);
-    let (code, msg) = api_code(pods.get("nope").await.unwrap_err());
+    assert_eq!(
+        api_code(within("other.get", other.get("etcd-0")).await.unwrap_err()).0,
+        404
+    );
+    let (code, msg) = api_code(within("pods.get", pods.get("nope")).await.unwrap_err());
     assert_eq!((code, msg.as_str()), (404, r#"pods "nope" not found"#));
 
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), "etcd");
-    let s = sts.get("etcd").await.expect("statefulset");
+    let s = within("sts.get", sts.get("etcd"))
+        .await
+        .expect("statefulset");
     let spec = s.spec.unwrap();
     assert_eq!(spec.replicas, Some(1));
     assert_eq!(spec.service_name.as_deref(), Some("etcd"));
     assert_eq!(spec.selector.match_labels.unwrap()["app"], "etcd");
     assert_eq!(s.status.unwrap().ready_replicas, Some(1));
     assert_eq!(
-        sts.list(&ListParams::default()).await.unwrap().items.len(),
+        within("sts.list", sts.list(&ListParams::default()))
+            .await
+            .unwrap()
+            .items
+            .len(),
         1
     );
 
     let svcs: Api<Service> = Api::namespaced(client.clone(), "etcd");
-    let svc = svcs.get("etcd").await.expect("service");
+    let svc = within("svcs.get", svcs.get("etcd")).await.expect("service");
     let svc_spec = svc.spec.unwrap();
     assert_eq!(svc_spec.cluster_ip.as_deref(), Some("None"));
     assert!(svc_spec
@@ -160,14 +192,18 @@ async fn discovery_objects_and_portforward() {
         wait_until(|| c.open_tunnels() == 0).await,
         "tunnel not closed"
     );
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
 
 #[tokio::test]
 async fn three_members_advertise_cluster_dns_names() {
-    let c = SimCluster::start(SimConfig::default())
-        .await
-        .expect("start");
+    let c = within_for(
+        START,
+        "SimCluster::start",
+        SimCluster::start(SimConfig::default()),
+    )
+    .await
+    .expect("start");
     assert_eq!(c.pod_names(), ["etcd-0", "etcd-1", "etcd-2"]);
     assert_eq!(
         c.advertised_client_url("etcd-1").as_deref(),
@@ -178,10 +214,12 @@ async fn three_members_advertise_cluster_dns_names() {
         .unwrap()
         .starts_with("http://127.0.0.1:"));
     let pods: Api<Pod> = Api::namespaced(client(&c, None).await, "etcd");
-    let list = pods
-        .list(&ListParams::default().labels("app=etcd"))
-        .await
-        .unwrap();
+    let list = within(
+        "pods.list",
+        pods.list(&ListParams::default().labels("app=etcd")),
+    )
+    .await
+    .unwrap();
     assert_eq!(list.items.len(), 3);
     assert!(list.items.iter().all(is_ready));
     // Through a tunnel to etcd-2, the member list shows the in-cluster names.
@@ -192,7 +230,7 @@ async fn three_members_advertise_cluster_dns_names() {
             "{resp}"
         );
     }
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
 
 /// A copy of the kubeconfig whose every token is replaced.
@@ -209,19 +247,25 @@ fn kubeconfig_with_bad_token(c: &SimCluster, dir: &std::path::Path) -> std::path
 
 #[tokio::test]
 async fn rbac_denials_and_bad_token() {
-    let c = SimCluster::start(one_member()).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(one_member()))
+        .await
+        .expect("start");
 
     let no_pf: Api<Pod> = Api::namespaced(client(&c, Some("sim-no-portforward")).await, "etcd");
     assert_eq!(
-        no_pf
-            .list(&ListParams::default())
+        within("no_pf.list", no_pf.list(&ListParams::default()))
             .await
             .unwrap()
             .items
             .len(),
         1
     );
-    let (code, msg) = api_code(no_pf.portforward("etcd-0", &[2379]).await.err().unwrap());
+    let (code, msg) = api_code(
+        within("no_pf.portforward", no_pf.portforward("etcd-0", &[2379]))
+            .await
+            .err()
+            .unwrap(),
+    );
     assert_eq!(code, 403);
     assert_eq!(
         msg,
@@ -231,22 +275,38 @@ async fn rbac_denials_and_bad_token() {
 
     let no_list_client = client(&c, Some("sim-no-list")).await;
     let no_list: Api<Pod> = Api::namespaced(no_list_client.clone(), "etcd");
-    let (code, msg) = api_code(no_list.list(&ListParams::default()).await.unwrap_err());
+    let (code, msg) = api_code(
+        within("no_list.list", no_list.list(&ListParams::default()))
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(code, 403);
     assert_eq!(
         msg,
         r#"pods is forbidden: User "sim-no-list" cannot list resource "pods" in API group "" in the namespace "etcd""#
     );
-    assert_eq!(api_code(no_list.get("etcd-0").await.unwrap_err()).0, 403);
+    assert_eq!(
+        api_code(
+            within("no_list.get", no_list.get("etcd-0"))
+                .await
+                .unwrap_err()
+        )
+        .0,
+        403
+    );
     let sts: Api<StatefulSet> = Api::namespaced(no_list_client, "etcd");
-    assert!(sts.get("etcd").await.is_ok());
+    assert!(within("sts.get", sts.get("etcd")).await.is_ok());
 
     let dir = tempfile::tempdir().unwrap();
     let bad = kubeconfig_with_bad_token(&c, dir.path());
     let pods: Api<Pod> = Api::namespaced(client_for(&bad, None).await, "etcd");
-    let (code, msg) = api_code(pods.list(&ListParams::default()).await.unwrap_err());
+    let (code, msg) = api_code(
+        within("pods.list", pods.list(&ListParams::default()))
+            .await
+            .unwrap_err(),
+    );
     assert_eq!((code, msg.as_str()), (401, "Unauthorized"));
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
 
 #[tokio::test]
@@ -255,13 +315,17 @@ async fn etcd_not_on_loopback_refuses_portforward() {
         loopback_listen: false,
         ..one_member()
     };
-    let c = SimCluster::start(cfg).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(cfg))
+        .await
+        .expect("start");
     assert!(c
         .member_client_url("etcd-0")
         .unwrap()
         .starts_with("http://127.0.0.2:"));
     let pods: Api<Pod> = Api::namespaced(client(&c, None).await, "etcd");
-    let mut pf = pods.portforward("etcd-0", &[2379]).await.expect("upgrade");
+    let mut pf = within("pods.portforward", pods.portforward("etcd-0", &[2379]))
+        .await
+        .expect("upgrade");
     assert_eq!(c.portforward_count(), 1);
     let err = tokio::time::timeout(STEP, pf.take_error(2379).unwrap())
         .await
@@ -275,12 +339,14 @@ async fn etcd_not_on_loopback_refuses_portforward() {
         err.contains("dial tcp4 127.0.0.1:2379: connect: connection refused"),
         "{err}"
     );
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
 
 #[tokio::test]
 async fn watch_kill_restart_and_expired() {
-    let c = SimCluster::start(one_member()).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(one_member()))
+        .await
+        .expect("start");
     let client = client(&c, None).await;
     let pods: Api<Pod> = Api::namespaced(client, "etcd");
 
@@ -314,20 +380,23 @@ async fn watch_kill_restart_and_expired() {
     drop(streaming);
 
     // A raw watch from the list's resourceVersion, to see the event type.
-    let rv = pods
-        .list(&ListParams::default())
+    let rv = within("pods.list", pods.list(&ListParams::default()))
         .await
         .unwrap()
         .metadata
         .resource_version
         .unwrap();
-    let mut raw = pods
-        .watch(&WatchParams::default().labels("app=etcd"), &rv)
-        .await
-        .unwrap()
-        .boxed();
+    let mut raw = within(
+        "pods.watch",
+        pods.watch(&WatchParams::default().labels("app=etcd"), &rv),
+    )
+    .await
+    .unwrap()
+    .boxed();
 
-    c.kill_pod("etcd-0").await.expect("kill");
+    within("c.kill_pod", c.kill_pod("etcd-0"))
+        .await
+        .expect("kill");
     match tokio::time::timeout(STEP, raw.try_next())
         .await
         .unwrap()
@@ -353,7 +422,7 @@ async fn watch_kill_restart_and_expired() {
     let sts: Api<StatefulSet> =
         Api::namespaced(client_for(c.kubeconfig_path(), None).await, "etcd");
     assert_eq!(
-        sts.get("etcd")
+        within("sts.get", sts.get("etcd"))
             .await
             .unwrap()
             .status
@@ -363,14 +432,18 @@ async fn watch_kill_restart_and_expired() {
     );
 
     // Port-forward to the dead member: upgrade works, the dial is refused.
-    let mut pf = pods.portforward("etcd-0", &[2379]).await.expect("upgrade");
+    let mut pf = within("pods.portforward", pods.portforward("etcd-0", &[2379]))
+        .await
+        .expect("upgrade");
     let err = tokio::time::timeout(STEP, pf.take_error(2379).unwrap())
         .await
         .unwrap()
         .expect("error text");
     assert!(err.contains("connection refused"), "{err}");
 
-    c.restart_pod("etcd-0").await.expect("restart");
+    within_for(START, "c.restart_pod", c.restart_pod("etcd-0"))
+        .await
+        .expect("restart");
     match tokio::time::timeout(STEP, raw.try_next())
         .await
         .unwrap()
@@ -387,8 +460,7 @@ async fn watch_kill_restart_and_expired() {
     assert!(resp.contains(r#""health":"true""#), "{resp}");
 
     // A resourceVersion older than the history: one ERROR event with 410 Expired.
-    let mut old = pods
-        .watch(&WatchParams::default(), "1")
+    let mut old = within("pods.watch", pods.watch(&WatchParams::default(), "1"))
         .await
         .unwrap()
         .boxed();
@@ -413,17 +485,23 @@ async fn watch_kill_restart_and_expired() {
         .unwrap()
         .unwrap()
         .is_none());
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
 
 #[tokio::test]
 async fn cut_tunnels_closes_streams_and_latency_delays_frames() {
-    let c = SimCluster::start(one_member()).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(one_member()))
+        .await
+        .expect("start");
     let pods: Api<Pod> = Api::namespaced(client(&c, None).await, "etcd");
-    let mut pf = pods.portforward("etcd-0", &[2379]).await.expect("upgrade");
+    let mut pf = within("pods.portforward", pods.portforward("etcd-0", &[2379]))
+        .await
+        .expect("upgrade");
     let mut s = pf.take_stream(2379).unwrap();
     // An incomplete request: etcd waits for more, so only the cut can end the read.
-    s.write_all(b"GET /version HTTP/1.1\r\n").await.unwrap();
+    within("s.write_all", s.write_all(b"GET /version HTTP/1.1\r\n"))
+        .await
+        .unwrap();
     assert!(wait_until(|| c.open_tunnels() == 1).await);
     c.cut_tunnels();
     let mut buf = Vec::new();
@@ -441,5 +519,5 @@ async fn cut_tunnels_closes_streams_and_latency_delays_frames() {
     assert!(resp.contains("etcdserver"), "{resp}");
     assert!(took >= Duration::from_millis(450), "took only {took:?}");
     c.set_latency(Duration::ZERO);
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }

@@ -3,6 +3,7 @@
 //! outage and restart, scaling the StatefulSet with real etcd membership
 //! changes, and a pod restart that changes the pod IP.
 
+use std::future::{Future, IntoFuture};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -14,9 +15,19 @@ use kube::{Api, Client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::time::Instant;
 
-use etcd_proxy_sim::{SimCluster, SimConfig};
+use etcd_proxy_sim::{within_for, SimCluster, SimConfig};
 
 const STEP: Duration = Duration::from_secs(15);
+
+/// Starting etcd members: a cluster (each member gets 30 s to report healthy, and a failed
+/// start is retried once), a scale step, a pod restart.
+const START: Duration = Duration::from_secs(90);
+
+/// Awaits `fut` for at most [`STEP`]; a hang fails the test naming `what` and the line.
+#[track_caller]
+fn within<'a, F: IntoFuture + 'a>(what: &'a str, fut: F) -> impl Future<Output = F::Output> + 'a {
+    within_for(STEP, what, fut)
+}
 
 fn members(n: usize) -> SimConfig {
     SimConfig {
@@ -27,9 +38,12 @@ fn members(n: usize) -> SimConfig {
 
 async fn client(c: &SimCluster) -> Client {
     let kc = kube::config::Kubeconfig::read_from(c.kubeconfig_path()).expect("kubeconfig");
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .expect("kube config");
+    let cfg = within(
+        "kube::Config::from_custom_kubeconfig",
+        kube::Config::from_custom_kubeconfig(kc, &Default::default()),
+    )
+    .await
+    .expect("kube config");
     Client::try_from(cfg).expect("client")
 }
 
@@ -58,9 +72,12 @@ async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
 
 /// Sends `GET /health` on a kept-alive tunnel stream and reads one whole response.
 async fn health_roundtrip(s: &mut DuplexStream) {
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
+    within(
+        "s.write_all",
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"),
+    )
+    .await
+    .expect("write");
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     while !String::from_utf8_lossy(&buf).contains(r#""health":"true""#) {
@@ -111,11 +128,15 @@ async fn next_event(
 
 #[tokio::test]
 async fn idle_timeout_closes_silent_tunnels_only() {
-    let c = SimCluster::start(members(1)).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(members(1)))
+        .await
+        .expect("start");
     let pods = pods(&c).await;
 
     // Opened before the timeout is set: the new value applies to it too.
-    let mut silent_pf = pods.portforward("etcd-0", &[2379]).await.expect("upgrade");
+    let mut silent_pf = within("pods.portforward", pods.portforward("etcd-0", &[2379]))
+        .await
+        .expect("upgrade");
     let mut silent = silent_pf.take_stream(2379).expect("stream");
     assert!(wait_until(|| c.open_tunnels() == 1).await);
     let started = Instant::now();
@@ -138,7 +159,9 @@ async fn idle_timeout_closes_silent_tunnels_only() {
     assert!(wait_until(|| c.open_tunnels() == 0).await);
 
     // Traffic every 100 ms keeps a socket open well past the timeout.
-    let mut busy_pf = pods.portforward("etcd-0", &[2379]).await.expect("upgrade");
+    let mut busy_pf = within("pods.portforward", pods.portforward("etcd-0", &[2379]))
+        .await
+        .expect("upgrade");
     let mut busy = busy_pf.take_stream(2379).expect("stream");
     let until = Instant::now() + Duration::from_secs(1);
     while Instant::now() < until {
@@ -154,7 +177,7 @@ async fn idle_timeout_closes_silent_tunnels_only() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     health_roundtrip(&mut busy).await;
     assert_eq!(c.idle_closures(), 1);
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
 
 /// True if `e` (or an error it wraps) is a refused TCP connection.
@@ -173,7 +196,9 @@ fn is_connection_refused(e: &(dyn std::error::Error + 'static)) -> bool {
 
 #[tokio::test]
 async fn api_pause_keeps_watches_and_open_tunnels() {
-    let c = SimCluster::start(members(1)).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(members(1)))
+        .await
+        .expect("start");
     let pods = pods(&c).await;
     let mut w = watcher(pods.clone(), watcher::Config::default().labels("app=etcd"))
         .default_backoff()
@@ -183,7 +208,9 @@ async fn api_pause_keeps_watches_and_open_tunnels() {
             break;
         }
     }
-    let mut pf = pods.portforward("etcd-0", &[2379]).await.expect("upgrade");
+    let mut pf = within("pods.portforward", pods.portforward("etcd-0", &[2379]))
+        .await
+        .expect("upgrade");
     let mut tunnel = pf.take_stream(2379).expect("stream");
     health_roundtrip(&mut tunnel).await;
 
@@ -191,23 +218,29 @@ async fn api_pause_keeps_watches_and_open_tunnels() {
     let during = async {
         // The listener is gone: wait for the first refused connection.
         let deadline = Instant::now() + STEP;
-        while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+        while within(
+            "tokio::net::TcpStream::connect",
+            tokio::net::TcpStream::connect(&addr),
+        )
+        .await
+        .is_ok()
+        {
             assert!(Instant::now() < deadline, "the API server never went away");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let fresh = self::pods(&c).await;
-        let err = fresh
-            .list(&ListParams::default())
+        let err = within("fresh.list", fresh.list(&ListParams::default()))
             .await
             .expect_err("list during the pause");
         assert!(is_connection_refused(&err), "{err:?}");
         // The tunnel opened before the pause still reaches etcd.
         health_roundtrip(&mut tunnel).await;
     };
-    tokio::join!(c.pause_api(Duration::from_secs(1)), during);
+    let pause = within("c.pause_api", c.pause_api(Duration::from_secs(1)));
+    tokio::join!(pause, during);
 
     assert_eq!(
-        pods.list(&ListParams::default())
+        within("pods.list", pods.list(&ListParams::default()))
             .await
             .expect("list")
             .items
@@ -217,18 +250,24 @@ async fn api_pause_keeps_watches_and_open_tunnels() {
     health_roundtrip(&mut tunnel).await;
     assert_eq!(c.open_tunnels(), 1);
     // The watcher resumes from its resourceVersion: no relist (no Init), just the change.
-    c.kill_pod("etcd-0").await.expect("kill");
+    within("c.kill_pod", c.kill_pod("etcd-0"))
+        .await
+        .expect("kill");
     match next_event(&mut w).await {
         watcher::Event::Apply(p) => assert!(!is_ready(&p)),
         other => panic!("expected the pod update, got {other:?}"),
     }
-    c.restart_pod("etcd-0").await.expect("restart");
-    let mut pf = pods.portforward("etcd-0", &[2379]).await.expect("upgrade");
+    within_for(START, "c.restart_pod", c.restart_pod("etcd-0"))
+        .await
+        .expect("restart");
+    let mut pf = within("pods.portforward", pods.portforward("etcd-0", &[2379]))
+        .await
+        .expect("upgrade");
     let mut tunnel = pf.take_stream(2379).expect("stream");
     health_roundtrip(&mut tunnel).await;
 
     // A restart cuts the tunnels too, and the server is back at once.
-    c.restart_api().await;
+    within("c.restart_api", c.restart_api()).await;
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut buf))
         .await
@@ -236,32 +275,35 @@ async fn api_pause_keeps_watches_and_open_tunnels() {
     assert!(read.is_err() || buf.is_empty(), "{buf:?}");
     assert_eq!(c.open_tunnels(), 0);
     assert_eq!(
-        pods.list(&ListParams::default())
+        within("pods.list", pods.list(&ListParams::default()))
             .await
             .expect("list")
             .items
             .len(),
         1
     );
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
 
 #[tokio::test]
 async fn scale_up_and_down_changes_etcd_membership() {
-    let c = SimCluster::start(members(1)).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(members(1)))
+        .await
+        .expect("start");
     let pods = pods(&c).await;
-    let rv = pods
-        .list(&ListParams::default())
+    let rv = within("pods.list", pods.list(&ListParams::default()))
         .await
         .expect("list")
         .metadata
         .resource_version
         .expect("rv");
-    let mut raw = pods
-        .watch(&WatchParams::default().labels("app=etcd"), &rv)
-        .await
-        .expect("watch")
-        .boxed();
+    let mut raw = within(
+        "pods.watch",
+        pods.watch(&WatchParams::default().labels("app=etcd"), &rv),
+    )
+    .await
+    .expect("watch")
+    .boxed();
     let mut w = watcher(pods.clone(), watcher::Config::default()).boxed();
     loop {
         if matches!(next_event(&mut w).await, watcher::Event::InitDone) {
@@ -269,7 +311,9 @@ async fn scale_up_and_down_changes_etcd_membership() {
         }
     }
 
-    c.scale(2).await.expect("scale up");
+    within_for(START, "c.scale", c.scale(2))
+        .await
+        .expect("scale up");
     assert_eq!(c.pod_names(), ["etcd-0", "etcd-1"]);
     let advertised = c.advertised_client_url("etcd-1").expect("advertised URL");
     assert_eq!(advertised, "http://etcd-1.etcd.etcd.svc.cluster.local:2379");
@@ -298,16 +342,22 @@ async fn scale_up_and_down_changes_etcd_membership() {
         other => panic!("expected the new pod, got {other:?}"),
     }
     let sts: Api<StatefulSet> = Api::namespaced(client(&c).await, "etcd");
-    let s = sts.get("etcd").await.expect("statefulset");
+    let s = within("sts.get", sts.get("etcd"))
+        .await
+        .expect("statefulset");
     assert_eq!(s.spec.and_then(|s| s.replicas), Some(2));
     assert_eq!(s.status.and_then(|s| s.ready_replicas), Some(2));
 
     // Through a tunnel into the new pod, etcd answers.
-    let mut pf = pods.portforward("etcd-1", &[2379]).await.expect("upgrade");
+    let mut pf = within("pods.portforward", pods.portforward("etcd-1", &[2379]))
+        .await
+        .expect("upgrade");
     let mut tunnel = pf.take_stream(2379).expect("stream");
     health_roundtrip(&mut tunnel).await;
 
-    c.scale(1).await.expect("scale down");
+    within_for(START, "c.scale", c.scale(1))
+        .await
+        .expect("scale down");
     assert_eq!(c.pod_names(), ["etcd-0"]);
     assert_eq!(c.member_client_url("etcd-1"), None);
     let (ok, out) = etcdctl(&first, &["member", "list"]);
@@ -344,35 +394,40 @@ async fn scale_up_and_down_changes_etcd_membership() {
         .expect("the tunnel into the deleted pod ends");
     assert!(read.is_err() || buf.is_empty(), "{buf:?}");
     assert!(wait_until(|| c.open_tunnels() == 0).await);
-    let status = sts
-        .get("etcd")
+    let status = within("sts.get", sts.get("etcd"))
         .await
         .expect("statefulset")
         .status
         .expect("status");
     assert_eq!((status.replicas, status.ready_replicas), (1, Some(1)));
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
 
 #[tokio::test]
 async fn restarted_pod_gets_a_new_ip() {
-    let c = SimCluster::start(members(1)).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(members(1)))
+        .await
+        .expect("start");
     let pods = pods(&c).await;
     let before = c.pod_ip("etcd-0").expect("ip");
-    let listed = pods.get("etcd-0").await.expect("get");
+    let listed = within("pods.get", pods.get("etcd-0")).await.expect("get");
     assert_eq!(listed.status.and_then(|s| s.pod_ip), Some(before.clone()));
-    c.kill_pod("etcd-0").await.expect("kill");
+    within("c.kill_pod", c.kill_pod("etcd-0"))
+        .await
+        .expect("kill");
     assert_eq!(c.pod_ip("etcd-0"), Some(before.clone()));
-    c.restart_pod("etcd-0").await.expect("restart");
+    within_for(START, "c.restart_pod", c.restart_pod("etcd-0"))
+        .await
+        .expect("restart");
     let after = c.pod_ip("etcd-0").expect("ip");
     assert_ne!(before, after);
-    let pod = pods.get("etcd-0").await.expect("get");
+    let pod = within("pods.get", pods.get("etcd-0")).await.expect("get");
     assert!(is_ready(&pod));
     let status = pod.status.expect("status");
     assert_eq!(status.pod_ip, Some(after.clone()));
     assert_eq!(status.pod_ips.expect("podIPs")[0].ip, after);
     assert_eq!(c.pod_ip("nope"), None);
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
 
 #[tokio::test]
@@ -381,17 +436,23 @@ async fn scale_without_v2_uses_etcdctl() {
         enable_v2: false,
         ..members(1)
     };
-    let c = SimCluster::start(cfg).await.expect("start");
-    c.scale(2).await.expect("scale up");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(cfg))
+        .await
+        .expect("start");
+    within_for(START, "c.scale", c.scale(2))
+        .await
+        .expect("scale up");
     let first = c.member_client_url("etcd-0").expect("client URL");
     let (ok, out) = etcdctl(&first, &["member", "list"]);
     assert!(
         ok && out.contains("http://etcd-1.etcd.etcd.svc.cluster.local:2379"),
         "{out}"
     );
-    c.scale(1).await.expect("scale down");
+    within_for(START, "c.scale", c.scale(1))
+        .await
+        .expect("scale down");
     let (ok, out) = etcdctl(&first, &["member", "list"]);
     assert!(ok && !out.contains("etcd-1"), "{out}");
     assert_eq!(c.pod_names(), ["etcd-0"]);
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }

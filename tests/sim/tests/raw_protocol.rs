@@ -3,6 +3,7 @@
 //! one client's behaviour: subprotocol choice, the initial port frames, the
 //! channel layout, the Close after the pod side ends, and watch timeouts.
 
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +18,19 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use etcd_proxy_sim::{SimCluster, SimConfig};
+use etcd_proxy_sim::{within_for, SimCluster, SimConfig};
 
 const STEP: Duration = Duration::from_secs(15);
+
+/// Starting etcd members: a cluster (each member gets 30 s to report healthy, and a failed
+/// start is retried once), a scale step, a pod restart.
+const START: Duration = Duration::from_secs(90);
+
+/// Awaits `fut` for at most [`STEP`]; a hang fails the test naming `what` and the line.
+#[track_caller]
+fn within<'a, F: IntoFuture + 'a>(what: &'a str, fut: F) -> impl Future<Output = F::Output> + 'a {
+    within_for(STEP, what, fut)
+}
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 struct Conn {
@@ -69,9 +80,13 @@ fn conn(c: &SimCluster) -> Conn {
 
 impl Conn {
     async fn tls(&self) -> TlsStream<TcpStream> {
-        let tcp = TcpStream::connect(&self.addr).await.unwrap();
+        let tcp = within("TcpStream::connect", TcpStream::connect(&self.addr))
+            .await
+            .unwrap();
         let name = ServerName::try_from("127.0.0.1").unwrap();
-        self.tls.connect(name, tcp).await.unwrap()
+        within("self.tls.connect", self.tls.connect(name, tcp))
+            .await
+            .unwrap()
     }
 
     async fn ws(
@@ -88,7 +103,11 @@ impl Conn {
             format!("Bearer {}", self.token).parse().unwrap(),
         );
         h.insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
-        let (ws, resp) = tokio_tungstenite::client_async(req, self.tls().await).await?;
+        let (ws, resp) = within(
+            "tokio_tungstenite::client_async",
+            tokio_tungstenite::client_async(req, self.tls().await),
+        )
+        .await?;
         let proto = resp
             .headers()
             .get("Sec-WebSocket-Protocol")
@@ -103,7 +122,9 @@ impl Conn {
             "GET {path_and_query} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
             self.addr, self.token
         );
-        s.write_all(req.as_bytes()).await.unwrap();
+        within("s.write_all", s.write_all(req.as_bytes()))
+            .await
+            .unwrap();
         let mut buf = Vec::new();
         // A TLS peer closing without close_notify is fine here.
         let _ = tokio::time::timeout(STEP, s.read_to_end(&mut buf))
@@ -150,7 +171,9 @@ const PF: &str = "/api/v1/namespaces/etcd/pods/etcd-0/portforward?ports=2379";
 
 #[tokio::test]
 async fn binary_v4_frames_and_close() {
-    let c = SimCluster::start(one_member()).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(one_member()))
+        .await
+        .expect("start");
     let conn = conn(&c);
     // kube-rs' offer: the handler has no v5 for port-forward, so v4 is chosen.
     let (mut ws, proto) = conn
@@ -166,12 +189,17 @@ async fn binary_v4_frames_and_close() {
         }
     }
     // Bytes on the error channel are discarded by the server (write-only channel).
-    ws.send(Message::Binary(b"\x01garbage".to_vec().into()))
-        .await
-        .unwrap();
+    within(
+        "ws.send",
+        ws.send(Message::Binary(b"\x01garbage".to_vec().into())),
+    )
+    .await
+    .unwrap();
     let mut req = vec![0u8];
     req.extend_from_slice(VERSION_REQ);
-    ws.send(Message::Binary(req.into())).await.unwrap();
+    within("ws.send", ws.send(Message::Binary(req.into())))
+        .await
+        .unwrap();
     let (frames, close) = drain(&mut ws, false).await;
     assert!(frames.iter().all(|(ch, _)| *ch == 0), "{frames:?}");
     let data: Vec<u8> = frames.into_iter().flat_map(|(_, d)| d).collect();
@@ -180,12 +208,14 @@ async fn binary_v4_frames_and_close() {
     assert!(text.contains("etcdserver"), "{text}");
     // etcd closed the connection (Connection: close), so the server closed the socket.
     assert_eq!(close, Some(CloseCode::Normal));
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
 
 #[tokio::test]
 async fn base64_subprotocol_refused_dial_and_rejections() {
-    let c = SimCluster::start(one_member()).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(one_member()))
+        .await
+        .expect("start");
     let conn = conn(&c);
 
     // First client-offered protocol wins (conn.go handshake).
@@ -196,7 +226,9 @@ async fn base64_subprotocol_refused_dial_and_rejections() {
     assert_eq!(proto.as_deref(), Some("v4.base64.channel.k8s.io"));
     let mut msg = String::from("0");
     B64.encode_string(VERSION_REQ, &mut msg);
-    ws.send(Message::Text(msg.into())).await.unwrap();
+    within("ws.send", ws.send(Message::Text(msg.into())))
+        .await
+        .unwrap();
     let (frames, close) = drain(&mut ws, true).await;
     assert_eq!(frames[0], (0, vec![0x4B, 0x09]));
     assert_eq!(frames[1], (1, vec![0x4B, 0x09]));
@@ -255,12 +287,14 @@ async fn base64_subprotocol_refused_dial_and_rejections() {
         other => panic!("expected an HTTP error, got {:?}", other.map(|(_, p)| p)),
     }
     assert_eq!(c.portforward_count(), 2);
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
 
 #[tokio::test]
 async fn watch_ends_after_timeout_with_bookmark_and_unknown_paths_404() {
-    let c = SimCluster::start(one_member()).await.expect("start");
+    let c = within_for(START, "SimCluster::start", SimCluster::start(one_member()))
+        .await
+        .expect("start");
     let conn = conn(&c);
     let started = std::time::Instant::now();
     let resp = conn
@@ -305,5 +339,5 @@ async fn watch_ends_after_timeout_with_bookmark_and_unknown_paths_404() {
         .get("/api/v1/namespaces/etcd/pods?labelSelector=a%20b")
         .await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
-    c.shutdown().await;
+    within("c.shutdown", c.shutdown()).await;
 }
