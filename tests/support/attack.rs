@@ -1,5 +1,6 @@
 //! Hostile clients, as an attacker would write them: no courtesy half-closes, connections held
-//! open, requests sent at once. Shared by `tests/hostile.rs` and `benches/hostile.rs`.
+//! open, requests sent at once. Shared by `tests/hostile.rs` and `benches/hostile.rs`. Every
+//! function here bounds its own awaits.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -77,7 +78,14 @@ pub fn oversized_frame() -> Vec<u8> {
 pub async fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(from, 0))?;
-    socket.connect(to).await
+    tokio::time::timeout(super::DEADLINE, socket.connect(to))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Connects to `to` from the default loopback address.
+pub async fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
+    connect_from(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), to).await
 }
 
 /// How a hostile connection ended.
@@ -93,11 +101,11 @@ pub struct Closed {
 /// closes it, for at most `limit`; `None` if it is still open then.
 pub async fn send_and_hold(mut s: TcpStream, bytes: &[u8], limit: Duration) -> Option<Closed> {
     let started = Instant::now();
-    // The proxy may close before everything is written: that is a close too.
-    let _ = s.write_all(bytes).await;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    let read = async {
+    let attack = async {
+        // The proxy may close before everything is written: that is a close too.
+        let _ = s.write_all(bytes).await;
         loop {
             match s.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -105,7 +113,7 @@ pub async fn send_and_hold(mut s: TcpStream, bytes: &[u8], limit: Duration) -> O
             }
         }
     };
-    tokio::time::timeout(limit, read).await.ok()?;
+    tokio::time::timeout(limit, attack).await.ok()?;
     Some(Closed {
         after: started.elapsed(),
         goaway: has_goaway(&got),
@@ -132,15 +140,20 @@ pub async fn gateway_login(
     user: &str,
     password: &str,
 ) -> std::io::Result<(u16, String)> {
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "login timed out");
     let mut s = connect_from(from, to).await?;
     let body = format!(r#"{{"name":"{user}","password":"{password}"}}"#);
     let req = format!(
         "POST /v3/auth/authenticate HTTP/1.1\r\nHost: {to}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await?;
     let mut out = String::new();
-    s.read_to_string(&mut out).await?;
+    tokio::time::timeout(super::DEADLINE, async {
+        s.write_all(req.as_bytes()).await?;
+        s.read_to_string(&mut out).await
+    })
+    .await
+    .map_err(|_| timed_out())??;
     let status = out
         .split_whitespace()
         .nth(1)
