@@ -105,7 +105,8 @@ pub struct Cli {
 
     /// Where linearizable reads go: `leader` skips the follower-to-leader ReadIndex hop
     /// (lowest latency); `spread` round-robins them over the members like clientv3.
-    /// Writes always go to the leader; serializable reads always spread.
+    /// Writes always go to the leader; serializable reads always spread. Status and MoveLeader
+    /// always go to the leader, so `etcdctl move-leader` works through the cluster endpoint.
     #[arg(long, value_enum, value_name = "WHERE", default_value_t = Reads::Leader)]
     pub reads: Reads,
 

@@ -202,3 +202,145 @@ async fn every_target_kind_finds_the_members() {
     }
     within("sim.shutdown", sim.shutdown()).await;
 }
+
+/// The leader's member ID and the other members' IDs, from `endpoint status --cluster`.
+async fn leader_and_followers(ep: &str) -> (String, Vec<String>) {
+    let out = ctl3(ep, &["endpoint", "status", "--cluster", "-w", "json"]).await;
+    let rows: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
+    let mut leader = String::new();
+    let mut followers = Vec::new();
+    for row in rows.as_array().expect("rows") {
+        let id = row["Status"]["header"]["member_id"]
+            .as_u64()
+            .expect("member_id");
+        if row["Status"]["leader"].as_u64() == Some(id) {
+            leader = format!("{id:x}");
+        } else {
+            followers.push(format!("{id:x}"));
+        }
+    }
+    (leader, followers)
+}
+
+/// etcdctl's commands with nothing but the cluster endpoint, as a user would type them.
+/// (`check perf` takes a minute and `elect`/`watch`/`make-mirror` run until stopped: watches
+/// are covered above; the rest reach etcd through the same routes as these.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_etcdctl_command_works_through_the_cluster_endpoint_alone() {
+    let sim = cluster(3).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let ep = proxy.cluster_addr.as_str();
+    let dir = tempfile::tempdir().unwrap();
+
+    ctl3(ep, &["put", "sweep", "v"]).await;
+    let txn = run(
+        etcdctl(3, &["--endpoints", ep, "txn"]),
+        "value(\"sweep\") = \"v\"\n\nput sweep/txn yes\n\nput sweep/txn no\n\n",
+    )
+    .await
+    .ok();
+    assert!(txn.stdout.starts_with("SUCCESS"), "{}", txn.stdout);
+
+    let lease = ctl3(ep, &["lease", "grant", "60"]).await.stdout;
+    let id = lease
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_owned();
+    ctl3(ep, &["put", "sweep/leased", "x", "--lease", &id]).await;
+    ctl3(ep, &["lease", "keep-alive", "--once", &id]).await;
+    let ttl = ctl3(ep, &["lease", "timetolive", &id, "--keys"])
+        .await
+        .stdout;
+    assert!(ttl.contains("sweep/leased"), "{ttl}");
+    ctl3(ep, &["lease", "revoke", &id]).await;
+
+    let locked = ctl3(ep, &["lock", "sweep-lock", "echo", "held"])
+        .await
+        .stdout;
+    assert!(locked.contains("held"), "{locked}");
+
+    let rev = ctl3(ep, &["get", "sweep", "-w", "json"]).await.stdout;
+    let rev: serde_json::Value = serde_json::from_str(&rev).unwrap();
+    let rev = rev["header"]["revision"].as_u64().unwrap().to_string();
+    ctl3(ep, &["compaction", &rev]).await;
+    ctl3(ep, &["defrag", "--cluster"]).await;
+    let hashes = ctl3(ep, &["endpoint", "hashkv", "--cluster"]).await.stdout;
+    assert_eq!(hashes.lines().count(), 3, "{hashes}");
+    // etcdctl 3.4 prints health to stderr, 3.5 to stdout.
+    let health = ctl3(ep, &["endpoint", "health", "--cluster"]).await;
+    let health = health.stdout + &health.stderr;
+    assert_eq!(health.matches("is healthy").count(), 3, "{health}");
+
+    let snap = dir.path().join("snap.db");
+    ctl3(ep, &["snapshot", "save", snap.to_str().unwrap()]).await;
+    let status = run(
+        etcdctl(
+            3,
+            &["snapshot", "status", snap.to_str().unwrap(), "-w", "json"],
+        ),
+        "",
+    )
+    .await
+    .ok();
+    assert!(status.stdout.contains("\"revision\""), "{}", status.stdout);
+
+    // etcd refuses reconfiguration until every member has been connected for a while
+    // ("unhealthy cluster", strict reconfig check): a fresh cluster gets a few seconds.
+    let added = within("member add", async {
+        loop {
+            let out = run(
+                etcdctl(
+                    3,
+                    &[
+                        "--endpoints",
+                        ep,
+                        "member",
+                        "add",
+                        "sweep-learner",
+                        "--learner",
+                        "--peer-urls",
+                        "http://127.0.0.1:9",
+                    ],
+                ),
+                "",
+            )
+            .await;
+            if out.status.success() {
+                return out.stdout;
+            }
+            assert!(out.stderr.contains("unhealthy cluster"), "{}", out.stderr);
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    let new_id = added
+        .split_whitespace()
+        .skip_while(|w| *w != "Member")
+        .nth(1)
+        .expect("new member ID")
+        .to_owned();
+    ctl3(ep, &["member", "remove", &new_id]).await;
+
+    // move-leader finds the leader by asking the endpoints it is given for their status.
+    let (leader, followers) = leader_and_followers(ep).await;
+    let target = &followers[0];
+    let moved = ctl3(ep, &["move-leader", target]).await.stdout;
+    assert!(
+        moved.contains(&format!("from {leader} to {target}")),
+        "{moved}"
+    );
+    let (now, _) = within("the new leader to show", async {
+        loop {
+            let (l, f) = leader_and_followers(ep).await;
+            if &l == target {
+                return (l, f);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(&now, target);
+    drop(proxy);
+    within("simulator shutdown", sim.shutdown()).await;
+}

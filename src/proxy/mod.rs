@@ -320,7 +320,11 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         let rewrite = route.rewrite.filter(|r| match r {
-            Rewrite::Grpc(_) => parts.status == StatusCode::OK,
+            // A Trailers-Only answer (an error: grpc-status in the headers) has no message to
+            // rewrite, and must leave as it came, headers ending the stream.
+            Rewrite::Grpc(_) => {
+                parts.status == StatusCode::OK && !parts.headers.contains_key("grpc-status")
+            }
             Rewrite::V2(_) | Rewrite::Gateway => {
                 parts.status.is_success() && !parts.headers.contains_key(header::CONTENT_ENCODING)
             }

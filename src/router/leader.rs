@@ -8,6 +8,11 @@
 //! costs about the same as a get sent directly to a follower, and the proxy's CPU per get
 //! falls because one upstream connection carries the reads and batches them.
 //!
+//! `Maintenance/Status` and `MoveLeader` go to the leader whatever `--reads` says: etcdctl
+//! `move-leader` asks each endpoint it is given for its status and sends `MoveLeader` to the
+//! one that says it leads, so through the cluster endpoint alone the status must come from the
+//! leader (and the transfer must reach it: only the leader can hand leadership over).
+//!
 //! Reads that never involve the leader keep spreading round-robin: serializable Range
 //! requests (any member answers them from its own store) and v2 GETs without `quorum=true`.
 //! [`Reads::Spread`] spreads every read, as clientv3's balancer does, for clusters whose
@@ -30,6 +35,17 @@ pub enum Reads {
 }
 
 const GRPC_RANGE: &str = "/etcdserverpb.KV/Range";
+/// Calls only the leader answers usefully (gRPC and JSON gateway paths).
+const LEADER_ONLY: [&str; 8] = [
+    "/etcdserverpb.Maintenance/Status",
+    "/etcdserverpb.Maintenance/MoveLeader",
+    "/v3/maintenance/status",
+    "/v3beta/maintenance/status",
+    "/v3alpha/maintenance/status",
+    "/v3/maintenance/transfer-leadership",
+    "/v3beta/maintenance/transfer-leadership",
+    "/v3alpha/maintenance/transfer-leadership",
+];
 /// `RangeRequest.serializable` (etcd `rpc.proto`).
 const RANGE_SERIALIZABLE: u64 = 7;
 /// The varint wire type.
@@ -45,7 +61,7 @@ pub fn wants_leader(
     query: Option<&str>,
     body: Option<&[u8]>,
 ) -> bool {
-    if is_write(class, method, path) {
+    if is_write(class, method, path) || LEADER_ONLY.contains(&path.trim_end_matches('/')) {
         return true;
     }
     if reads == Reads::Spread {
@@ -107,70 +123,34 @@ mod tests {
     }
 
     #[test]
-    fn writes_and_linearizable_reads_go_to_the_leader() {
-        let leader = |class, method: Method, path: &str, query, body: Option<&[u8]>| {
-            wants_leader(Reads::Leader, class, &method, path, query, body)
-        };
-        let lin = grpc_range(false);
-        let ser = grpc_range(true);
-        assert!(leader(
-            Class::Grpc,
-            Method::POST,
-            "/etcdserverpb.KV/Put",
-            None,
-            None
-        ));
-        assert!(leader(
-            Class::Grpc,
-            Method::POST,
-            GRPC_RANGE,
-            None,
-            Some(&lin)
-        ));
-        assert!(!leader(
-            Class::Grpc,
-            Method::POST,
-            GRPC_RANGE,
-            None,
-            Some(&ser)
-        ));
+    fn writes_linearizable_reads_and_leader_calls_go_to_the_leader() {
+        let (lin, ser) = (grpc_range(false), grpc_range(true));
         let mut compressed = ser.clone();
         compressed[0] = 1;
-        assert!(leader(
-            Class::Grpc,
-            Method::POST,
-            GRPC_RANGE,
-            None,
-            Some(&compressed)
-        ));
-        assert!(!leader(
-            Class::Grpc,
-            Method::POST,
-            "/etcdserverpb.Maintenance/Status",
-            None,
-            None
-        ));
-
         let json = br#"{"key":"YQ=="}"#.as_slice();
         let json_ser = br#"{"key":"YQ==","serializable":true}"#.as_slice();
-        assert!(leader(
-            Class::Http,
-            Method::POST,
-            "/v3/kv/range",
-            None,
-            Some(json)
-        ));
-        assert!(!leader(
-            Class::Http,
-            Method::POST,
-            "/v3beta/kv/range",
-            None,
-            Some(json_ser)
-        ));
-        assert!(!leader(Class::Http, Method::GET, "/v2/keys/a", None, None));
         let quorum = Some("recursive=false&quorum=true");
-        assert!(leader(Class::Http, Method::GET, "/v2/keys/a", quorum, None));
-        assert!(leader(Class::Http, Method::PUT, "/v2/keys/a", None, None));
+        let (g, h) = (Class::Grpc, Class::Http);
+        #[rustfmt::skip]
+        let cases: [(Class, Method, &str, Option<&str>, Option<&[u8]>, bool); 12] = [
+            (g, Method::POST, "/etcdserverpb.KV/Put", None, None, true),
+            (g, Method::POST, GRPC_RANGE, None, Some(&lin), true),
+            (g, Method::POST, GRPC_RANGE, None, Some(&ser), false),
+            // Compressed: cannot be read, so etcd's default (linearizable).
+            (g, Method::POST, GRPC_RANGE, None, Some(&compressed), true),
+            (g, Method::POST, "/etcdserverpb.Maintenance/Status", None, None, true),
+            (g, Method::POST, "/etcdserverpb.Maintenance/MoveLeader", None, None, true),
+            (g, Method::POST, "/etcdserverpb.Maintenance/HashKV", None, None, false),
+            (h, Method::POST, "/v3/kv/range", None, Some(json), true),
+            (h, Method::POST, "/v3beta/kv/range", None, Some(json_ser), false),
+            (h, Method::GET, "/v2/keys/a", None, None, false),
+            (h, Method::GET, "/v2/keys/a", quorum, None, true),
+            (h, Method::PUT, "/v2/keys/a", None, None, true),
+        ];
+        for (class, method, path, query, body, want) in cases {
+            let got = wants_leader(Reads::Leader, class, &method, path, query, body);
+            assert_eq!(got, want, "{method} {path} {query:?}");
+        }
     }
 
     #[test]
@@ -181,5 +161,6 @@ mod tests {
         };
         assert!(!spread(Method::POST, GRPC_RANGE));
         assert!(spread(Method::POST, "/etcdserverpb.KV/Txn"));
+        assert!(spread(Method::POST, "/etcdserverpb.Maintenance/MoveLeader"));
     }
 }
