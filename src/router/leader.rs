@@ -122,6 +122,16 @@ mod tests {
         framed
     }
 
+    /// Protocol, method, path, query, buffered body, and whether it goes to the leader.
+    type Case<'a> = (
+        Class,
+        Method,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a [u8]>,
+        bool,
+    );
+
     #[test]
     fn writes_linearizable_reads_and_leader_calls_go_to_the_leader() {
         let (lin, ser) = (grpc_range(false), grpc_range(true));
@@ -132,7 +142,7 @@ mod tests {
         let quorum = Some("recursive=false&quorum=true");
         let (g, h) = (Class::Grpc, Class::Http);
         #[rustfmt::skip]
-        let cases: [(Class, Method, &str, Option<&str>, Option<&[u8]>, bool); 12] = [
+        let cases: [Case; 12] = [
             (g, Method::POST, "/etcdserverpb.KV/Put", None, None, true),
             (g, Method::POST, GRPC_RANGE, None, Some(&lin), true),
             (g, Method::POST, GRPC_RANGE, None, Some(&ser), false),
