@@ -319,6 +319,20 @@ pub fn etcd_command(data: &Path, name: &str, client_url: &str, peer_url: &str) -
     cmd
 }
 
+/// The version of the `etcd` on the `PATH` (`X.Y.Z`), which every test starts.
+pub fn etcd_version() -> String {
+    let out = std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .expect("etcd --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("etcd Version: "))
+        .expect("a version line")
+        .trim()
+        .to_owned()
+}
+
 /// Starts a single real etcd member on free ports and waits until `/health` answers.
 pub async fn standalone_etcd(extra: &[&str]) -> Etcd {
     let dir = tempfile::tempdir().expect("tempdir");

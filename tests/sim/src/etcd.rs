@@ -22,11 +22,12 @@ use tokio::time::Instant;
 
 use crate::SimError;
 
-/// The etcd binary; `SIM_ETCD_BIN` overrides it (for machines that install it elsewhere).
+/// The etcd binary: `etcd` on the `PATH` (CI puts another etcd version first to run the suite
+/// against it), or `SIM_ETCD_BIN`.
 pub(crate) fn etcd_binary() -> PathBuf {
     std::env::var_os("SIM_ETCD_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
+        .unwrap_or_else(|| PathBuf::from("etcd"))
 }
 
 /// Asks the kernel for a currently free TCP port on `ip` and releases it again.

@@ -54,11 +54,11 @@ pub(crate) struct Cluster {
     pub v2: bool,
 }
 
-/// The etcdctl binary; `SIM_ETCDCTL_BIN` overrides it.
+/// The etcdctl binary: `etcdctl` on the `PATH`, or `SIM_ETCDCTL_BIN`.
 fn etcdctl_binary() -> PathBuf {
     std::env::var_os("SIM_ETCDCTL_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/etcdctl"))
+        .unwrap_or_else(|| PathBuf::from("etcdctl"))
 }
 
 fn failed(action: &str, reason: impl Into<String>) -> SimError {
