@@ -98,6 +98,23 @@ where
     }
 }
 
+/// Sends `round()`'s attacks again and again for at least `at_least`, so that attacks that
+/// end in a millisecond still overlap the legitimate client's gets.
+async fn repeat<F>(at_least: Duration, round: F) -> Vec<Option<Closed>>
+where
+    F: Fn() -> Vec<Vec<u8>>,
+{
+    let started = Instant::now();
+    let mut closed = Vec::new();
+    while started.elapsed() < at_least {
+        closed.extend(hold_all(SOCKET_ADDR.get().copied().expect("set"), round(), 4).await);
+    }
+    closed
+}
+
+/// The proxy's address, for [`repeat`].
+static SOCKET_ADDR: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+
 async fn hold_all(to: SocketAddr, attacks: Vec<Vec<u8>>, parallel: usize) -> Vec<Option<Closed>> {
     futures::stream::iter(attacks)
         .map(|bytes| async move {
@@ -156,6 +173,8 @@ async fn main() {
     .await;
     let pid = proxy.child.id().expect("pid");
     let to: SocketAddr = proxy.cluster_addr.parse().expect("addr");
+    SOCKET_ADDR.set(to).expect("once");
+    let round_for = Duration::from_secs(2);
     let options = etcd_client::ConnectOptions::new().with_user("alice", "wonderland");
     let mut client = etcd_client::Client::connect([proxy.cluster_addr.as_str()], Some(options))
         .await
@@ -172,24 +191,45 @@ async fn main() {
     let big = hpack_bomb_block(4000, 30_000);
     let small = hpack_bomb_block(4000, 12_000);
     rows.push(
-        measure(pid, &client, "HPACK bomb, 34 KB frame (x4)", async {
-            let a = (0..4 * scale).map(|_| hpack_bomb(&big, None)).collect();
-            (hold_all(to, a, 4).await, "~115 MiB decoded each".into())
-        })
+        measure(
+            pid,
+            &client,
+            "HPACK bomb, 34 KB frame (x4, for 2 s)",
+            async {
+                let round = || (0..4 * scale).map(|_| hpack_bomb(&big, None)).collect();
+                (
+                    repeat(round_for, round).await,
+                    "~115 MiB decoded each".into(),
+                )
+            },
+        )
         .await,
     );
     rows.push(
-        measure(pid, &client, "HPACK bomb, 16 KB frame (x4)", async {
-            let a = (0..4 * scale).map(|_| hpack_bomb(&small, None)).collect();
-            (hold_all(to, a, 4).await, "~46 MiB decoded each".into())
-        })
+        measure(
+            pid,
+            &client,
+            "HPACK bomb, 16 KB frame (x4, for 2 s)",
+            async {
+                let round = || (0..4 * scale).map(|_| hpack_bomb(&small, None)).collect();
+                (
+                    repeat(round_for, round).await,
+                    "~46 MiB decoded each".into(),
+                )
+            },
+        )
         .await,
     );
     rows.push(
-        measure(pid, &client, "16 MiB frame header, held (x4)", async {
-            let a = (0..4 * scale).map(|_| oversized_frame()).collect();
-            (hold_all(to, a, 4).await, String::new())
-        })
+        measure(
+            pid,
+            &client,
+            "16 MiB frame header, held (x4, for 2 s)",
+            async {
+                let round = || (0..4 * scale).map(|_| oversized_frame()).collect();
+                (repeat(round_for, round).await, String::new())
+            },
+        )
         .await,
     );
     rows.push(
