@@ -46,8 +46,13 @@ pub enum Error {
         available: String,
     },
     /// Running in a pod, but its service account is unusable.
-    #[error("no kubeconfig, and the in-cluster service account is unusable: {0}")]
-    InCluster(#[source] kube::config::InClusterError),
+    #[error("no kubeconfig, and the in-cluster service account in {dir} is unusable: {reason}")]
+    InCluster {
+        /// The service-account directory.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// kube could not build a client from the context.
     #[error("cannot use context \"{context}\": {source}")]
     Client {
@@ -128,11 +133,48 @@ pub async fn connect(
     kube_for(config, namespace, context)
 }
 
-/// The pod's service account, as kubectl does inside a pod.
+/// Where the kubelet mounts a pod's service account (token, CA, namespace).
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The pod's service account, as kubectl and client-go do inside a pod: the API server from
+/// `KUBERNETES_SERVICE_HOST`/`KUBERNETES_SERVICE_PORT`, the token, CA and namespace from the
+/// service-account directory (`ETCD_PROXY_SERVICEACCOUNT_DIR` overrides its path, so that the
+/// path is testable outside a pod). The token file is re-read as it rotates (kube's
+/// `token_file`).
 fn in_cluster(namespace: Option<&str>) -> Result<Kube, Error> {
-    let context = "in-cluster".to_owned();
-    let config = kube::Config::incluster().map_err(Error::InCluster)?;
-    kube_for(config, namespace, context)
+    let dir = std::env::var_os("ETCD_PROXY_SERVICEACCOUNT_DIR")
+        .map_or_else(|| PathBuf::from(SERVICE_ACCOUNT_DIR), PathBuf::from);
+    let fail = |reason: String| Error::InCluster {
+        dir: dir.clone(),
+        reason,
+    };
+    let host = std::env::var("KUBERNETES_SERVICE_HOST")
+        .map_err(|_| fail("KUBERNETES_SERVICE_HOST is not set".into()))?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let url = format!("https://{host}:{port}")
+        .parse()
+        .map_err(|e| fail(format!("bad API server address {host}:{port}: {e}")))?;
+    let ca = dir.join("ca.crt");
+    let roots = crate::pem::certs(&ca).map_err(|e| fail(format!("{}: {e}", ca.display())))?;
+    let token = dir.join("token");
+    if !token.is_file() {
+        return Err(fail(format!("{} does not exist", token.display())));
+    }
+    let mut config = kube::Config::new(url);
+    config.default_namespace = std::fs::read_to_string(dir.join("namespace"))
+        .map(|n| n.trim().to_owned())
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into());
+    config.root_cert = Some(roots.into_iter().map(|c| c.to_vec()).collect());
+    config.root_cert_file = Some(ca);
+    config.auth_info.token_file = Some(token.to_string_lossy().into_owned());
+    kube_for(config, namespace, "in-cluster".to_owned())
 }
 
 /// The client for `config` in `namespace` (default: the config's), named `context` in messages.

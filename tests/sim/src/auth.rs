@@ -18,6 +18,9 @@ pub(crate) enum Role {
     NoPortforward,
     /// Everything except get/list/watch on pods.
     NoList,
+    /// The Role of deploy/gateway.yaml for `--direct`: get/list/watch pods, get services and
+    /// statefulsets, no `pods/portforward`.
+    Gateway,
 }
 
 /// One kubeconfig user.
@@ -66,6 +69,11 @@ impl Auth {
                     Role::NoPortforward,
                 )?,
                 mk("sim-no-list", "sim-no-list", Role::NoList)?,
+                mk(
+                    "sim-gateway",
+                    "system:serviceaccount:etcd:etcd-proxy",
+                    Role::Gateway,
+                )?,
             ],
         })
     }
@@ -93,6 +101,11 @@ impl User {
                 } else {
                     reads || (portforward && a.verb == "create")
                 }
+            }
+            Role::Gateway => {
+                let named = a.group.is_empty() && a.resource == "services"
+                    || a.group == "apps" && a.resource == "statefulsets";
+                (pods && reads) || (named && a.subresource.is_empty() && a.verb == "get")
             }
         }
     }

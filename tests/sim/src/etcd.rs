@@ -81,6 +81,9 @@ impl MemberSpec {
 pub(crate) struct Member {
     pub spec: MemberSpec,
     child: Mutex<Option<Child>>,
+    /// The pod IP and container port etcd also serves clients on, when pod IPs are reachable
+    /// here (a new one with each pod sandbox).
+    pod_addr: Mutex<Option<SocketAddr>>,
 }
 
 impl Member {
@@ -88,6 +91,20 @@ impl Member {
         Member {
             spec,
             child: Mutex::new(None),
+            pod_addr: Mutex::new(None),
+        }
+    }
+
+    /// Where the next [`Member::spawn`] also listens: the pod's IP, as a container would.
+    pub fn set_pod_addr(&self, addr: Option<SocketAddr>) {
+        *self.pod_addr.lock().unwrap_or_else(|p| p.into_inner()) = addr;
+    }
+
+    /// `--listen-client-urls`: loopback (for port-forward) and the pod IP, if reachable.
+    fn listen_client_urls(&self) -> String {
+        match *self.pod_addr.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(addr) => format!("{},http://{addr}", self.spec.client_url()),
+            None => self.spec.client_url(),
         }
     }
 
@@ -109,7 +126,7 @@ impl Member {
             .arg("--data-dir")
             .arg(&s.data_dir)
             .arg("--listen-client-urls")
-            .arg(s.client_url())
+            .arg(self.listen_client_urls())
             .arg("--advertise-client-urls")
             .arg(&s.advertise_client_url)
             .arg("--listen-peer-urls")

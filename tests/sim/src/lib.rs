@@ -49,7 +49,7 @@ use etcd::{Member, MemberSpec};
 use objects::{Identity, PodState};
 use portforward::Tunnels;
 use server::ApiServer;
-use store::Store;
+use store::{PodCidr, Store};
 
 /// How long members get to report healthy.
 const HEALTH_DEADLINE: Duration = Duration::from_secs(30);
@@ -69,6 +69,20 @@ pub struct SimConfig {
     pub loopback_listen: bool,
     /// Start etcd with `--enable-v2`. Default true.
     pub enable_v2: bool,
+    /// Where pod IPs come from. Default [`PodNetwork::Unroutable`].
+    pub pod_network: PodNetwork,
+}
+
+/// The pods' network, as the machine running the simulator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PodNetwork {
+    /// Pod IPs from 10.244.0.0/16, which nothing here answers: a laptop outside the cluster.
+    #[default]
+    Unroutable,
+    /// Pod IPs from a free 127.N.0.0/16, each member also serving clients on its pod IP and
+    /// container port (2379) like a container: a process inside the cluster network, for
+    /// `--direct`. A restarted pod gets a new IP and its member moves there.
+    Loopback,
 }
 
 impl Default for SimConfig {
@@ -79,6 +93,7 @@ impl Default for SimConfig {
             name: "etcd".to_string(),
             loopback_listen: true,
             enable_v2: true,
+            pod_network: PodNetwork::Unroutable,
         }
     }
 }
@@ -171,8 +186,15 @@ impl SimCluster {
             created: objects::now(),
         };
         let members = plan_members(&cfg, &id, dir.path())?;
-
-        for m in &members {
+        let cidr = match cfg.pod_network {
+            PodNetwork::Unroutable => PodCidr::UNROUTABLE,
+            PodNetwork::Loopback => free_loopback_cidr()?,
+        };
+        let ips: Vec<String> = (0..cfg.members)
+            .map(|ordinal| cidr.ip(FIRST_POD_IP + ordinal_u32(ordinal)))
+            .collect();
+        for (m, ip) in members.iter().zip(&ips) {
+            m.set_pod_addr(pod_addr(cidr, ip));
             m.spawn()?;
         }
         let deadline = Instant::now() + HEALTH_DEADLINE;
@@ -186,12 +208,8 @@ impl SimCluster {
         }
 
         let mut pods = Vec::with_capacity(cfg.members);
-        for ordinal in 0..cfg.members {
-            pods.push(PodState::new(
-                ordinal,
-                id.pod_name(ordinal),
-                store::pod_ip(FIRST_POD_IP + ordinal_u32(ordinal)),
-            )?);
+        for (ordinal, ip) in ips.into_iter().enumerate() {
+            pods.push(PodState::new(ordinal, id.pod_name(ordinal), ip)?);
         }
         let next_ip = FIRST_POD_IP + ordinal_u32(cfg.members);
 
@@ -222,8 +240,20 @@ impl SimCluster {
             "sim",
         )?;
 
+        let gateway = auth
+            .users
+            .iter()
+            .find(|u| u.context == "sim-gateway")
+            .map(|u| u.token.clone())
+            .unwrap_or_default();
+        tls::write_service_account(
+            &dir.path().join("serviceaccount"),
+            &gateway,
+            &tls.ca_pem,
+            &cfg.namespace,
+        )?;
         let shared = Arc::new(Shared {
-            store: Store::new(id, pods, next_ip),
+            store: Store::new(id, pods, cidr, next_ip),
             cfg,
             auth,
             root: dir.path().to_path_buf(),
@@ -278,6 +308,14 @@ impl SimCluster {
             .collect()
     }
 
+    /// A pod's service-account directory (`token`, `ca.crt`, `namespace`, as the kubelet
+    /// mounts at /var/run/secrets/kubernetes.io/serviceaccount) for the ServiceAccount of
+    /// deploy/gateway.yaml; with `KUBERNETES_SERVICE_HOST`/`PORT` from [`SimCluster::api_url`]
+    /// a process uses it as if it ran in a pod.
+    pub fn service_account_dir(&self) -> PathBuf {
+        self.shared.root.join("serviceaccount")
+    }
+
     /// The pod's current `status.podIP`.
     pub fn pod_ip(&self, pod: &str) -> Option<String> {
         self.shared.store.pod_state(pod).map(|p| p.ip)
@@ -327,11 +365,13 @@ impl SimCluster {
             .member(pod)
             .ok_or_else(|| SimError::NoSuchPod(pod.to_string()))?;
         member.kill().await?;
+        // The new sandbox's IP is known before its container starts.
+        let ip = self.shared.store.alloc_ip();
+        member.set_pod_addr(pod_addr(self.shared.store.cidr(), &ip));
         member.spawn()?;
         member
             .wait_healthy(Instant::now() + HEALTH_DEADLINE)
             .await?;
-        let ip = self.shared.store.alloc_ip();
         let mut sandbox = Ok(());
         self.shared.store.update_pod(pod, |p| {
             sandbox = p.new_sandbox(ip);
@@ -465,7 +505,38 @@ where
     }
 }
 
-/// Index (see [`store::pod_ip`]) of the first pod's IP: 10.244.0.10.
+/// Where a member serves clients on its pod IP: with a loopback pod network only.
+pub(crate) fn pod_addr(cidr: PodCidr, ip: &str) -> Option<SocketAddr> {
+    if cidr == PodCidr::UNROUTABLE {
+        return None;
+    }
+    Some(SocketAddr::new(ip.parse().ok()?, objects::CLIENT_PORT))
+}
+
+/// A 127.N.0.0/16 whose first pod addresses' client port is free (another simulator in the
+/// same test run may have taken one).
+fn free_loopback_cidr() -> Result<PodCidr, SimError> {
+    for _ in 0..64 {
+        let byte = u8::from_str_radix(&random::random_hex(1)?, 16).unwrap_or(0);
+        if byte == 0 || byte == 255 {
+            continue;
+        }
+        let cidr = PodCidr::loopback(byte);
+        let free = (0..16).all(|n| {
+            pod_addr(cidr, &cidr.ip(FIRST_POD_IP + n))
+                .is_some_and(|a| std::net::TcpListener::bind(a).is_ok())
+        });
+        if free {
+            return Ok(cidr);
+        }
+    }
+    Err(SimError::io(
+        "finding a free loopback pod network",
+        std::io::Error::from(std::io::ErrorKind::AddrInUse),
+    ))
+}
+
+/// Index (see [`PodCidr::ip`]) of the first pod's IP: 10.244.0.10.
 const FIRST_POD_IP: u32 = 10;
 
 fn ordinal_u32(ordinal: usize) -> u32 {

@@ -3,7 +3,7 @@
 //! waits for Ctrl-C or SIGTERM and shuts down cleanly.
 
 use clap::Parser;
-use etcd_proxy_sim::{SimCluster, SimConfig};
+use etcd_proxy_sim::{PodNetwork, SimCluster, SimConfig};
 
 /// A simulated Kubernetes API server backed by real etcd members.
 #[derive(Debug, Parser)]
@@ -24,6 +24,10 @@ struct Args {
     /// Do not pass --enable-v2 to etcd.
     #[arg(long)]
     disable_v2: bool,
+    /// Give pods reachable loopback IPs (127.N.x.y) with each member serving on its pod IP,
+    /// as from inside the cluster: for `etcd-proxy --direct`.
+    #[arg(long)]
+    reachable_pods: bool,
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -51,6 +55,11 @@ async fn main() -> anyhow::Result<()> {
         name: args.name,
         loopback_listen: !args.no_loopback_listen,
         enable_v2: !args.disable_v2,
+        pod_network: if args.reachable_pods {
+            PodNetwork::Loopback
+        } else {
+            PodNetwork::Unroutable
+        },
     };
     let cluster = SimCluster::start(cfg.clone()).await?;
     let kubeconfig = cluster.kubeconfig_path().display().to_string();
@@ -60,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("  kubeconfig: {kubeconfig}");
     println!("  api server: {}", cluster.api_url());
-    println!("  contexts:   sim (default), sim-no-portforward, sim-no-list");
+    println!("  contexts:   sim (default), sim-no-portforward, sim-no-list, sim-gateway");
     println!("Try:  etcd-proxy --kubeconfig {kubeconfig}");
     let result = wait_for_signal().await;
     println!("Shutting down...");

@@ -95,6 +95,8 @@ pub(crate) async fn add_member(shared: &Arc<Shared>, ordinal: usize) -> Result<(
     let peers = cluster(shared, None);
     peers.add(&name, &spec.peer_url(), deadline).await?;
     let member = Arc::new(Member::new(spec));
+    let ip = shared.store.alloc_ip();
+    member.set_pod_addr(crate::pod_addr(shared.store.cidr(), &ip));
     let started = async {
         member.spawn()?;
         member.wait_healthy(deadline).await?;
@@ -105,7 +107,6 @@ pub(crate) async fn add_member(shared: &Arc<Shared>, ordinal: usize) -> Result<(
         return Err(e);
     }
     shared.add_member(member);
-    let ip = shared.store.alloc_ip();
     shared.store.add_pod(PodState::new(ordinal, name, ip)?);
     Ok(())
 }

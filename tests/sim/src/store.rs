@@ -33,10 +33,32 @@ pub(crate) struct StsStatus {
     pub rv: u64,
 }
 
-/// The `n`-th address of the pod CIDR 10.244.0.0/16.
-pub(crate) fn pod_ip(n: u32) -> String {
-    let n = n % (1 << 16);
-    format!("10.244.{}.{}", n >> 8, n & 0xff)
+/// The pods' network: which /16 their IPs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PodCidr {
+    /// The first two octets.
+    prefix: [u8; 2],
+}
+
+impl PodCidr {
+    /// 10.244.0.0/16, a typical pod CIDR: nothing on this machine answers there, as a
+    /// laptop cannot reach pod IPs.
+    pub const UNROUTABLE: PodCidr = PodCidr { prefix: [10, 244] };
+
+    /// 127.`second`.0.0/16, inside loopback: every address answers on this machine, so the
+    /// members can listen on their pod IPs for `--direct`.
+    pub fn loopback(second: u8) -> PodCidr {
+        PodCidr {
+            prefix: [127, second],
+        }
+    }
+
+    /// The `n`-th address.
+    pub fn ip(self, n: u32) -> String {
+        let n = n % (1 << 16);
+        let [a, b] = self.prefix;
+        format!("{a}.{b}.{}.{}", n >> 8, n & 0xff)
+    }
 }
 
 /// A watch event type.
@@ -72,7 +94,9 @@ struct Inner {
     /// The StatefulSet's `spec.replicas` and `metadata.generation` (bumped by a scale).
     sts_replicas: usize,
     sts_generation: i64,
-    /// Index of the next pod IP handed out (see [`pod_ip`]).
+    /// The pods' network.
+    cidr: PodCidr,
+    /// Index of the next pod IP handed out (see [`PodCidr::ip`]).
     next_ip: u32,
     /// resourceVersion of the Service (set once).
     svc_rv: u64,
@@ -100,7 +124,7 @@ pub(crate) enum WatchStart {
 
 impl Store {
     /// A store holding the given pods (each recorded as an ADDED event).
-    pub fn new(id: Identity, mut pods: Vec<PodState>, next_ip: u32) -> Self {
+    pub fn new(id: Identity, mut pods: Vec<PodState>, cidr: PodCidr, next_ip: u32) -> Self {
         let (events, _) = broadcast::channel(1024);
         let mut rv = FIRST_RV;
         rv += 1;
@@ -124,6 +148,7 @@ impl Store {
                 sts_rv,
                 sts_replicas: pods.len(),
                 sts_generation: 1,
+                cidr,
                 next_ip,
                 svc_rv,
                 pods,
@@ -190,13 +215,18 @@ impl Store {
     }
 
     /// A fresh pod IP. Every pod sandbox gets a new address from the node's
-    /// pod CIDR (10.244.0.0/16 here); addresses are not reused while the
-    /// simulator runs, so a changed IP is always visible.
+    /// pod CIDR; addresses are not reused while the simulator runs, so a changed IP is always
+    /// visible.
     pub fn alloc_ip(&self) -> String {
         let mut inner = self.lock();
         let n = inner.next_ip;
         inner.next_ip = inner.next_ip.wrapping_add(1);
-        pod_ip(n)
+        inner.cidr.ip(n)
+    }
+
+    /// The pods' network.
+    pub fn cidr(&self) -> PodCidr {
+        self.lock().cidr
     }
 
     /// The Service's resourceVersion.

@@ -115,3 +115,26 @@ pub(crate) fn write_kubeconfig(
     std::fs::write(path, text)
         .map_err(|e| SimError::io(format!("writing kubeconfig {}", path.display()), e))
 }
+
+/// Writes a service-account directory as the kubelet projects it into a pod
+/// (`pkg/kubelet/volumemanager`, the `kube-api-access-*` projected volume): `token`, `ca.crt`
+/// and `namespace`.
+pub(crate) fn write_service_account(
+    dir: &Path,
+    token: &str,
+    ca_pem: &str,
+    namespace: &str,
+) -> Result<(), SimError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| SimError::io(format!("creating {}", dir.display()), e))?;
+    for (name, text) in [
+        ("token", token),
+        ("ca.crt", ca_pem),
+        ("namespace", namespace),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text)
+            .map_err(|e| SimError::io(format!("writing {}", path.display()), e))?;
+    }
+    Ok(())
+}
