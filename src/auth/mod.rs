@@ -4,7 +4,8 @@
 //! * gRPC (etcdctl `--user`, clientv3 `Username/Password`): the client calls
 //!   `etcdserverpb.Auth/Authenticate`; the proxy answers it itself with its own token, then
 //!   requires that token as `token` metadata on every call and **removes it** before forwarding
-//!   (etcd checks any token it is sent, even with auth off, and a `x.N`-shaped one can hang).
+//!   (etcd checks any token it is sent, even with auth off, and a `x.N`-shaped one can hang:
+//!   `docs/etcd-protocols.md` §6.3).
 //! * HTTP (v2 `--username`, the JSON gateway, curl): `Authorization: Basic …`, or the JSON
 //!   gateway's `POST /v3/auth/authenticate` and then `Authorization: <token>`; removed too.
 //!
@@ -48,7 +49,8 @@ pub enum Error {
     Key(#[from] tokens::KeyError),
 }
 
-/// etcd's messages (`api/v3rpc/rpctypes/error.go`), so clients map them to their errors.
+/// etcd's messages (`api/v3rpc/rpctypes/error.go`; `docs/etcd-protocols.md` §6.2), so clients
+/// map them to their errors.
 pub const ERR_AUTH_FAILED: &str = "etcdserver: authentication failed, invalid user ID or password";
 /// Sent when a call carries no token.
 pub const ERR_USER_EMPTY: &str = "etcdserver: user name is empty";

@@ -197,7 +197,7 @@ fn kube_for(config: kube::Config, namespace: Option<&str>, context: String) -> R
 ///
 /// Every tunnel byte crosses that connection as a small WebSocket frame; with Nagle on, about
 /// half of the small requests measured here waited ~40 ms for a delayed ACK
-/// (`portforward-protocols.md` §8). kube's `ClientBuilder` offers no switch for it.
+/// (`docs/portforward.md` §5). kube's `ClientBuilder` offers no switch for it.
 fn build_client(config: kube::Config, namespace: &str) -> Result<kube::Client, kube::Error> {
     if config.proxy_url.is_some() {
         tracing::warn!("the kubeconfig's proxy-url is not supported yet; connecting directly");

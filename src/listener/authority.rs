@@ -4,7 +4,8 @@
 //! `:authority: http://127.0.0.1:4002`; clientv3 3.5.0 sends `#initially=[…]`
 //! (etcd-io/etcd#13192). etcd's grpc-go ignores `:authority`, but the `h2` crate rejects a
 //! malformed one with `RST_STREAM(PROTOCOL_ERROR)` (`h2` `server.rs`, "malformed authority"),
-//! which made `etcdctl endpoint status --cluster` fail through a hyper-based proxy.
+//! which made `etcdctl endpoint status --cluster` fail through a hyper-based proxy
+//! (`docs/etcd-protocols.md` §1.7).
 //!
 //! This wrapper sits between the client socket and hyper on HTTP/2 connections and decodes
 //! the connection's first header block (HEADERS + CONTINUATION). A gRPC client sends one

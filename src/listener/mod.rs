@@ -10,7 +10,7 @@
 //! Every listener is treated as exposed to hostile clients. Before a connection has sent an
 //! authenticated request, everything it can make us hold is bounded: the number of its
 //! connections ([`admission`]), its time to a first request and its idle time
-//! ([`activity`]), the size of what is decoded for it (the header limits set in
+//! (`activity`), the size of what is decoded for it (the header limits set in
 //! `http_builder`, and [`authority`] for the one block we decode ourselves). Once trusted, no
 //! idle or read timeouts apply: watches, lease keep-alives and v2 `?wait=true` long-polls can
 //! be silent for hours.
@@ -44,8 +44,9 @@ pub use admission::{Admission, Limits};
 /// How long in-flight requests may run after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// etcd allows unlimited concurrent streams; clientv3 multiplexes every RPC of a process on
-/// one connection, so the h2 default of 200 would throttle a busy client.
+/// etcd allows unlimited concurrent streams (`docs/etcd-protocols.md` §7.2); clientv3
+/// multiplexes every RPC of a process on one connection, so the h2 default of 200 would
+/// throttle a busy client.
 const MAX_CONCURRENT_STREAMS: u32 = 4096;
 
 /// Why a local endpoint could not be opened.

@@ -1,6 +1,19 @@
 //! Building the upstream request from the client's: same method, path, headers and body, minus
 //! the hop-by-hop headers, with the member's authority and the HTTP version its protocol class
-//! needs (HTTP/2 for gRPC, HTTP/1.1 for everything else).
+//! needs: HTTP/2 for gRPC, HTTP/1.1 for everything else, because etcd's plain-text port hands
+//! every HTTP/2 connection to its gRPC server (`docs/etcd-protocols.md` §2.2).
+//!
+//! * Hop-by-hop headers describe the client's connection, not the request (RFC 9110 §7.6.1),
+//!   so they are dropped; `Upgrade` stays for a protocol switch (the gateway's WebSocket).
+//! * gRPC requests carry `te: trailers`, which gRPC requires of every request (§1.5), and no
+//!   `Host`: the `:authority` names the member.
+//! * HTTP requests carry `Host: <pod>:<port>`, the member a direct client would name.
+//! * Everything else (metadata such as `token`, `client-api-version`, `grpc-timeout`) passes
+//!   as the client sent it (§7.4); the proxy's own credentials (`--auth-file`) were removed
+//!   by `auth` before.
+//!
+//! This runs for every request, so it avoids work a simpler version would repeat: the
+//! client's path is reused without a second parse, and the header scan is a single pass.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -36,8 +49,9 @@ pub(super) fn upstream_request(
     pod: &str,
     port: u16,
 ) -> Result<Request<UpstreamBody>, BadRequest> {
-    // Built from parts: the client's path is reused as it is (no second parse), and the
-    // authority is assembled without the formatting machinery (both measured per request).
+    // Built from parts, because this runs per request: the client's path is reused as it is
+    // (no second parse), and the authority is assembled without `format!` (both showed up in
+    // per-request instruction counts).
     let mut authority = String::with_capacity(pod.len() + 6);
     authority.push_str(pod);
     authority.push(':');
@@ -77,9 +91,11 @@ pub(super) fn upstream_request(
 /// Removes hop-by-hop headers and those named in `Connection`; keeps `Upgrade` and
 /// `Connection: upgrade` for a protocol switch.
 ///
-/// This runs on every request: it looks the names up by scanning the map once and removes
-/// only what is there (a gRPC request has `te` and nothing else), instead of a hashed removal
-/// per possible name (measured at 4.5 % of the proxy's instructions per request).
+/// The map is scanned once and only the names present are removed (a gRPC request has `te`
+/// and nothing else), rather than one hashed removal per possible name: this runs on every
+/// request, and a request usually has none of these headers.
+///
+/// Evidence: the per-name removals were 4.5 % of the proxy's instructions per request.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let mut present: Vec<HeaderName> = headers
         .keys()

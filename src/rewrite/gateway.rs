@@ -2,7 +2,7 @@
 //! remove,update,promote}`.
 //!
 //! The gateway marshals with proto field names (`members[*].clientURLs`, `member` for
-//! MemberAdd) and 64-bit integers as strings (`etcd-protocols.md` §4.2). Everything but
+//! MemberAdd) and 64-bit integers as strings (`docs/etcd-protocols.md` §4.2). Everything but
 //! `clientURLs` is re-emitted as parsed.
 
 use serde_json::Value;
@@ -52,7 +52,7 @@ mod tests {
 
     #[test]
     fn captured_gateway_member_list() {
-        // etcd 3.4.23 (etcd-protocols.md §4.2), member renamed to a pod name.
+        // etcd 3.4.23 (docs/etcd-protocols.md §4.2), member renamed to a pod name.
         let body = concat!(
             r#"{"header":{"cluster_id":"2037210783374497686","member_id":"13195394291058371180","raft_term":"2"},"#,
             r#""members":[{"ID":"13195394291058371180","name":"etcd-0","peerURLs":["http://127.0.0.1:2380"],"#,

@@ -3,8 +3,8 @@
 //! Only `Member.clientURLs` (field 4) changes. The response header, every other field and any
 //! unknown field are copied byte for byte, in their order; lengths are recomputed and each
 //! message is re-emitted with compressed-flag 0 (gRPC allows an uncompressed message whatever
-//! `grpc-encoding` says). Field numbers: `../shared/reference/etcd-protocols.md` §1.2,
-//! from `api/etcdserverpb/rpc.proto`.
+//! `grpc-encoding` says). Field numbers: `docs/etcd-protocols.md` §1.2, from
+//! `api/etcdserverpb/rpc.proto`; the algorithm: §1.6.
 
 use bytes::Bytes;
 
@@ -168,8 +168,8 @@ mod tests {
             .collect()
     }
 
-    /// The MemberList response captured from etcd 3.4.23 (etcd-protocols.md §1.4): member `m1`
-    /// advertising `http://10.99.0.1:2379,http://127.0.0.1:2379`.
+    /// The MemberList response captured from etcd 3.4.23 (`docs/etcd-protocols.md` §1.4):
+    /// member `m1` advertising `http://10.99.0.1:2379,http://127.0.0.1:2379`.
     fn captured() -> Vec<u8> {
         let mut v = unhex(
             "00 0000006f 0a17 0896af879d9f8de8a21c 10ecd481eea0a6dd8fb701 2002
@@ -201,7 +201,8 @@ mod tests {
             "fixture matches its own length prefix"
         );
         let out = rewrite_body(ClusterMethod::List, &body, &m1_map()).unwrap();
-        // Expected bytes (etcd-protocols.md §1.6): header untouched, one client URL, lengths redone.
+        // Expected bytes (docs/etcd-protocols.md §1.6): header untouched, one client URL,
+        // lengths redone.
         let mut want = unhex(
             "00 00000058 0a17 0896af879d9f8de8a21c 10ecd481eea0a6dd8fb701 2002
              123d 08ecd481eea0a6dd8fb701 12026d31 1a15",

@@ -6,7 +6,7 @@
 //! * `GET /v2/members/leader`: one member object.
 //! * `GET /v2/machines`: text, the client URLs joined by `", "` (python-etcd, Patroni).
 //!
-//! Formats: `etcd-protocols.md` §3.2 (captured from 3.4.23).
+//! Formats: `docs/etcd-protocols.md` §3.2 (captured from 3.4.23).
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -84,7 +84,7 @@ mod tests {
     use super::*;
     use crate::rewrite::tests::three_pods;
 
-    /// Shape captured from etcd 3.4.23 `--enable-v2` (etcd-protocols.md §3.2), with the
+    /// Shape captured from etcd 3.4.23 `--enable-v2` (`docs/etcd-protocols.md` §3.2), with the
     /// in-cluster names a StatefulSet advertises.
     const MEMBERS: &str = concat!(
         r#"{"members":[{"id":"b71f75320dc06a6c","name":"etcd-0","peerURLs":["http://127.0.0.1:2380"],"#,

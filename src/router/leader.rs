@@ -4,9 +4,11 @@
 //! the cluster. Linearizable reads do too by default ([`Reads::Leader`]): a follower answers
 //! one only after a ReadIndex round trip to the leader (etcd `v3_server.go`,
 //! `linearizableReadLoop`), while the leader confirms its lease with the heartbeat it sends
-//! anyway. Measured here (`cargo bench --bench compare`): a serial get through etcd-proxy
-//! costs about the same as a get sent directly to a follower, and the proxy's CPU per get
-//! falls because one upstream connection carries the reads and batches them.
+//! anyway (`docs/etcd-protocols.md` §8). The reads then share one upstream connection, which
+//! batches them.
+//!
+//! Evidence (`cargo bench --bench compare`): a serial get through etcd-proxy costs about the
+//! same as a get sent directly to a follower, and the proxy's CPU per get falls.
 //!
 //! `Maintenance/Status` and `MoveLeader` go to the leader whatever `--reads` says: etcdctl
 //! `move-leader` asks each endpoint it is given for its status and sends `MoveLeader` to the
@@ -46,7 +48,7 @@ const LEADER_ONLY: [&str; 8] = [
     "/v3beta/maintenance/transfer-leadership",
     "/v3alpha/maintenance/transfer-leadership",
 ];
-/// `RangeRequest.serializable` (etcd `rpc.proto`).
+/// `RangeRequest.serializable` (etcd `rpc.proto`; `docs/etcd-protocols.md` §1.2).
 const RANGE_SERIALIZABLE: u64 = 7;
 /// The varint wire type.
 const VARINT: u8 = 0;

@@ -1,8 +1,9 @@
 //! Which etcd protocol a request speaks, which response rewrite it needs, and which member
 //! serves it.
 //!
-//! Classification follows etcd's own client-port multiplexer (`etcd-protocols.md` §2): HTTP/2
-//! with a gRPC content type is gRPC; everything else is HTTP and goes upstream as HTTP/1.1.
+//! Classification follows etcd's own client-port multiplexer (`docs/etcd-protocols.md` §2):
+//! HTTP/2 with a gRPC content type is gRPC; everything else is HTTP and goes upstream as
+//! HTTP/1.1.
 //! The cluster endpoint sends writes and linearizable reads to the raft leader when it is
 //! known and healthy ([`leader`]), spreads everything else round-robin over the ready, healthy
 //! members (as clientv3's balancer does per RPC), and skips members a failed attempt already

@@ -1,12 +1,12 @@
 //! Upstream connections to etcd members, pooled and reused.
 //!
 //! Two clients share one [`Dial`] seam: gRPC goes as HTTP/2 prior knowledge (h2c) over one
-//! multiplexed connection per member (`h2.rs`, on the `h2` crate), everything else as
+//! multiplexed connection per member (`h2`, on the `h2` crate), everything else as
 //! HTTP/1.1 through hyper-util's pool (etcd's plain port sends every HTTP/2 connection to its
 //! gRPC server, so v2, the JSON gateway, `/health` and `/version` must be HTTP/1.1;
-//! `etcd-protocols.md` §2.2). Each upstream connection is one
-//! tunnel; connections stay open between client processes, so a new `etcdctl` does not wait
-//! for a new tunnel.
+//! `docs/etcd-protocols.md` §2.2). Each upstream connection is one tunnel; connections stay
+//! open between client processes, so a new `etcdctl` does not wait for a new tunnel
+//! (`docs/portforward.md` §6).
 //!
 //! The request URI's host is the pod name and its port etcd's port in the pod: both clients
 //! key connections by it and the dialer resolves it.

@@ -3,9 +3,9 @@
 //!
 //! The server name is the member's DNS name (`<pod>.<service>.<ns>.svc` for a StatefulSet
 //! pod, or `--etcd-server-name`), never the tunnel's 127.0.0.1, which etcd's certificates do
-//! not name (etcd-io/etcd#7522). ALPN follows etcd's TLS listener (`etcd-protocols.md` §2.3):
-//! gRPC connections offer `h2`; HTTP connections offer `http/1.1` (etcd's Go server then
-//! serves HTTP/1.1 without agreeing on a protocol).
+//! not name (etcd-io/etcd#7522). ALPN follows etcd's TLS listener
+//! (`docs/etcd-protocols.md` §2.3): gRPC connections offer `h2`; HTTP connections offer
+//! `http/1.1` (etcd's Go server then serves HTTP/1.1 without agreeing on a protocol).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,7 +1,8 @@
 //! The parts of etcd's Watch messages a resuming proxy reads and writes, walked on the wire
 //! like the member rewrite (unknown fields are kept).
 //!
-//! Field numbers (`api/etcdserverpb/rpc.proto`, `api/mvccpb/kv.proto`, 3.4):
+//! Field numbers (`api/etcdserverpb/rpc.proto`, `api/mvccpb/kv.proto`, 3.4; the semantics the
+//! resumption relies on are in `docs/etcd-protocols.md` §5):
 //! `WatchRequest { create_request = 1; cancel_request = 2; progress_request = 3 }`,
 //! `WatchCreateRequest { key = 1; range_end = 2; start_revision = 3; …; watch_id = 7 }`,
 //! `WatchCancelRequest { watch_id = 1 }`,

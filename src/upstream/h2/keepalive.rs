@@ -1,11 +1,12 @@
 //! Keepalive for an upstream HTTP/2 connection: the task that drives the connection pings it
 //! while streams are open and closes it when a ping goes unanswered.
 //!
-//! hyper's client did this before; `h2` offers only the ping frames (`PingPong`). Pings run
-//! only while streams are open, and each one is sent `every` after the previous answer: grpc-go
-//! (etcd) counts a ping on a connection without streams, or one sooner than its
-//! `--grpc-keepalive-min-time` after the last, as abuse and closes the connection with
-//! GOAWAY `too_many_pings`.
+//! Pings run only while streams are open, and each one is sent `every` after the previous
+//! answer. etcd's gRPC server (grpc-go) counts a ping on a connection without streams, or one
+//! sooner than its `--grpc-keepalive-min-time` after the last, as a strike, and closes the
+//! connection with GOAWAY `too_many_pings` on the third (`docs/etcd-protocols.md` §7.1).
+//! Idle connections are kept alive by the member health checks instead. `h2` offers only the
+//! ping frames (`PingPong`); the schedule and the timeout are this module's.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -1,29 +1,33 @@
 //! The gRPC side of the upstream: one multiplexed HTTP/2 connection per member, shared by
 //! every request to it, in a map keyed by `pod:port`, on the `h2` crate directly.
 //!
-//! hyper's client did this job before (first its legacy pool, then its connection API). Per
-//! request it hands the request to the connection's task over a channel, spawns a task that
-//! waits for the response and, because a stream has no send window until its HEADERS are
-//! out, a second task that pipes the body. Both cost instructions, and the second one cost a
-//! write: the HEADERS of a unary call left in one `write`, its DATA in the next, so etcd's
-//! reader woke twice per call. Here the task serving the client's request opens the stream,
-//! queues what the body already holds behind the HEADERS (h2 buffers DATA until the stream
-//! has a window: a buffered gRPC request is at most a few MiB), and awaits the response
-//! itself. A body still being written by the client (Watch, LeaseKeepAlive) is piped by a
-//! task of its own, which waits for send window before each chunk.
+//! A request costs no task and no channel hop of its own: the task serving the client's
+//! request opens the stream, queues what the body already holds behind the HEADERS and awaits
+//! the response itself. `h2` buffers that DATA until the stream has send window, which is
+//! safe because a buffered gRPC request is at most a few MiB (the proxy buffers only bodies it
+//! may replay, to a cap). The HEADERS and DATA of a unary call therefore leave in one write,
+//! and etcd's reader wakes once per call. A body the client is still writing (Watch,
+//! LeaseKeepAlive) is piped by a task of its own, which waits for send window before each
+//! chunk, so a fast writer cannot fill memory. Sending a request body and reading a response
+//! body are in `stream.rs`.
 //!
-//! Kept from the pool:
-//! * one dial per member at a time: requests that arrive while a connection is being set up
-//!   wait for that one (a dial is a port-forward tunnel), and the dial runs in its own task so
-//!   that it completes even if the request that started it gives up;
-//! * a closed connection is replaced on the next request;
+//! The map keeps these invariants:
+//! * at most one dial per member at a time: requests that arrive while a connection is being
+//!   set up wait for that one (a dial is a port-forward tunnel), and the dial runs in its own
+//!   task, so that it completes even if the request that started it gives up;
+//! * a connection known to be closed is replaced on the next request;
 //! * a request that found its connection closed before it could leave goes again on a fresh
-//!   one, once.
+//!   one, once. Such a request, like one etcd refused with `REFUSED_STREAM`, never reached
+//!   etcd ([`H2Error::is_connect`]), so the proxy may also send it to another member.
 //!
-//! Kept from hyper's client: keepalive (`keepalive.rs`). While streams are open, each
-//! connection is pinged and closed when an answer takes longer than `timeout`, so a dead tunnel
-//! under a silent watch is found in seconds. Sending a request body and reading a response body
-//! are in `stream.rs`.
+//! While streams are open, each connection is pinged, and closed when an answer takes longer
+//! than `timeout` (`keepalive.rs`), so a dead tunnel under a silent watch is found in seconds.
+//!
+//! Why not hyper's client, which did this job before: per request it hands the request to the
+//! connection's task over a channel, spawns a task that waits for the response and, because a
+//! stream has no send window until its HEADERS are out, a second task that pipes the body.
+//! Both tasks cost instructions, and the second cost a write: a unary call's HEADERS left in
+//! one `write` and its DATA in the next, so etcd's reader woke twice per call.
 
 mod keepalive;
 mod stream;
