@@ -239,9 +239,9 @@ pub struct Cli {
     #[arg(long)]
     pub env: bool,
 
-    /// Log filter, e.g. `debug` or `etcd_proxy=debug` [env: ETCD_PROXY_LOG, RUST_LOG]; release
-    /// builds leave out trace-level logging.
-    #[arg(long, value_name = "FILTER")]
+    /// Log filter, e.g. `debug` or `etcd_proxy=debug` (else `RUST_LOG`, else
+    /// `etcd_proxy=info,error`); release builds leave out trace-level logging.
+    #[arg(long, value_name = "FILTER", env = "ETCD_PROXY_LOG")]
     pub log: Option<String>,
 }
 

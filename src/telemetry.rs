@@ -1,5 +1,6 @@
 //! Logging: `tracing` to stderr, so stdout carries only the startup summary a user (or a
-//! script) reads. The filter comes from `--log`, else `ETCD_PROXY_LOG`, else `RUST_LOG`, else
+//! script) reads. The filter comes from `--log` (or `ETCD_PROXY_LOG`, which clap reads for
+//! it), else `RUST_LOG`, else
 //! `etcd_proxy=info,error`: other crates only speak up for errors (kube-client logs an API
 //! server going away as a debug-formatted warning; our own watch logs say it plainly).
 
@@ -11,7 +12,6 @@ const DEFAULT_FILTER: &str = "etcd_proxy=info,error";
 pub fn init(filter: Option<&str>) {
     let spec = filter
         .map(str::to_owned)
-        .or_else(|| std::env::var("ETCD_PROXY_LOG").ok())
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| DEFAULT_FILTER.to_owned());
     let filter = EnvFilter::try_new(&spec).unwrap_or_else(|e| {

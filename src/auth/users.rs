@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::{PasswordHash, PasswordVerifier};
 use sha2::{Digest, Sha256};
 
 /// Why the users file cannot be used.
@@ -151,13 +151,12 @@ mod tests {
 
     #[test]
     fn bcrypt_and_argon2_users_verify() {
-        use argon2::password_hash::{PasswordHasher, SaltString};
+        use argon2::PasswordHasher;
         let b = bcrypt::hash("secret", 4).unwrap();
-        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
-        let a = argon2::Argon2::default()
-            .hash_password(b"other", &salt)
-            .unwrap()
-            .to_string();
+        let a: PasswordHash = argon2::Argon2::default()
+            .hash_password_with_salt(b"other", b"0123456789abcdef")
+            .unwrap();
+        let a = a.to_string();
         let text = format!("# users\nalice:{b}\n\nbob:{a}\n");
         let users = Users::parse(&text, Path::new("users")).unwrap();
         assert!(users.verify("alice", "secret"));

@@ -1,6 +1,6 @@
 //! One stream on an upstream HTTP/2 connection: sending the request body (what is ready at
 //! once in the caller's task, the rest in a pipe task that respects the send window) and the
-//! response body as an [`http_body::Body`](hyper::body::Body).
+//! response body as an [`hyper::body::Body`].
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
