@@ -47,6 +47,7 @@ pub mod config;
 pub mod endpoints;
 pub mod env;
 pub mod error;
+pub mod grpc;
 pub mod k8s;
 pub mod listener;
 pub mod metrics;

@@ -309,7 +309,13 @@ async fn every_etcdctl_command_works_through_the_cluster_endpoint_alone() {
             if out.status.success() {
                 return out.stdout;
             }
-            assert!(out.stderr.contains("unhealthy cluster"), "{}", out.stderr);
+            // Transient refusals only: a fresh cluster's strict check, or a slow machine.
+            let transient = ["unhealthy cluster", "timed out", "deadline exceeded"];
+            assert!(
+                transient.iter().any(|t| out.stderr.contains(t)),
+                "{}",
+                out.stderr
+            );
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
     })

@@ -35,6 +35,7 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
+use crate::grpc::Code;
 use crate::protowire::{put_len_field, Fields, LEN};
 use crate::router::Class;
 
@@ -59,11 +60,6 @@ pub const ERR_INVALID_TOKEN: &str = "etcdserver: invalid auth token";
 /// Sent for a request over the size etcd (or the proxy, for what it buffers) accepts.
 pub const ERR_REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
 
-/// gRPC codes etcd uses for those (`codes.InvalidArgument`, `codes.Unauthenticated`).
-pub const INVALID_ARGUMENT: u8 = 3;
-/// `codes.Unauthenticated`.
-pub const UNAUTHENTICATED: u8 = 16;
-
 /// A successful HTTP Basic check is remembered this long, so v2 clients (which send Basic on
 /// every request) do not pay a bcrypt verification per request.
 const BASIC_CACHE: Duration = Duration::from_secs(60);
@@ -79,7 +75,7 @@ pub enum Verdict {
     /// Refuse a gRPC call with this status.
     GrpcError {
         /// gRPC status code.
-        code: u8,
+        code: Code,
         /// etcd's message.
         message: &'static str,
     },
@@ -211,12 +207,12 @@ impl Auth {
                 }
                 match token {
                     None => Err(Verdict::GrpcError {
-                        code: INVALID_ARGUMENT,
+                        code: Code::InvalidArgument,
                         message: ERR_USER_EMPTY,
                     }),
                     Some(t) if self.token_ok(&t) => Ok(Pass::Authenticated(req)),
                     Some(_) => Err(Verdict::GrpcError {
-                        code: UNAUTHENTICATED,
+                        code: Code::Unauthenticated,
                         message: ERR_INVALID_TOKEN,
                     }),
                 }
@@ -311,7 +307,7 @@ impl Auth {
 
     async fn grpc_login(&self, peer: IpAddr, req: Request<Incoming>) -> Verdict {
         let failed = Verdict::GrpcError {
-            code: INVALID_ARGUMENT,
+            code: Code::InvalidArgument,
             message: ERR_AUTH_FAILED,
         };
         let body = match read_body(req).await {
@@ -320,7 +316,7 @@ impl Auth {
             Body::Broken => return failed,
         };
         // One length-prefixed message: AuthenticateRequest { name = 1; password = 2; }.
-        let Some(msg) = body.get(5..) else {
+        let Some(msg) = crate::grpc::Prefix::single_message(&body) else {
             return failed;
         };
         let (mut name, mut password) = (String::new(), String::new());

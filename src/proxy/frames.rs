@@ -4,8 +4,8 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-/// 1 flag byte + 4-byte big-endian length.
-const PREFIX: usize = 5;
+use crate::grpc::{Prefix, PREFIX};
+
 /// The largest message accepted from etcd: its watch responses are not split unless the
 /// client asks for fragments, so this is generous.
 pub const MAX_FROM_ETCD: usize = 64 << 20;
@@ -49,10 +49,12 @@ impl Deframer {
         if self.buf.len() < PREFIX {
             return Ok(None);
         }
-        if self.buf[0] != 0 {
+        let Some(Prefix { compressed, len }) = Prefix::parse(&self.buf) else {
+            return Ok(None);
+        };
+        if compressed {
             return Err(Error::Compressed);
         }
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
         if len > self.limit {
             return Err(Error::TooLarge(len, self.limit));
         }

@@ -29,15 +29,15 @@ use crate::router::{self, Backends, Class, Replay, Rewrite, Route};
 use crate::upstream::health::Health;
 use crate::upstream::{Body as UpstreamResponse, Upstream, UpstreamBody};
 
+mod failure;
 mod forward;
 mod frames;
 mod reply;
 mod watches;
 
+pub use failure::Failure;
 use forward::{strip_hop_by_hop, upstream_request, wants_upgrade};
-use reply::{
-    empty, error_response, with_trailers, GRPC_INTERNAL, GRPC_UNAVAILABLE, GRPC_UNIMPLEMENTED,
-};
+use reply::{empty, with_trailers};
 
 /// Marks a response to a request that passed the proxy's authentication, so the listener
 /// can stop treating its connection as a stranger's.
@@ -94,12 +94,15 @@ enum ReqBody {
 }
 
 impl ReqBody {
-    async fn new(body: Incoming, replay: Replay) -> Result<Self, BoxError> {
+    async fn new(body: Incoming, replay: Replay) -> Result<Self, Failure> {
         if replay == Replay::Never {
             return Ok(Self::Streamed(Some(body)));
         }
-        let collected = Limited::new(body, MAX_REPLAY_BODY).collect().await?;
-        Ok(Self::Buffered(collected.to_bytes()))
+        match Limited::new(body, MAX_REPLAY_BODY).collect().await {
+            Ok(collected) => Ok(Self::Buffered(collected.to_bytes())),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Failure::TooLarge),
+            Err(e) => Err(Failure::BadBody(e.to_string())),
+        }
     }
 
     /// The whole body, if it was buffered.
@@ -176,133 +179,143 @@ impl Proxy {
         Ok(resp)
     }
 
-    /// Forwards an admitted request.
+    /// Forwards an admitted request; a failure answers in the client's protocol.
     async fn forward(
         &self,
         pinned: Option<&str>,
         route: Route,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        self.try_forward(pinned, route, req)
+            .await
+            .unwrap_or_else(|failure| failure.respond(route.class))
+    }
+
+    /// The pipeline: watch streams are handed off; everything else reads (or streams) its
+    /// body, goes to a member with retries, and has its response streamed or rewritten.
+    async fn try_forward(
+        &self,
+        pinned: Option<&str>,
+        route: Route,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Failure> {
         if route.class == Class::Grpc
             && req.uri().path() == watches::PATH
             && !self.is_legacy(pinned)
         {
             let (parts, body) = req.into_parts();
-            return watches::serve(self.inner.clone(), pinned.map(str::to_owned), parts, body);
+            let pinned = pinned.map(str::to_owned);
+            return Ok(watches::serve(self.inner.clone(), pinned, parts, body));
         }
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let path = parts.uri.path().to_owned();
-        let mut body = match ReqBody::new(body, route.replay).await {
-            Ok(b) => b,
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return reply::too_large(route.class);
-            }
-            Err(e) => {
-                let msg = format!("cannot read the request body: {e}");
-                return error_response(route.class, StatusCode::BAD_REQUEST, GRPC_INTERNAL, &msg);
-            }
-        };
-        let mut tried: Vec<String> = Vec::new();
+        let mut body = ReqBody::new(body, route.replay).await?;
         // A member endpoint is pinned: no need to look into the body.
         let leader_first = pinned.is_none()
             && router::leader::wants_leader(
                 self.inner.backends.reads(),
                 route.class,
                 &parts.method,
-                &path,
+                parts.uri.path(),
                 parts.uri.query(),
                 body.buffered(),
             );
-        let mut resp = loop {
-            let pod = match self.inner.backends.pick(pinned, &tried, leader_first) {
-                Ok(pod) => pod,
-                Err(e) => {
-                    let status = StatusCode::SERVICE_UNAVAILABLE;
-                    return error_response(route.class, status, GRPC_UNAVAILABLE, &e.to_string());
-                }
-            };
-            if route.class == Class::Grpc && self.inner.legacy.contains(&pod.name) {
-                let msg = format!(
-                    "etcd member {} runs etcd 2.x, which has no v3 gRPC API; use the v2 API (ETCDCTL_API=2)",
-                    pod.name
-                );
-                return error_response(
-                    route.class,
-                    StatusCode::NOT_IMPLEMENTED,
-                    GRPC_UNIMPLEMENTED,
-                    &msg,
-                );
-            }
-            let Some(up_body) = body.next() else {
-                // Unreachable: a streamed body is only ever sent once (no replay).
-                let msg = "request body already sent";
-                return error_response(route.class, StatusCode::BAD_GATEWAY, GRPC_UNAVAILABLE, msg);
-            };
-            let up_req = match upstream_request(&parts, up_body, route.class, &pod.name, pod.port) {
-                Ok(r) => r,
-                Err(e) => {
-                    let status = StatusCode::BAD_REQUEST;
-                    return error_response(route.class, status, GRPC_INTERNAL, &e.to_string());
-                }
-            };
-            tracing::debug!(member = %pod.name, %path, class = ?route.class, "forwarding");
-            let labels = metrics::RequestLabels {
-                class: class_label(route.class),
-                member: pod.name.clone(),
-            };
-            let started = std::time::Instant::now();
-            match self.inner.upstream.send(up_req).await {
-                Ok(r) => {
-                    self.inner.health.record(&pod.name, true);
-                    let m = metrics::get();
-                    m.requests.get_or_create(&labels).inc();
-                    m.upstream_latency
-                        .get_or_create(&labels)
-                        .observe(started.elapsed().as_secs_f64());
-                    break r;
-                }
-                Err(e) => {
-                    self.inner.health.record(&pod.name, false);
-                    metrics::get().upstream_errors.get_or_create(&labels).inc();
-                    let msg = match find_cause::<tunnel::Error>(&e) {
-                        Some(t) => t.to_string(),
-                        None => one_line(&e),
-                    };
-                    let replayable = match route.replay {
-                        Replay::Always => true,
-                        // A tunnel error means the bytes never reached etcd.
-                        Replay::OnConnectError => e.is_connect() || tunnel::never_reached_etcd(&e),
-                        Replay::Never => false,
-                    };
-                    tried.push(pod.name.clone());
-                    if replayable
-                        && pinned.is_none()
-                        && tried.len() < max_attempts(self.inner.backends.ready_count())
-                    {
-                        tracing::info!(member = %pod.name, %path, error = %msg, "upstream request failed; trying another member");
-                        continue;
-                    }
-                    tracing::warn!(member = %pod.name, %path, error = %msg, "upstream request failed");
-                    let msg = format!("etcd member {} unreachable: {msg}", pod.name);
-                    return error_response(
-                        route.class,
-                        StatusCode::BAD_GATEWAY,
-                        GRPC_UNAVAILABLE,
-                        &msg,
-                    );
-                }
-            }
-        };
+        let mut resp = self
+            .send_with_retries(pinned, route, &parts, &mut body, leader_first)
+            .await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client) = client_upgrade {
                 let upstream = hyper::upgrade::on(&mut resp);
                 tokio::spawn(splice_upgrade(client, upstream));
             }
             let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, empty());
+            return Ok(Response::from_parts(parts, empty()));
         }
-        self.respond(route, &path, resp).await
+        self.respond(route, parts.uri.path(), resp).await
+    }
+
+    /// Sends the request to a member, and to another when an attempt fails in a way that is
+    /// safe to repeat ([`Replay`]) and members are left to try.
+    async fn send_with_retries(
+        &self,
+        pinned: Option<&str>,
+        route: Route,
+        parts: &http::request::Parts,
+        body: &mut ReqBody,
+        leader_first: bool,
+    ) -> Result<Response<UpstreamResponse>, Failure> {
+        let path = parts.uri.path();
+        let mut tried: Vec<String> = Vec::new();
+        loop {
+            let pod = self
+                .inner
+                .backends
+                .pick(pinned, &tried, leader_first)
+                .map_err(|e| Failure::NoMember(e.to_string()))?;
+            if route.class == Class::Grpc && self.inner.legacy.contains(&pod.name) {
+                return Err(Failure::Legacy(pod.name.clone()));
+            }
+            let up_body = body.next().ok_or(Failure::BodySent)?;
+            let up_req = upstream_request(parts, up_body, route.class, &pod.name, pod.port)
+                .map_err(|e| Failure::BadRequest(e.to_string()))?;
+            tracing::debug!(member = %pod.name, %path, class = ?route.class, "forwarding");
+            let e = match self.attempt(&pod.name, route.class, up_req).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e,
+            };
+            let reason = match find_cause::<tunnel::Error>(&e) {
+                Some(t) => t.to_string(),
+                None => one_line(&e),
+            };
+            let replayable = match route.replay {
+                Replay::Always => true,
+                // A tunnel error means the bytes never reached etcd.
+                Replay::OnConnectError => e.is_connect() || tunnel::never_reached_etcd(&e),
+                Replay::Never => false,
+            };
+            tried.push(pod.name.clone());
+            if replayable
+                && pinned.is_none()
+                && tried.len() < max_attempts(self.inner.backends.ready_count())
+            {
+                tracing::info!(member = %pod.name, %path, error = %reason, "upstream request failed; trying another member");
+                continue;
+            }
+            tracing::warn!(member = %pod.name, %path, error = %reason, "upstream request failed");
+            return Err(Failure::Unreachable {
+                member: pod.name.clone(),
+                reason,
+            });
+        }
+    }
+
+    /// One attempt on `member`, with its outcome reported to health and metrics.
+    async fn attempt(
+        &self,
+        member: &str,
+        class: Class,
+        up_req: Request<UpstreamBody>,
+    ) -> Result<Response<UpstreamResponse>, crate::upstream::Error> {
+        let labels = metrics::RequestLabels {
+            class: class_label(class),
+            member: member.to_owned(),
+        };
+        let started = std::time::Instant::now();
+        let result = self.inner.upstream.send(up_req).await;
+        self.inner.health.record(member, result.is_ok());
+        let m = metrics::get();
+        match &result {
+            Ok(_) => {
+                m.requests.get_or_create(&labels).inc();
+                m.upstream_latency
+                    .get_or_create(&labels)
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            Err(_) => {
+                m.upstream_errors.get_or_create(&labels).inc();
+            }
+        }
+        result
     }
 
     /// Whether the pinned member runs etcd 2.x (the cluster endpoint checks per attempt).
@@ -316,7 +329,7 @@ impl Proxy {
         route: Route,
         path: &str,
         resp: Response<UpstreamResponse>,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, Failure> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         let rewrite = route.rewrite.filter(|r| match r {
@@ -330,21 +343,18 @@ impl Proxy {
             }
         });
         let Some(rewrite) = rewrite else {
-            return Response::from_parts(parts, body.boxed());
+            return Ok(Response::from_parts(parts, body.boxed()));
         };
-        let collected = match Limited::new(body, MAX_REWRITE_BODY).collect().await {
-            Ok(c) => c,
-            Err(e) => {
+        let collected = Limited::new(body, MAX_REWRITE_BODY)
+            .collect()
+            .await
+            .map_err(|e| {
                 tracing::warn!(%path, error = %e, "could not read the response to rewrite");
-                let msg = format!("etcd-proxy could not read the {path} response: {e}");
-                return error_response(
-                    route.class,
-                    StatusCode::BAD_GATEWAY,
-                    GRPC_UNAVAILABLE,
-                    &msg,
-                );
-            }
-        };
+                Failure::ReadResponse {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                }
+            })?;
         let trailers = collected.trailers().cloned();
         let data = collected.to_bytes();
         let map = self.inner.addr_map.borrow().clone();
@@ -366,9 +376,10 @@ impl Proxy {
             }
             Err(e) => {
                 tracing::warn!(%path, error = %e, "malformed response from etcd");
-                let msg =
-                    format!("etcd-proxy could not rewrite the {path} response from etcd: {e}");
-                return error_response(route.class, StatusCode::BAD_GATEWAY, GRPC_INTERNAL, &msg);
+                return Err(Failure::Malformed {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                });
             }
         };
         parts.headers.remove(header::CONTENT_LENGTH);
@@ -377,7 +388,7 @@ impl Proxy {
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        Response::from_parts(parts, with_trailers(body, trailers))
+        Ok(Response::from_parts(parts, with_trailers(body, trailers)))
     }
 }
 

@@ -11,13 +11,8 @@ use hyper::body::Frame;
 use super::ProxyBody;
 use crate::auth::Verdict;
 use crate::error::BoxError;
+use crate::grpc::Code;
 use crate::router::Class;
-
-/// gRPC status codes we emit (grpc/grpc doc/statuscodes.md).
-pub(super) const GRPC_INVALID_ARGUMENT: u8 = 3;
-pub(super) const GRPC_UNIMPLEMENTED: u8 = 12;
-pub(super) const GRPC_INTERNAL: u8 = 13;
-pub(super) const GRPC_UNAVAILABLE: u8 = 14;
 
 pub(super) fn empty() -> ProxyBody {
     Full::new(Bytes::new())
@@ -37,7 +32,7 @@ pub(super) fn with_trailers(data: Bytes, trailers: Option<HeaderMap>) -> ProxyBo
 pub(super) fn error_response(
     class: Class,
     http: StatusCode,
-    grpc: u8,
+    grpc: Code,
     msg: &str,
 ) -> Response<ProxyBody> {
     let mut resp = match class {
@@ -48,7 +43,7 @@ pub(super) fn error_response(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/grpc"),
             );
-            h.insert("grpc-status", HeaderValue::from(u16::from(grpc)));
+            h.insert("grpc-status", HeaderValue::from_static(grpc.as_str()));
             if let Ok(v) = HeaderValue::from_str(&percent_encode(msg)) {
                 h.insert("grpc-message", v);
             }
@@ -102,7 +97,7 @@ pub(super) fn verdict(path: &str, verdict: Verdict) -> Response<ProxyBody> {
             );
             r
         }
-        Verdict::TooLarge(class) => too_large(class),
+        Verdict::TooLarge(class) => super::Failure::TooLarge.respond(class),
         Verdict::GatewayLogin(json) => {
             let mut r = Response::new(full(json));
             r.headers_mut().insert(
@@ -112,16 +107,6 @@ pub(super) fn verdict(path: &str, verdict: Verdict) -> Response<ProxyBody> {
             r
         }
     }
-}
-
-/// etcd's answer to a request over its size limit: `InvalidArgument` for gRPC, 413 for HTTP.
-pub(super) fn too_large(class: Class) -> Response<ProxyBody> {
-    error_response(
-        class,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        GRPC_INVALID_ARGUMENT,
-        crate::auth::ERR_REQUEST_TOO_LARGE,
-    )
 }
 
 /// 401 in the dialect of the API the path belongs to (v2 error JSON, gateway error JSON, text).
@@ -171,7 +156,7 @@ mod tests {
         let r = error_response(
             Class::Grpc,
             StatusCode::BAD_GATEWAY,
-            GRPC_UNAVAILABLE,
+            Code::Unavailable,
             "no ready member: 100% gone\n",
         );
         assert_eq!(r.status(), StatusCode::OK);
@@ -183,7 +168,7 @@ mod tests {
         let r = error_response(
             Class::Http,
             StatusCode::SERVICE_UNAVAILABLE,
-            GRPC_UNAVAILABLE,
+            Code::Unavailable,
             "x",
         );
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);

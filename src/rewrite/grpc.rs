@@ -9,6 +9,7 @@
 use bytes::Bytes;
 
 use super::{AddrMap, Error, Rewritten};
+use crate::grpc::{Prefix, PREFIX};
 use crate::protowire::{put_len_field, Fields, LEN};
 
 /// The five Cluster RPCs whose responses carry `Member` messages.
@@ -52,9 +53,6 @@ impl ClusterMethod {
 const MEMBER_NAME: u64 = 2;
 const MEMBER_CLIENT_URLS: u64 = 4;
 
-/// gRPC Length-Prefixed-Message header: 1 flag byte + 4-byte big-endian length.
-const PREFIX: usize = 5;
-
 /// Rewrites a whole gRPC response body (zero or more length-prefixed messages).
 ///
 /// A compressed message gives [`Error::Compressed`]; the caller passes the body through.
@@ -66,12 +64,13 @@ pub fn rewrite_body(method: ClusterMethod, body: &[u8], map: &AddrMap) -> Result
         if rest.len() < PREFIX {
             return Err(Error::TruncatedFrame(rest.len()));
         }
-        let flag = rest[0];
-        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let Some(Prefix { compressed, len }) = Prefix::parse(rest) else {
+            return Err(Error::TruncatedFrame(rest.len()));
+        };
         let msg = rest
             .get(PREFIX..PREFIX + len)
             .ok_or(Error::TruncatedFrame(rest.len()))?;
-        if flag != 0 {
+        if compressed {
             return Err(Error::Compressed);
         }
         let new = rewrite_message(method, msg, map, &mut unmapped)?;

@@ -87,10 +87,7 @@ pub fn wants_leader(
 /// Whether a gRPC-framed `RangeRequest` asks for a serializable read. A compressed or
 /// malformed message counts as linearizable, etcd's default.
 fn grpc_serializable(body: &[u8]) -> bool {
-    let Some((&0, msg)) = body.split_first() else {
-        return false;
-    };
-    let Some(msg) = msg.get(4..) else {
+    let Some(msg) = crate::grpc::Prefix::single_message(body) else {
         return false;
     };
     Fields::new(msg)

@@ -312,7 +312,7 @@ async fn probe_grpc(upstream: &Upstream, pod: &EtcdPod, timeout: Duration) -> Op
 /// `(header.member_id, leader)` of a framed `StatusResponse` (`rpc.proto`: header = 1 with
 /// member_id = 2; leader = 4; `docs/etcd-protocols.md` §1.2).
 fn status_ids(body: &[u8]) -> Option<(u64, u64)> {
-    let msg = body.get(5..)?;
+    let msg = crate::grpc::Prefix::single_message(body)?;
     let (mut member, mut leader) = (0, 0);
     for field in Fields::new(msg) {
         let field = field.ok()?;

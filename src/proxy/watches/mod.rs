@@ -33,6 +33,7 @@ use super::forward::upstream_request;
 use super::frames::{frame, Deframer, Error as FrameError, MAX_FROM_CLIENT, MAX_FROM_ETCD};
 use super::{Inner, ProxyBody};
 use crate::error::{one_line, BoxError};
+use crate::grpc::Code;
 use crate::router::Class;
 use crate::upstream::Body as UpstreamResponse;
 
@@ -153,7 +154,7 @@ impl Session {
                     "etcd-proxy could not reach an etcd member for the watch stream: {last_error}"
                 );
                 let _ = out
-                    .send(Ok(Frame::trailers(grpc_trailers("14", &msg))))
+                    .send(Ok(Frame::trailers(grpc_trailers(Code::Unavailable, &msg))))
                     .await;
                 return;
             }
@@ -292,8 +293,8 @@ impl Session {
                                 Ok(None) => break,
                                 Err(e) => {
                                     let code = match e {
-                                        FrameError::TooLarge(..) => "8",
-                                        FrameError::Compressed => "13",
+                                        FrameError::TooLarge(..) => Code::ResourceExhausted,
+                                        FrameError::Compressed => Code::Internal,
                                     };
                                     let _ = out.send(Ok(Frame::trailers(grpc_trailers(code, &e.to_string())))).await;
                                     return Ended::Done;
@@ -336,7 +337,7 @@ impl Session {
                 _ = out.closed() => return Ended::Done,
                 _ = async { let _ = stopping.wait_for(|s| *s).await; } => {
                     let msg = "etcd-proxy is shutting down";
-                    let _ = out.send(Ok(Frame::trailers(grpc_trailers("14", msg)))).await;
+                    let _ = out.send(Ok(Frame::trailers(grpc_trailers(Code::Unavailable, msg)))).await;
                     return Ended::Done;
                 }
             }
@@ -351,7 +352,7 @@ impl Session {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("2")
             .to_owned();
-        if status == "14" && !client_done {
+        if status == Code::Unavailable.as_str() && !client_done {
             let why = format!("etcd said UNAVAILABLE: {:?}", trailers.get("grpc-message"));
             return Ended::Lost {
                 why,
@@ -463,9 +464,9 @@ impl Session {
     }
 }
 
-fn grpc_trailers(status: &'static str, msg: &str) -> HeaderMap {
+fn grpc_trailers(status: Code, msg: &str) -> HeaderMap {
     let mut t = HeaderMap::new();
-    t.insert("grpc-status", HeaderValue::from_static(status));
+    t.insert("grpc-status", HeaderValue::from_static(status.as_str()));
     if let Ok(v) = HeaderValue::from_str(&super::reply::percent_encode(msg)) {
         t.insert("grpc-message", v);
     }
