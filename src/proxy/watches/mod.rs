@@ -14,8 +14,8 @@
 //! the message size limit) that is cut in the middle is re-delivered from its revision.
 
 mod proto;
+mod table;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,6 +36,7 @@ use crate::error::{one_line, BoxError};
 use crate::grpc::Code;
 use crate::router::Class;
 use crate::upstream::Body as UpstreamResponse;
+use table::Table;
 
 /// The gRPC path of etcd's watch stream.
 pub(super) const PATH: &str = "/etcdserverpb.Watch/Watch";
@@ -72,26 +73,6 @@ pub(super) fn serve(
     resp
 }
 
-/// One watch the client holds.
-struct Watch {
-    /// The client's `WatchCreateRequest`.
-    create: Vec<u8>,
-    /// The first revision the client has not seen.
-    next_rev: i64,
-}
-
-/// A create sent upstream and not yet answered, in order (etcd answers creates in order).
-enum Pending {
-    /// The client's own create: the client ID it will get, its request, its start revision.
-    New {
-        client_id: i64,
-        create: Vec<u8>,
-        start_revision: i64,
-    },
-    /// Our re-creation of an existing watch after a reconnect.
-    Resume { client_id: i64 },
-}
-
 /// How one upstream stream ended.
 enum Ended {
     /// The client is gone or the stream finished for good: the session is over.
@@ -120,14 +101,11 @@ async fn next_frame(body: &mut Option<UpstreamResponse>) -> Option<Result<Frame<
     }
 }
 
+/// One client Watch stream: its table, and the I/O that moves messages through it.
 struct Session {
     inner: Arc<Inner>,
     pinned: Option<String>,
-    watches: BTreeMap<i64, Watch>,
-    pending: VecDeque<Pending>,
-    /// Upstream watch ID → client watch ID, for the current upstream stream.
-    ids: HashMap<i64, i64>,
-    next_client_id: i64,
+    table: Table,
 }
 
 impl Session {
@@ -135,10 +113,7 @@ impl Session {
         Self {
             inner,
             pinned,
-            watches: BTreeMap::new(),
-            pending: VecDeque::new(),
-            ids: HashMap::new(),
-            next_client_id: 0,
+            table: Table::default(),
         }
     }
 
@@ -180,7 +155,7 @@ impl Session {
                     why,
                     established: true,
                 } => {
-                    tracing::info!(watches = self.watches.len(), reason = %why, "watch stream lost; resuming");
+                    tracing::info!(watches = self.table.len(), reason = %why, "watch stream lost; resuming");
                     crate::metrics::get().watch_resumes.inc();
                     failing_since = None;
                     backoff = BACKOFF_START;
@@ -224,14 +199,8 @@ impl Session {
                 .await
                 .map_err(|e| format!("{member}: {}", one_line(&e)))
         });
-        self.ids.clear();
-        self.pending.clear();
-        for (&client_id, w) in &self.watches {
-            let Ok(req) = proto::recreate(&w.create, w.next_rev) else {
-                continue;
-            };
+        for req in self.table.resume() {
             let _ = tx.send(frame(&req));
-            self.pending.push_back(Pending::Resume { client_id });
         }
         Ok(Attempt {
             tx,
@@ -285,7 +254,7 @@ impl Session {
                         loop {
                             match client_frames.next_message() {
                                 Ok(Some(msg)) => {
-                                    let Some(req) = self.on_client_message(&msg) else { continue };
+                                    let Some(req) = self.table.on_client_message(&msg) else { continue };
                                     if let Some(tx) = up_tx.as_ref() {
                                         let _ = tx.send(frame(&req));
                                     }
@@ -315,7 +284,7 @@ impl Session {
                             loop {
                                 match up_frames.next_message() {
                                     Ok(Some(msg)) => {
-                                        if let Some(resp) = self.on_upstream_message(&msg) {
+                                        if let Some(resp) = self.table.on_upstream_message(&msg) {
                                             if out.send(Ok(Frame::data(frame(&resp)))).await.is_err() {
                                                 return Ended::Done;
                                             }
@@ -361,106 +330,6 @@ impl Session {
         }
         let _ = out.send(Ok(Frame::trailers(trailers))).await;
         Ended::Done
-    }
-
-    /// A client request, translated for the current upstream stream (`None`: nothing to send).
-    fn on_client_message(&mut self, msg: &[u8]) -> Option<Vec<u8>> {
-        match proto::parse_request(msg) {
-            Ok(proto::Request::Create {
-                create,
-                start_revision,
-                watch_id,
-            }) => {
-                let client_id = if watch_id != 0 {
-                    watch_id
-                } else {
-                    self.allocate_id()
-                };
-                let req = proto::recreate(&create, start_revision).ok()?;
-                self.pending.push_back(Pending::New {
-                    client_id,
-                    create,
-                    start_revision,
-                });
-                Some(req)
-            }
-            Ok(proto::Request::Cancel { watch_id }) => {
-                let upstream_id = self
-                    .ids
-                    .iter()
-                    .find(|(_, c)| **c == watch_id)
-                    .map(|(u, _)| *u);
-                Some(proto::cancel(upstream_id.unwrap_or(watch_id)))
-            }
-            Ok(proto::Request::Other) | Err(_) => Some(msg.to_vec()),
-        }
-    }
-
-    /// The lowest free client ID at or above the counter, as etcd assigns them.
-    fn allocate_id(&mut self) -> i64 {
-        while self.watches.contains_key(&self.next_client_id)
-            || self.pending.iter().any(|p| matches!(p, Pending::New { client_id, .. } if *client_id == self.next_client_id))
-        {
-            self.next_client_id += 1;
-        }
-        let id = self.next_client_id;
-        self.next_client_id += 1;
-        id
-    }
-
-    /// An upstream response, translated for the client (`None`: swallow it).
-    fn on_upstream_message(&mut self, msg: &[u8]) -> Option<Vec<u8>> {
-        let Ok(r) = proto::parse_response(msg) else {
-            return Some(msg.to_vec());
-        };
-        if r.created {
-            match self.pending.pop_front() {
-                Some(Pending::New {
-                    client_id,
-                    create,
-                    start_revision,
-                }) => {
-                    let next_rev = if start_revision > 0 {
-                        start_revision
-                    } else {
-                        r.revision + 1
-                    };
-                    self.ids.insert(r.watch_id, client_id);
-                    if !r.canceled {
-                        self.watches.insert(client_id, Watch { create, next_rev });
-                    }
-                    return proto::with_watch_id(msg, client_id).ok();
-                }
-                Some(Pending::Resume { client_id }) => {
-                    self.ids.insert(r.watch_id, client_id);
-                    if r.canceled {
-                        self.watches.remove(&client_id);
-                        return proto::with_watch_id(msg, client_id).ok();
-                    }
-                    return None;
-                }
-                None => return Some(msg.to_vec()),
-            }
-        }
-        let client_id = self.ids.get(&r.watch_id).copied().unwrap_or(r.watch_id);
-        if let Some(w) = self.watches.get_mut(&client_id) {
-            match r.last_event {
-                Some(rev) if !r.fragment => w.next_rev = w.next_rev.max(rev + 1),
-                None if !r.canceled && r.revision > 0 => {
-                    w.next_rev = w.next_rev.max(r.revision + 1)
-                }
-                _ => {}
-            }
-        }
-        if r.canceled {
-            self.watches.remove(&client_id);
-            self.ids.remove(&r.watch_id);
-        }
-        if client_id == r.watch_id {
-            Some(msg.to_vec())
-        } else {
-            proto::with_watch_id(msg, client_id).ok()
-        }
     }
 }
 
