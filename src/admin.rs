@@ -10,13 +10,18 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::k8s::discovery::EtcdPod;
 use crate::metrics;
 use crate::upstream::health::Health;
+
+/// Scrapers and probes need a few connections; more are refused, whoever opens them.
+const MAX_CONNECTIONS: usize = 64;
+/// Time to send a request head, and to stay idle between requests.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves the admin endpoints until `shutdown` turns true.
 pub async fn serve(
@@ -25,16 +30,22 @@ pub async fn serve(
     pods: watch::Receiver<Arc<Vec<EtcdPod>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
+                    // EMFILE and friends: back off instead of spinning on the error.
                     tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // Over the cap: the connection is closed at once.
         };
         let (health, pods) = (health.clone(), pods.clone());
         let service = service_fn(move |req| {
@@ -42,7 +53,11 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(answer(&req, &health, &pods)) }
         });
         tokio::spawn(async move {
+            let _slot = slot;
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(tcp), service);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "admin connection ended with an error");
