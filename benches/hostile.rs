@@ -20,9 +20,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures::{Future, StreamExt};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 use support::attack::{
     connect_from, cpu_time, gateway_login, hpack_bomb, hpack_bomb_block, oversized_frame, rss_kib,
@@ -45,23 +46,33 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
-/// Gets in a loop until `stop` turns true; their latencies.
-async fn legit_gets(
-    mut client: etcd_client::Client,
-    mut stop: watch::Receiver<bool>,
-) -> Vec<Duration> {
-    let mut lat = Vec::new();
-    while !*stop.borrow_and_update() {
-        let t = Instant::now();
-        tokio::select! {
-            r = client.get("legit", None) => {
-                r.expect("legit get");
+/// A logged-in client doing gets in a loop on a thread and runtime of its own (so that the
+/// attack tasks of this process do not delay it), until `stop` is set; their latencies.
+/// Returns once the client has logged in.
+fn legit_gets(endpoint: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Duration>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let options = etcd_client::ConnectOptions::new().with_user("alice", "wonderland");
+            let mut client = etcd_client::Client::connect([endpoint.as_str()], Some(options))
+                .await
+                .expect("legit client logs in");
+            let _ = ready_tx.send(());
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                client.get("legit", None).await.expect("legit get");
                 lat.push(t.elapsed());
             }
-            _ = stop.changed() => break,
-        }
-    }
-    lat
+            lat
+        })
+    });
+    let _ = ready_rx.recv();
+    handle
 }
 
 struct Row {
@@ -74,7 +85,7 @@ struct Row {
 }
 
 /// Runs `attack` against the proxy while a legitimate client gets in a loop.
-async fn measure<F>(pid: u32, client: &etcd_client::Client, attack: &'static str, run: F) -> Row
+async fn measure<F>(pid: u32, endpoint: &str, attack: &'static str, run: F) -> Row
 where
     F: Future<Output = (Vec<Option<Closed>>, String)>,
 {
@@ -82,11 +93,13 @@ where
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
     let (before, _) = rss_kib(pid);
     let cpu_before = cpu_time(pid);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let legit = tokio::spawn(legit_gets(client.clone(), stop_rx));
+    let stop = Arc::new(AtomicBool::new(false));
+    let legit = legit_gets(endpoint.to_owned(), stop.clone());
     let (closed, note) = run.await;
-    let _ = stop_tx.send(true);
-    let legit = legit.await.expect("legit client");
+    stop.store(true, Ordering::Relaxed);
+    let legit = tokio::task::spawn_blocking(move || legit.join().expect("legit client"))
+        .await
+        .expect("join");
     let (_, peak) = rss_kib(pid);
     Row {
         attack,
@@ -175,14 +188,15 @@ async fn main() {
     let to: SocketAddr = proxy.cluster_addr.parse().expect("addr");
     SOCKET_ADDR.set(to).expect("once");
     let round_for = Duration::from_secs(2);
+    let ep = proxy.cluster_addr.clone();
     let options = etcd_client::ConnectOptions::new().with_user("alice", "wonderland");
-    let mut client = etcd_client::Client::connect([proxy.cluster_addr.as_str()], Some(options))
+    let mut client = etcd_client::Client::connect([ep.as_str()], Some(options))
         .await
         .expect("legit client logs in");
     client.put("legit", "x", None).await.expect("put");
 
     let mut rows = vec![
-        measure(pid, &client, "none (baseline, 2 s)", async {
+        measure(pid, &ep, "none (baseline, 2 s)", async {
             tokio::time::sleep(Duration::from_secs(2)).await;
             (Vec::new(), String::new())
         })
@@ -191,49 +205,34 @@ async fn main() {
     let big = hpack_bomb_block(4000, 30_000);
     let small = hpack_bomb_block(4000, 12_000);
     rows.push(
-        measure(
-            pid,
-            &client,
-            "HPACK bomb, 34 KB frame (x4, for 2 s)",
-            async {
-                let round = || (0..4 * scale).map(|_| hpack_bomb(&big, None)).collect();
-                (
-                    repeat(round_for, round).await,
-                    "~115 MiB decoded each".into(),
-                )
-            },
-        )
+        measure(pid, &ep, "HPACK bomb, 34 KB frame (x4, for 2 s)", async {
+            let round = || (0..4 * scale).map(|_| hpack_bomb(&big, None)).collect();
+            (
+                repeat(round_for, round).await,
+                "~115 MiB decoded each".into(),
+            )
+        })
         .await,
     );
     rows.push(
-        measure(
-            pid,
-            &client,
-            "HPACK bomb, 16 KB frame (x4, for 2 s)",
-            async {
-                let round = || (0..4 * scale).map(|_| hpack_bomb(&small, None)).collect();
-                (
-                    repeat(round_for, round).await,
-                    "~46 MiB decoded each".into(),
-                )
-            },
-        )
+        measure(pid, &ep, "HPACK bomb, 16 KB frame (x4, for 2 s)", async {
+            let round = || (0..4 * scale).map(|_| hpack_bomb(&small, None)).collect();
+            (
+                repeat(round_for, round).await,
+                "~46 MiB decoded each".into(),
+            )
+        })
         .await,
     );
     rows.push(
-        measure(
-            pid,
-            &client,
-            "16 MiB frame header, held (x4, for 2 s)",
-            async {
-                let round = || (0..4 * scale).map(|_| oversized_frame()).collect();
-                (repeat(round_for, round).await, String::new())
-            },
-        )
+        measure(pid, &ep, "16 MiB frame header, held (x4, for 2 s)", async {
+            let round = || (0..4 * scale).map(|_| oversized_frame()).collect();
+            (repeat(round_for, round).await, String::new())
+        })
         .await,
     );
     rows.push(
-        measure(pid, &client, "random frames (x3000, 100 at once)", async {
+        measure(pid, &ep, "random frames (x3000, 100 at once)", async {
             let a = (0..3000 * scale as u64)
                 .map(|i| {
                     let mut rng = fastrand::Rng::with_seed(i);
@@ -247,13 +246,13 @@ async fn main() {
         .await,
     );
     rows.push(
-        measure(pid, &client, "slowloris HTTP/1.1 (x400)", async {
+        measure(pid, &ep, "slowloris HTTP/1.1 (x400)", async {
             (slowloris(to, 400 * scale).await, String::new())
         })
         .await,
     );
     rows.push(
-        measure(pid, &client, "connection flood (x1000 held)", async {
+        measure(pid, &ep, "connection flood (x1000 held)", async {
             let held = futures::future::join_all((0..1000 * scale).map(|_| async move {
                 let s = connect_from(LOCAL, to).await.ok()?;
                 send_and_hold(s, b"", HOLD).await
@@ -264,7 +263,7 @@ async fn main() {
         .await,
     );
     rows.push(
-        measure(pid, &client, "300 bad logins, 50 at once", async {
+        measure(pid, &ep, "300 bad logins, 50 at once", async {
             let flood = futures::stream::iter(0..300 * scale)
                 .map(|_| gateway_login(LOCAL, to, "alice", "guess"))
                 .buffer_unordered(50)
