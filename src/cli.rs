@@ -224,6 +224,16 @@ pub struct Cli {
     )]
     pub max_connections_per_address: usize,
 
+    /// New connections one client address may open per second (and at once), over all local
+    /// endpoints; more are closed at accept.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 200,
+        help_heading = "Limits (every listener is treated as exposed)"
+    )]
+    pub max_connection_rate_per_address: u32,
+
     /// How long a connection may take to send a complete first request, and may then sit idle
     /// until one of its requests has authenticated (HTTP/1.1: also the time to send each
     /// request head). Authenticated connections have no idle limit.

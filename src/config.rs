@@ -96,6 +96,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Open connections per client address.
     pub max_connections_per_address: usize,
+    /// New connections per second per client address.
+    pub max_connection_rate_per_address: u32,
     /// Time to a first request, and idle time until authenticated.
     pub header_timeout: Duration,
 }
@@ -221,6 +223,11 @@ impl TryFrom<Cli> for Config {
                 flag: "max-connections",
             });
         }
+        if cli.max_connection_rate_per_address == 0 {
+            return Err(Error::ZeroCount {
+                flag: "max-connection-rate-per-address",
+            });
+        }
         if cli.max_connections_per_address == 0 {
             return Err(Error::ZeroCount {
                 flag: "max-connections-per-address",
@@ -247,6 +254,7 @@ impl TryFrom<Cli> for Config {
             admin: cli.admin,
             max_connections: cli.max_connections,
             max_connections_per_address: cli.max_connections_per_address,
+            max_connection_rate_per_address: cli.max_connection_rate_per_address,
             header_timeout: cli.header_timeout,
             etcd_tls: cli.etcd_cacert.map(|cacert| EtcdTls {
                 cacert,

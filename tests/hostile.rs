@@ -240,7 +240,14 @@ async fn slow_and_silent_connections_close_after_the_header_timeout_but_trusted_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_flood_checks_five_passwords_and_a_user_elsewhere_still_logs_in() {
     let dir = tempfile::tempdir().unwrap();
-    let (_etcd, mut proxy) = gateway(dir.path(), &[], Some("etcd_proxy=info")).await;
+    // The connection rate limit would close much of this flood at accept: lifted here, so
+    // that every attempt reaches the password budget this test is about.
+    let (_etcd, mut proxy) = gateway(
+        dir.path(),
+        &["--max-connection-rate-per-address", "100000"],
+        Some("etcd_proxy=info"),
+    )
+    .await;
     let pid = proxy.child.id().unwrap();
     let to = addr(&proxy);
     let cpu_before = cpu_time(pid);
@@ -340,4 +347,38 @@ async fn connection_caps_refuse_extra_connections_with_one_warning() {
     // which is not due for another 10 s.
     assert_eq!(warnings, 1, "one warning for 30 refusals:\n{log}");
     assert!(log.contains("refused=1"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_churn_beyond_the_rate_is_closed_at_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_etcd, proxy) = gateway(
+        dir.path(),
+        &["--max-connection-rate-per-address", "20"],
+        None,
+    )
+    .await;
+    let to = addr(&proxy);
+    // Forty connections at once, each sending a request head: twenty fit the bucket and are
+    // answered; the rest are closed without an answer.
+    let tries = futures::future::join_all((0..40).map(|_| async {
+        let s = connect_from(LOCAL, to).await.unwrap();
+        let req = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let mut s = s;
+        let _ = s.write_all(req).await;
+        let mut out = Vec::new();
+        let _ = within("an answer or a close", s.read_to_end(&mut out)).await;
+        !out.is_empty()
+    }))
+    .await;
+    let answered = tries.iter().filter(|a| **a).count();
+    assert!(
+        (20..=22).contains(&answered),
+        "{answered} of 40 answered at a rate of 20/s"
+    );
+    // Another address has its own budget.
+    let (status, body) = gateway_login(ELSEWHERE, to, "alice", "wonderland")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
 }

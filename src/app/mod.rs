@@ -173,6 +173,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         admission: Admission::new(Limits {
             max_connections: cfg.max_connections,
             max_connections_per_address: cfg.max_connections_per_address,
+            max_connection_rate_per_address: cfg.max_connection_rate_per_address,
             header_timeout: cfg.header_timeout,
         }),
     };

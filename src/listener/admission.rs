@@ -5,7 +5,10 @@
 //! (socket buffers, a task, hyper's and h2's state), so the count of connections is the first
 //! bound: a connection over either cap is closed at once, before TLS or HTTP. The per-address
 //! cap keeps one client from taking the listener's whole budget; the per-listener cap bounds
-//! the total, whatever the number of addresses.
+//! the total, whatever the number of addresses. Setting a connection up (TLS, the HTTP/2
+//! handshake) costs CPU too, so each address also has a rate of new connections (a token
+//! bucket, as large as one second's worth): a client that opens and drops connections as fast
+//! as it can gets most of them closed at accept, which costs next to nothing.
 //!
 //! Refusals are logged as one warning per [`WARN_EVERY`] per listener that counts the
 //! connections refused since the last one, so a flood cannot flood the log too.
@@ -31,6 +34,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Open connections per client address, over all listeners.
     pub max_connections_per_address: usize,
+    /// New connections per second per client address, over all listeners (also the burst).
+    pub max_connection_rate_per_address: u32,
     /// How long a connection may stay without a request in flight until one of its requests
     /// has been authenticated (from accept: the time to a first complete request). Also
     /// hyper's HTTP/1.1 header read timeout.
@@ -42,6 +47,7 @@ impl Default for Limits {
         Self {
             max_connections: 4096,
             max_connections_per_address: 256,
+            max_connection_rate_per_address: 200,
             header_timeout: Duration::from_secs(5),
         }
     }
@@ -54,13 +60,38 @@ pub enum Refusal {
     Listener,
     /// The client's address has `max_connections_per_address` open.
     Address,
+    /// The client's address opened more than `max_connection_rate_per_address` in the last
+    /// second.
+    Rate,
+}
+
+/// Addresses remembered before idle ones are forgotten (bounds the table against clients
+/// with very many addresses).
+const MAX_TRACKED: usize = 65_536;
+
+/// One client address.
+#[derive(Debug)]
+struct Client {
+    open: usize,
+    /// New connections it may still open now.
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Client {
+    /// Adds what `rate` has earned since the last refill, up to one second's worth.
+    fn refill(&mut self, now: Instant, rate: f64) {
+        let earned = now.duration_since(self.refilled).as_secs_f64() * rate;
+        self.tokens = (self.tokens + earned).min(rate);
+        self.refilled = now;
+    }
 }
 
 /// Connection counts shared by every listener of one proxy.
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
-    per_address: Mutex<HashMap<IpAddr, usize>>,
+    per_address: Mutex<HashMap<IpAddr, Client>>,
 }
 
 impl Admission {
@@ -108,13 +139,31 @@ impl ListenerAdmission {
             .per_address
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let n = per.entry(peer).or_insert(0);
-        if *n >= limits.max_connections_per_address {
+        let rate = f64::from(limits.max_connection_rate_per_address);
+        let now = Instant::now();
+        if per.len() >= MAX_TRACKED {
+            per.retain(|_, c| c.open > 0);
+        }
+        let client = per.entry(peer).or_insert(Client {
+            open: 0,
+            tokens: rate,
+            refilled: now,
+        });
+        client.refill(now, rate);
+        let refusal = if client.open >= limits.max_connections_per_address {
+            Some(Refusal::Address)
+        } else if client.tokens < 1.0 {
+            Some(Refusal::Rate)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
             drop(per);
             self.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::Address);
+            return Err(refusal);
         }
-        *n += 1;
+        client.tokens -= 1.0;
+        client.open += 1;
         Ok(Permit {
             shared: self.shared.clone(),
             open: self.open.clone(),
@@ -149,9 +198,13 @@ impl Drop for Permit {
             .per_address
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = per.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
+        let rate = f64::from(self.shared.limits.max_connection_rate_per_address);
+        if let Some(c) = per.get_mut(&self.peer) {
+            c.open -= 1;
+            c.refill(Instant::now(), rate);
+            // Forgotten once nothing is open and its bucket is full again: it would start
+            // afresh in the same state.
+            if c.open == 0 && c.tokens >= rate {
                 per.remove(&self.peer);
             }
         }
@@ -187,8 +240,31 @@ mod tests {
         s.parse().unwrap()
     }
 
-    #[test]
-    fn caps_per_address_and_per_listener_and_gives_places_back() {
+    #[tokio::test(start_paused = true)]
+    async fn each_address_opens_at_most_its_rate_per_second() {
+        let shared = Admission::new(Limits {
+            max_connection_rate_per_address: 10,
+            ..Limits::default()
+        });
+        let l = shared.listener();
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        for _ in 0..10 {
+            drop(l.admit(a).expect("within the burst"));
+        }
+        assert_eq!(l.admit(a).unwrap_err(), Refusal::Rate);
+        assert!(l.admit(b).is_ok(), "another address has its own bucket");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(l.admit(a).is_ok(), "a tenth of a second earns one");
+        assert_eq!(l.admit(a).unwrap_err(), Refusal::Rate);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        for _ in 0..10 {
+            drop(l.admit(a).expect("refilled to one second's worth, no more"));
+        }
+        assert_eq!(l.admit(a).unwrap_err(), Refusal::Rate);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caps_per_address_and_per_listener_and_gives_places_back() {
         let shared = Admission::new(Limits {
             max_connections: 3,
             max_connections_per_address: 2,
@@ -206,8 +282,8 @@ mod tests {
         let _a3 = l.admit(ip("10.0.0.1")).expect("a place was given back");
     }
 
-    #[test]
-    fn the_address_count_spans_listeners() {
+    #[tokio::test(start_paused = true)]
+    async fn the_address_count_spans_listeners() {
         let shared = Admission::new(Limits {
             max_connections_per_address: 1,
             ..Limits::default()

@@ -171,6 +171,11 @@ pub async fn serve(
                             limits.max_connections_per_address,
                             peer.ip()
                         ),
+                        Refusal::Rate => format!(
+                            "--max-connection-rate-per-address ({}/s) for {}",
+                            limits.max_connection_rate_per_address,
+                            peer.ip()
+                        ),
                     };
                     tracing::warn!(endpoint = %endpoint.name, refused = n, "closing new connections: {why} reached");
                 }
