@@ -1,0 +1,178 @@
+//! Control-plane etcd as kubeadm deploys it: static pods `etcd-<node>` in `kube-system`
+//! (found by `component=etcd`), members named after their nodes and advertising
+//! `https://<node-ip>:2379`, TLS with client-certificate auth. etcdctl v3 goes through the
+//! proxy with the kubeadm-style client certificate; the member URLs it learns are the
+//! proxy's.
+
+use std::collections::BTreeSet;
+
+use etcd_proxy_sim::{SimCluster, SimConfig};
+
+use crate::support::{ctl3, pki, proxy_fails, start_proxy, within, within_for, START_DEADLINE};
+
+async fn control_plane(members: usize) -> SimCluster {
+    within_for(
+        START_DEADLINE,
+        "the simulated control plane starts",
+        SimCluster::start(SimConfig::control_plane(members)),
+    )
+    .await
+    .expect("simulated control plane")
+}
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_through_the_proxy_to_kubeadm_etcd() {
+    let sim = control_plane(3).await;
+    let pki = sim.etcd_pki().expect("kubeadm PKI").clone();
+    let proxy = start_proxy(
+        &sim,
+        &[
+            "--context",
+            "sim",
+            "-n",
+            "kube-system",
+            "--etcd-cacert",
+            s(&pki.ca_cert),
+            "--etcd-cert",
+            s(&pki.apiserver_client_cert),
+            "--etcd-key",
+            s(&pki.apiserver_client_key),
+        ],
+    )
+    .await;
+    assert!(
+        proxy.summary.contains("component=etcd") && proxy.summary.contains("kube-system"),
+        "auto-detected the static pods:\n{}",
+        proxy.summary
+    );
+    let pods: Vec<&str> = proxy.members.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        pods,
+        ["etcd-cp-1", "etcd-cp-2", "etcd-cp-3"],
+        "{}",
+        proxy.summary
+    );
+    assert!(
+        !proxy.summary.contains("unreachable"),
+        "every member answered over TLS:\n{}",
+        proxy.summary
+    );
+
+    let ep = proxy.cluster_addr.as_str();
+    ctl3(ep, &["put", "cp-key", "v1"]).await;
+    let got = ctl3(ep, &["get", "cp-key", "--print-value-only"]).await;
+    assert_eq!(got.stdout.trim(), "v1");
+
+    // member list: members named after nodes, each advertising its local endpoint instead of
+    // https://<node-ip>:2379.
+    let list = ctl3(ep, &["member", "list", "-w", "json"]).await.stdout;
+    let list: serde_json::Value = serde_json::from_str(&list).expect("member list JSON");
+    let members = list["members"].as_array().expect("members");
+    assert_eq!(members.len(), 3, "{list}");
+    for m in members {
+        let name = m["name"].as_str().expect("name");
+        let pod = format!("etcd-{name}");
+        let local = proxy
+            .members
+            .iter()
+            .find(|(p, _)| *p == pod)
+            .map(|(_, u)| u.clone())
+            .unwrap_or_else(|| panic!("member {name} has no pod {pod}"));
+        assert_eq!(m["clientURLs"], serde_json::json!([local]), "{list}");
+    }
+    assert!(!list.to_string().contains("10.0.0."), "{list}");
+
+    // endpoint status --cluster: etcdctl syncs to the rewritten URLs and asks each member,
+    // one row per member, all through the proxy.
+    let status = ctl3(ep, &["endpoint", "status", "--cluster", "-w", "json"])
+        .await
+        .stdout;
+    let rows: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let endpoints: BTreeSet<String> = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["Endpoint"].as_str().expect("Endpoint").to_owned())
+        .collect();
+    let locals: BTreeSet<String> = proxy.member_urls().into_iter().collect();
+    assert_eq!(endpoints, locals, "{status}");
+    let ids: BTreeSet<u64> = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            r["Status"]["header"]["member_id"]
+                .as_u64()
+                .expect("member_id")
+        })
+        .collect();
+    assert_eq!(ids.len(), 3, "three distinct members: {status}");
+
+    // Each member endpoint reaches its own member.
+    for (pod, url) in &proxy.members {
+        let addr = url.trim_start_matches("http://");
+        ctl3(addr, &["put", &format!("via-{pod}"), "1"]).await;
+    }
+    drop(proxy);
+    within("sim.shutdown", sim.shutdown()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_foreign_client_certificates_are_one_clear_line() {
+    let sim = control_plane(1).await;
+    let pki_files = sim.etcd_pki().expect("kubeadm PKI").clone();
+    let kubeconfig = s(sim.kubeconfig_path()).to_owned();
+    let base = [
+        "--kubeconfig",
+        kubeconfig.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--context",
+        "sim",
+        "-n",
+        "kube-system",
+    ];
+    let fails = |extra: Vec<String>| {
+        let mut args: Vec<String> = base.iter().map(|a| a.to_string()).collect();
+        args.extend(extra);
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (status, err) = proxy_fails(&args).await;
+            assert!(!status.success(), "{err}");
+            assert_eq!(err.trim().lines().count(), 1, "one line, got:\n{err}");
+            err
+        }
+    };
+    let ca = s(&pki_files.ca_cert).to_owned();
+
+    // No TLS flags at all: etcd hangs up on plain HTTP.
+    let err = fails(vec![]).await;
+    assert!(err.contains("if etcd serves TLS"), "{err}");
+
+    // The CA but no client certificate: etcd ends the handshake.
+    let err = fails(vec!["--etcd-cacert".into(), ca.clone()]).await;
+    assert!(
+        err.contains("etcd requires a client certificate")
+            && err.contains("--etcd-cert and --etcd-key"),
+        "{err}"
+    );
+
+    // A client certificate from another CA.
+    let dir = tempfile::tempdir().unwrap();
+    let other = pki(dir.path(), &["localhost"]);
+    let err = fails(vec![
+        "--etcd-cacert".into(),
+        ca.clone(),
+        "--etcd-cert".into(),
+        other.client_cert,
+        "--etcd-key".into(),
+        other.client_key,
+    ])
+    .await;
+    assert!(err.contains("rejected the client certificate"), "{err}");
+    within("sim.shutdown", sim.shutdown()).await;
+}
