@@ -188,8 +188,15 @@ impl Discovery {
             }
             Target::Auto => {
                 let mut c = Vec::new();
-                if let Some(sts) = self.statefulset("etcd").await? {
-                    c.push(sts);
+                match self.statefulset("etcd").await {
+                    Ok(Some(sts)) => c.push(sts),
+                    Ok(None) => {}
+                    // A Role for control-plane etcd in kube-system need not cover
+                    // StatefulSets: the pods are what auto-detection is after.
+                    Err(Error::Forbidden { .. }) => {
+                        tracing::debug!("cannot read statefulset etcd; looking for pods by label")
+                    }
+                    Err(e) => return Err(e),
                 }
                 for sel in AUTO_LABELS {
                     c.push(Resolved {

@@ -72,9 +72,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let cluster = SimCluster::start(cfg.clone()).await?;
     let kubeconfig = cluster.kubeconfig_path().display().to_string();
+    let shape = match cfg.layout {
+        Layout::StatefulSet => format!("statefulset {}", cfg.name),
+        Layout::ControlPlane => "kubeadm static pods, TLS with client certificates".to_string(),
+    };
     println!(
-        "Simulated cluster ready: {} etcd members in namespace {} (statefulset {})",
-        cfg.members, cfg.namespace, cfg.name
+        "Simulated cluster ready: {} etcd members in namespace {} ({shape})",
+        cfg.members, cfg.namespace
     );
     println!("  kubeconfig: {kubeconfig}");
     println!("  api server: {}", cluster.api_url());
