@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 
 use etcd_proxy_sim::{SimCluster, SimConfig};
 
-use crate::support::{ctl3, pki, proxy_fails, start_proxy, within, within_for, START_DEADLINE};
+use crate::support::{
+    ctl3, etcdctl, pki, proxy_fails, run, start_proxy, within, within_for, START_DEADLINE,
+};
 
 async fn control_plane(members: usize) -> SimCluster {
     within_for(
@@ -117,6 +119,42 @@ async fn etcdctl_through_the_proxy_to_kubeadm_etcd() {
         let addr = url.trim_start_matches("http://");
         ctl3(addr, &["put", &format!("via-{pod}"), "1"]).await;
     }
+
+    // A restarted static pod keeps its node IP; its endpoint comes back through new tunnels.
+    within_for(
+        START_DEADLINE,
+        "restart etcd-cp-2",
+        sim.restart_pod("etcd-cp-2"),
+    )
+    .await
+    .expect("restart");
+    let cp2 = proxy.members[1].1.trim_start_matches("http://").to_owned();
+    let back = within("etcd-cp-2 answers again", async {
+        loop {
+            let out = run(
+                etcdctl(
+                    3,
+                    &[
+                        "--endpoints",
+                        &cp2,
+                        "--dial-timeout",
+                        "2s",
+                        "put",
+                        "after",
+                        "1",
+                    ],
+                ),
+                "",
+            )
+            .await;
+            if out.status.success() {
+                return out;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(back.stdout.contains("OK"), "{}", back.stdout);
     drop(proxy);
     within("sim.shutdown", sim.shutdown()).await;
 }

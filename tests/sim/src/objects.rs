@@ -352,7 +352,8 @@ fn kubeadm_etcd_command(node: &str, ip: &str, initial_cluster: &str) -> Vec<Stri
 /// * A host-network pod's IP is its node's IP: `status.podIP == status.hostIP`.
 pub(crate) fn static_pod(id: &Identity, p: &PodState) -> Pod {
     let node = id.node_name(p.ordinal);
-    let hash = format!("{:0>32}", &p.sandbox_id[..p.sandbox_id.len().min(32)]);
+    // The manifest's hash: fixed for the pod's life (a restart does not change the manifest).
+    let hash: String = p.uid.chars().filter(|c| *c != '-').collect();
     let annotations = BTreeMap::from([
         (
             "kubeadm.kubernetes.io/etcd.advertise-client-urls".to_string(),
