@@ -601,9 +601,59 @@ mod tests {
         assert_eq!(tls_name(&other, "db"), None);
     }
 
-    #[test]
-    fn auto_detection_finds_kubeadm_static_pods_before_the_image_fallback() {
-        assert_eq!(AUTO_LABELS.last(), Some(&"component=etcd"));
+    /// An API server answering as for a kubeadm cluster and a Role for `kube-system` that
+    /// covers pods but not StatefulSets.
+    fn kubeadm_api() -> kube::Client {
+        let service = tower::service_fn(|req: http::Request<kube::client::Body>| async move {
+            let path = req.uri().path().to_owned();
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            let list = |items: serde_json::Value| {
+                serde_json::json!({"kind": "PodList", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": "7"}, "items": items})
+            };
+            let (code, body) = if path.ends_with("/statefulsets/etcd") {
+                let status = serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                    "status": "Failure", "reason": "Forbidden", "code": 403,
+                    "message": "statefulsets.apps \"etcd\" is forbidden"});
+                (403, status)
+            } else if path.ends_with("/pods") && query.contains("component") {
+                let pod = serde_json::json!({
+                    "metadata": {"name": "etcd-cp-1", "namespace": "kube-system",
+                        "labels": {"component": "etcd", "tier": "control-plane"}},
+                    "spec": {"hostNetwork": true, "nodeName": "cp-1",
+                        "containers": [{"name": "etcd"}]},
+                    "status": {"podIP": "10.0.0.11", "conditions": [
+                        {"type": "Ready", "status": "True"}]}});
+                (200, list(serde_json::json!([pod])))
+            } else {
+                (200, list(serde_json::json!([])))
+            };
+            let body = http_body_util::Full::new(bytes::Bytes::from(body.to_string()));
+            http::Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(body)
+        });
+        kube::Client::new(service, "kube-system")
+    }
+
+    #[tokio::test]
+    async fn auto_detection_finds_static_pods_without_statefulset_rights() {
+        let discovery = Discovery::new(kubeadm_api(), "kube-system", None);
+        let (resolved, pods) = discovery.find(&Target::Auto).await.unwrap();
+        assert_eq!(resolved.description, "pods component=etcd");
+        assert_eq!(
+            resolved.selection,
+            Selection::Labels("component=etcd".into())
+        );
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods[0].name, "etcd-cp-1");
+        assert!(pods[0].ready);
+        assert_eq!(pods[0].port, 2379);
+        assert_eq!(pods[0].dns_name.as_deref(), Some("10.0.0.11"));
+        // A named StatefulSet still needs the right: the error says so.
+        let named = discovery.find(&Target::StatefulSet("etcd".into())).await;
+        assert!(matches!(named, Err(Error::Forbidden { .. })), "{named:?}");
     }
 
     #[test]
