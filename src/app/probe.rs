@@ -1,10 +1,10 @@
 //! The start-up probe: every member answers `/version` through its tunnel before the proxy
 //! says it is ready, which also opens (and so warms) each member's connections.
 //!
-//! A member that refuses the TLS handshake for want of a client certificate (etcd's
-//! `--client-cert-auth`, on by default in kubeadm and RKE2) is reported as exactly that, with
-//! the flags to pass: the bare TLS alert ("received fatal alert: CertificateRequired") does
-//! not say what to do.
+//! A member that refuses the connection for want of a client certificate (etcd's
+//! `--client-cert-auth`, on by default in kubeadm and RKE2), or rejects the one given, is
+//! reported as exactly that, with the flags to pass: the bare symptom (a TLS alert, or just a
+//! closed connection) does not say what to do.
 
 use std::time::Duration;
 
@@ -153,6 +153,10 @@ const CLIENT_CERT_REQUIRED: &str = "etcd requires a client certificate (it runs 
 /// is the evidence (its alert may never arrive: see `NoClientCert` in `upstream/tls.rs`);
 /// with one, Go's TLS server answers a certificate it cannot verify with `bad_certificate`.
 fn client_cert_refusal(e: &(dyn std::error::Error + 'static), tls: &UpstreamTls) -> Option<String> {
+    if find_cause::<ProbeError>(e).is_some() {
+        // etcd answered (or the probe timed out): not a handshake refusal.
+        return None;
+    }
     if !tls.has_identity() {
         return tls
             .client_cert_requested()
