@@ -2,11 +2,12 @@
 //! (found by `component=etcd`), members named after their nodes and advertising
 //! `https://<node-ip>:2379`, TLS with client-certificate auth. etcdctl v3 goes through the
 //! proxy with the kubeadm-style client certificate; the member URLs it learns are the
-//! proxy's.
+//! proxy's. Through port-forward tunnels (a laptop) and with `--direct` (inside the cluster
+//! network, dialling the node IPs).
 
 use std::collections::BTreeSet;
 
-use etcd_proxy_sim::{SimCluster, SimConfig};
+use etcd_proxy_sim::{PodNetwork, SimCluster, SimConfig};
 
 use crate::support::{
     ctl3, etcdctl, pki, proxy_fails, run, start_proxy, within, within_for, START_DEADLINE,
@@ -212,5 +213,53 @@ async fn missing_or_foreign_client_certificates_are_one_clear_line() {
     ])
     .await;
     assert!(err.contains("rejected the client certificate"), "{err}");
+    within("sim.shutdown", sim.shutdown()).await;
+}
+
+/// `--direct` from inside the cluster network: the proxy dials each member at its pod IP,
+/// which is the node IP, and verifies the certificate against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_mode_dials_node_ips_over_tls() {
+    let sim = within_for(
+        START_DEADLINE,
+        "the simulated control plane starts",
+        SimCluster::start(SimConfig {
+            pod_network: PodNetwork::Loopback,
+            ..SimConfig::control_plane(2)
+        }),
+    )
+    .await
+    .expect("simulated control plane");
+    let pki = sim.etcd_pki().expect("kubeadm PKI").clone();
+    let node_ip = sim.pod_ip("etcd-cp-1").expect("pod IP");
+    assert!(node_ip.starts_with("127."), "{node_ip}");
+    assert_eq!(
+        sim.advertised_client_url("etcd-cp-1"),
+        Some(format!("https://{node_ip}:2379"))
+    );
+    let proxy = start_proxy(
+        &sim,
+        &[
+            "--direct",
+            "-n",
+            "kube-system",
+            "--etcd-cacert",
+            s(&pki.ca_cert),
+            "--etcd-cert",
+            s(&pki.healthcheck_client_cert),
+            "--etcd-key",
+            s(&pki.healthcheck_client_key),
+        ],
+    )
+    .await;
+    let ep = proxy.cluster_addr.as_str();
+    ctl3(ep, &["put", "direct-cp", "1"]).await;
+    let status = ctl3(ep, &["endpoint", "status", "--cluster"]).await.stdout;
+    assert_eq!(status.lines().count(), 2, "{status}");
+    for (_, url) in &proxy.members {
+        assert!(status.contains(url.as_str()), "{status}");
+    }
+    assert_eq!(sim.portforward_count(), 0, "no tunnel in direct mode");
+    drop(proxy);
     within("sim.shutdown", sim.shutdown()).await;
 }
