@@ -131,13 +131,15 @@ impl Default for SimConfig {
 
 impl SimConfig {
     /// kubeadm's control-plane etcd with `members` nodes: [`Layout::ControlPlane`] in
-    /// `kube-system`, static pods named `etcd-<node>`.
+    /// `kube-system`, static pods named `etcd-<node>`, no v2 API (kubeadm does not pass
+    /// `--enable-v2`).
     pub fn control_plane(members: usize) -> Self {
         SimConfig {
             members,
             namespace: "kube-system".into(),
             name: "etcd".into(),
             layout: Layout::ControlPlane,
+            enable_v2: false,
             ..SimConfig::default()
         }
     }

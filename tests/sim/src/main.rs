@@ -58,7 +58,8 @@ async fn main() -> anyhow::Result<()> {
         namespace: args.namespace,
         name: args.name,
         loopback_listen: !args.no_loopback_listen,
-        enable_v2: !args.disable_v2,
+        // kubeadm does not enable the v2 API.
+        enable_v2: !args.disable_v2 && !args.control_plane,
         pod_network: if args.reachable_pods {
             PodNetwork::Loopback
         } else {
