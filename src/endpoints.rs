@@ -5,6 +5,8 @@
 //! proxy runs: a new pod gets an endpoint (port = first member port + its StatefulSet ordinal,
 //! so `etcd-3` keeps the same port across restarts of the proxy), a deleted pod's endpoint is
 //! closed, and the rewrite map follows, so MemberList through the proxy shows the change.
+//! Control-plane static pods (`etcd-<node>`) get their port from a numeric node-name suffix
+//! the same way, or a free one when two nodes' suffixes collide.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -155,10 +157,17 @@ impl MemberEndpoints {
         let port = match self.ports {
             MemberPorts::From(base) => {
                 let offset = ordinal(&pod.name).unwrap_or(index);
-                u16::try_from(offset)
+                let port = u16::try_from(offset)
                     .ok()
                     .and_then(|o| base.checked_add(o))
-                    .unwrap_or(0)
+                    .unwrap_or(0);
+                // Pod names that are not StatefulSet ordinals can share a suffix (static pods
+                // `etcd-a-1` and `etcd-b-1` on nodes `a-1` and `b-1`): the second gets a free port.
+                if self.serves_port(port) {
+                    0
+                } else {
+                    port
+                }
             }
             MemberPorts::Ephemeral => 0,
         };
@@ -169,6 +178,12 @@ impl MemberEndpoints {
             name: name.clone(),
             pinned: Some(name),
         })
+    }
+
+    /// Whether an open endpoint already listens on `port`.
+    fn serves_port(&self, port: u16) -> bool {
+        let suffix = format!(":{port}");
+        self.open.values().any(|o| o.url.ends_with(&suffix))
     }
 
     fn insert(&mut self, pod: &EtcdPod, endpoint: Endpoint) {
@@ -210,6 +225,7 @@ impl MemberEndpoints {
                 Some(LocalEndpoint {
                     pod: p.name.clone(),
                     pod_ip: p.ip.clone(),
+                    host: p.dns_name.clone(),
                     port: Some(p.port),
                     url: open.url.clone(),
                 })
@@ -265,6 +281,35 @@ mod tests {
         eps.reconcile(&three).await;
         assert_eq!(eps.urls(&five).len(), 3);
         assert!(map.borrow().local_for_member("etcd-4", &[]).is_none());
+    }
+
+    #[tokio::test]
+    async fn colliding_node_suffixes_get_distinct_ports() {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let pods: Vec<EtcdPod> = ["etcd-a-1", "etcd-b-1"].map(pod).to_vec();
+        // A base port just released; another process may take base + 1 meanwhile, so retry.
+        for _ in 0..5 {
+            let base = crate::listener::bind(SocketAddr::new(lo, 0))
+                .await
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let serving = Serving {
+                tls: None,
+                admission: crate::listener::Admission::new(Default::default()),
+            };
+            let (mut eps, _map) =
+                MemberEndpoints::new(lo, MemberPorts::From(base), "https", serving);
+            if eps.bind_initial(&pods).await.is_err() {
+                continue;
+            }
+            let urls = eps.urls(&pods);
+            assert!(urls[0].1.ends_with(&format!(":{}", base + 1)), "{urls:?}");
+            assert_ne!(urls[0].1, urls[1].1);
+            return;
+        }
+        panic!("no free base port");
     }
 
     #[test]

@@ -8,6 +8,8 @@ mod support;
 mod auth;
 /// The `etcd-client` crate, the JSON gateway and raw HTTP through the proxy.
 mod clients;
+/// Control-plane etcd (kubeadm): static pods in kube-system, TLS with client certificates.
+mod controlplane;
 /// --direct in a pod: the service account, pod IPs, a pod restarted with a new IP.
 mod direct;
 /// Bad input: one clear line, a non-zero exit, never a panic or a hang.

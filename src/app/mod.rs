@@ -207,8 +207,13 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         }
         None => None,
     };
-    let upstream = Upstream::new(dial, upstream_tls, cfg.keepalive, cfg.keepalive_timeout);
-    let versions = probe_all(&upstream, &pods).await?;
+    let upstream = Upstream::new(
+        dial,
+        upstream_tls.clone(),
+        cfg.keepalive,
+        cfg.keepalive_timeout,
+    );
+    let versions = probe_all(&upstream, &pods, upstream_tls.as_ref()).await?;
     let legacy: HashSet<String> = pods
         .iter()
         .zip(&versions)

@@ -3,6 +3,18 @@
 //! A target (StatefulSet, Service, label selector, pod, or auto-detection) resolves to a pod
 //! selection; the selection is listed once at start-up and then watched, so readiness changes
 //! and pod IPs reach the router. Only ready pods take cluster traffic.
+//!
+//! Two shapes of etcd are common. An etcd StatefulSet: members are named after their pods and
+//! advertise `<pod>.<service>` DNS names, which their certificates carry. Control-plane etcd
+//! (kubeadm, RKE2): static pods `etcd-<node>` in `kube-system`, labelled `component=etcd`,
+//! on the host network, members named after their *nodes* (not pods) and advertising
+//! `https://<node-ip>:2379`; their certificates name the node name, the node IP, `localhost`
+//! and `127.0.0.1` but no service name. So the name a member's certificate is checked against
+//! ([`EtcdPod::dns_name`]) comes from the pod: the StatefulSet DNS name, else for a
+//! host-network pod the host it advertises (kubeadm's
+//! `kubeadm.kubernetes.io/etcd.advertise-client-urls` annotation) or its pod IP, which is the
+//! node IP. Nothing downstream may assume member name = pod name: the rewrite maps members by
+//! the URLs they advertise.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +34,12 @@ use crate::config::Target;
 const DEFAULT_CLIENT_PORT: u16 = 2379;
 /// etcd 2.x's legacy client port.
 const LEGACY_CLIENT_PORT: u16 = 4001;
+/// The URLs a kubeadm etcd member advertises, on its static pod
+/// (`cmd/kubeadm/app/constants/constants.go` `EtcdAdvertiseClientUrlsAnnotationKey`).
+const KUBEADM_ADVERTISE_ANNOTATION: &str = "kubeadm.kubernetes.io/etcd.advertise-client-urls";
+/// Labels tried by auto-detection, in order: Helm charts and operators, then kubeadm's
+/// static pods (`cmd/kubeadm/app/util/staticpod/utils.go` `ComponentPod`).
+const AUTO_LABELS: [&str; 3] = ["app=etcd", "app.kubernetes.io/name=etcd", "component=etcd"];
 
 /// Why discovery failed.
 #[derive(Debug, thiserror::Error)]
@@ -93,8 +111,10 @@ pub struct EtcdPod {
     pub ready: bool,
     /// etcd's client port inside the pod.
     pub port: u16,
-    /// The DNS name a TLS member's certificate should carry: `<hostname>.<subdomain>.<ns>.svc`
-    /// for StatefulSet pods (or the host of a `--endpoints` URL).
+    /// The name a TLS member's certificate should carry: `<hostname>.<subdomain>.<ns>.svc`
+    /// for StatefulSet pods; for host-network pods (control-plane etcd) the host of the
+    /// advertised client URL, else the pod IP (= the node IP); the host of a `--endpoints`
+    /// URL. Also the host the member advertises, which the rewrite maps by.
     pub dns_name: Option<String>,
 }
 
@@ -168,10 +188,17 @@ impl Discovery {
             }
             Target::Auto => {
                 let mut c = Vec::new();
-                if let Some(sts) = self.statefulset("etcd").await? {
-                    c.push(sts);
+                match self.statefulset("etcd").await {
+                    Ok(Some(sts)) => c.push(sts),
+                    Ok(None) => {}
+                    // A Role for control-plane etcd in kube-system need not cover
+                    // StatefulSets: the pods are what auto-detection is after.
+                    Err(Error::Forbidden { .. }) => {
+                        tracing::debug!("cannot read statefulset etcd; looking for pods by label")
+                    }
+                    Err(e) => return Err(e),
                 }
-                for sel in ["app=etcd", "app.kubernetes.io/name=etcd"] {
+                for sel in AUTO_LABELS {
                     c.push(Resolved {
                         selection: Selection::Labels(sel.into()),
                         description: format!("pods {sel}"),
@@ -334,16 +361,12 @@ impl Discovery {
             && status
                 .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        let spec = pod.spec.as_ref();
-        let dns_name = spec
-            .and_then(|s| s.hostname.as_deref().zip(s.subdomain.as_deref()))
-            .map(|(host, sub)| format!("{host}.{sub}.{}.svc", self.namespace));
         Some(EtcdPod {
             name,
             ip: status.and_then(|s| s.pod_ip.clone()),
             ready,
             port: self.remote_port.unwrap_or_else(|| client_port(pod)),
-            dns_name,
+            dns_name: tls_name(pod, &self.namespace),
         })
     }
 
@@ -384,6 +407,34 @@ fn selected(selection: &Selection, pod: &Pod) -> bool {
         }),
         _ => true,
     }
+}
+
+/// The name `pod`'s etcd certificate is verified against (see [`EtcdPod::dns_name`]).
+///
+/// A StatefulSet pod (hostname and subdomain set) has a stable DNS name, which charts put in
+/// the certificate. A host-network pod has none: kubeadm's server certificate names the node
+/// (`GetEtcdAltNames`: node name, `localhost`, advertise address, `127.0.0.1`, `::1`), and
+/// the advertise address is what the member advertises. Its host comes from kubeadm's
+/// annotation when present (it can differ from the pod IP on nodes with several addresses,
+/// as with Vagrant's NAT interface), else the pod IP, which is the node IP. Other pods have
+/// no name to check (`--etcd-server-name` gives one).
+fn tls_name(pod: &Pod, namespace: &str) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    if let (Some(host), Some(sub)) = (spec.hostname.as_deref(), spec.subdomain.as_deref()) {
+        return Some(format!("{host}.{sub}.{namespace}.svc"));
+    }
+    if spec.host_network != Some(true) {
+        return None;
+    }
+    let advertised = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(KUBEADM_ADVERTISE_ANNOTATION))
+        .and_then(|urls| urls.split(',').next())
+        .and_then(|url| crate::rewrite::url_host(url.trim()))
+        .map(str::to_owned);
+    advertised.or_else(|| pod.status.as_ref()?.pod_ip.clone())
 }
 
 /// `quay.io/coreos/etcd:v3.4`, `registry.k8s.io/etcd:3.5.9-0`, `bitnami/etcd` …
@@ -497,6 +548,112 @@ mod tests {
         ] {
             assert!(!is_etcd_image(no), "{no}");
         }
+    }
+
+    fn host_network_pod(ip: &str, annotation: Option<&str>) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("etcd-cp-1".into());
+        pod.metadata.annotations = annotation
+            .map(|a| BTreeMap::from([(KUBEADM_ADVERTISE_ANNOTATION.to_string(), a.to_string())]));
+        pod.spec = Some(PodSpec {
+            host_network: Some(true),
+            node_name: Some("cp-1".into()),
+            ..Default::default()
+        });
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            pod_ip: Some(ip.into()),
+            ..Default::default()
+        });
+        pod
+    }
+
+    #[test]
+    fn tls_names_for_statefulset_and_control_plane_pods() {
+        let sts = Pod {
+            spec: Some(PodSpec {
+                hostname: Some("etcd-0".into()),
+                subdomain: Some("etcd".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(tls_name(&sts, "db").as_deref(), Some("etcd-0.etcd.db.svc"));
+
+        // kubeadm: the advertised host, which may differ from the pod (node) IP.
+        let annotated = host_network_pod("10.0.2.15", Some("https://192.168.56.11:2379"));
+        assert_eq!(
+            tls_name(&annotated, "kube-system").as_deref(),
+            Some("192.168.56.11")
+        );
+        let v6 = host_network_pod("fd00::b", Some("https://[fd00::b]:2379"));
+        assert_eq!(tls_name(&v6, "kube-system").as_deref(), Some("fd00::b"));
+        // RKE2 and others without the annotation: the pod IP, which is the node IP.
+        let plain = host_network_pod("10.0.0.11", None);
+        assert_eq!(
+            tls_name(&plain, "kube-system").as_deref(),
+            Some("10.0.0.11")
+        );
+        // A Deployment's pod has no stable name.
+        let other = Pod {
+            spec: Some(PodSpec::default()),
+            ..Default::default()
+        };
+        assert_eq!(tls_name(&other, "db"), None);
+    }
+
+    /// An API server answering as for a kubeadm cluster and a Role for `kube-system` that
+    /// covers pods but not StatefulSets.
+    fn kubeadm_api() -> kube::Client {
+        let service = tower::service_fn(|req: http::Request<kube::client::Body>| async move {
+            let path = req.uri().path().to_owned();
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            let list = |items: serde_json::Value| {
+                serde_json::json!({"kind": "PodList", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": "7"}, "items": items})
+            };
+            let (code, body) = if path.ends_with("/statefulsets/etcd") {
+                let status = serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                    "status": "Failure", "reason": "Forbidden", "code": 403,
+                    "message": "statefulsets.apps \"etcd\" is forbidden"});
+                (403, status)
+            } else if path.ends_with("/pods") && query.contains("component") {
+                let pod = serde_json::json!({
+                    "metadata": {"name": "etcd-cp-1", "namespace": "kube-system",
+                        "labels": {"component": "etcd", "tier": "control-plane"}},
+                    "spec": {"hostNetwork": true, "nodeName": "cp-1",
+                        "containers": [{"name": "etcd"}]},
+                    "status": {"podIP": "10.0.0.11", "conditions": [
+                        {"type": "Ready", "status": "True"}]}});
+                (200, list(serde_json::json!([pod])))
+            } else {
+                (200, list(serde_json::json!([])))
+            };
+            let body = http_body_util::Full::new(bytes::Bytes::from(body.to_string()));
+            http::Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(body)
+        });
+        kube::Client::new(service, "kube-system")
+    }
+
+    #[tokio::test]
+    async fn auto_detection_finds_static_pods_without_statefulset_rights() {
+        let discovery = Discovery::new(kubeadm_api(), "kube-system", None);
+        let (resolved, pods) = discovery.find(&Target::Auto).await.unwrap();
+        assert_eq!(resolved.description, "pods component=etcd");
+        assert_eq!(
+            resolved.selection,
+            Selection::Labels("component=etcd".into())
+        );
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods[0].name, "etcd-cp-1");
+        assert!(pods[0].ready);
+        assert_eq!(pods[0].port, 2379);
+        assert_eq!(pods[0].dns_name.as_deref(), Some("10.0.0.11"));
+        // A named StatefulSet still needs the right: the error says so.
+        let named = discovery.find(&Target::StatefulSet("etcd".into())).await;
+        assert!(matches!(named, Err(Error::Forbidden { .. })), "{named:?}");
     }
 
     #[test]

@@ -186,6 +186,7 @@ mod tests {
         AddrMap::new(vec![LocalEndpoint {
             pod: "m1".into(),
             pod_ip: None,
+            host: None,
             port: None,
             url: "http://127.0.0.1:4001".into(),
         }])

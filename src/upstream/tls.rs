@@ -1,17 +1,25 @@
 //! TLS to etcd itself, inside the tunnel, when etcd serves `https://` (flags named after
 //! etcdctl's: `--etcd-cacert`, `--etcd-cert`, `--etcd-key`).
 //!
-//! The server name is the member's DNS name (`<pod>.<service>.<ns>.svc` for a StatefulSet
-//! pod, or `--etcd-server-name`), never the tunnel's 127.0.0.1, which etcd's certificates do
-//! not name (etcd-io/etcd#7522). ALPN follows etcd's TLS listener
-//! (`docs/etcd-protocols.md` §2.3): gRPC connections offer `h2`; HTTP connections offer
-//! `http/1.1` (etcd's Go server then serves HTTP/1.1 without agreeing on a protocol).
+//! The server name is the member's name as discovery found it (`EtcdPod::dns_name`):
+//! `<pod>.<service>.<ns>.svc` for a StatefulSet pod; for control-plane etcd (kubeadm's
+//! host-network static pods) the host the member advertises, its node IP, which kubeadm's
+//! server certificate carries as an IP SAN (an IP string is a valid rustls `ServerName`);
+//! or `--etcd-server-name` for every member. Never the tunnel's 127.0.0.1, which etcd's
+//! certificates do not name (etcd-io/etcd#7522), even though kubeadm's do: the proxy
+//! verifies that it reached the member it meant to, and a made-up service name would not be
+//! in a kubeadm certificate at all. ALPN follows etcd's TLS listener (`docs/etcd-protocols.md` §2.3):
+//! gRPC connections offer `h2`; HTTP connections offer `http/1.1` (etcd's Go server then
+//! serves HTTP/1.1 without agreeing on a protocol).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, SignatureScheme};
 use tokio_rustls::TlsConnector;
 
 /// Why upstream TLS could not be set up.
@@ -46,6 +54,28 @@ pub struct UpstreamTls {
     /// A fixed server name for every member (`--etcd-server-name`).
     server_name: Option<String>,
     names: Names,
+    /// Without `--etcd-cert`: notes whether etcd asked for a client certificate.
+    no_cert: Option<Arc<NoClientCert>>,
+}
+
+/// The client "identity" without `--etcd-cert`: none, but it remembers that a server asked
+/// for one. With TLS 1.3 the client's handshake is over before etcd checks the (empty)
+/// certificate, so etcd's refusal arrives later as an alert that can lose the race with the
+/// tunnel closing; this flag is what reliably says "etcd wants a client certificate".
+#[derive(Debug, Default)]
+struct NoClientCert {
+    asked: AtomicBool,
+}
+
+impl ResolvesClientCert for NoClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.asked.store(true, Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
 }
 
 /// The member has no name to verify its certificate against.
@@ -69,6 +99,7 @@ impl UpstreamTls {
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots);
+        let mut no_cert = None;
         let config = match identity {
             Some((cert, key)) => {
                 let chain = certs(cert, "a client certificate")?;
@@ -79,7 +110,11 @@ impl UpstreamTls {
                 })?;
                 builder.with_client_auth_cert(chain, key)?
             }
-            None => builder.with_no_client_auth(),
+            None => {
+                let resolver = Arc::new(NoClientCert::default());
+                no_cert = Some(resolver.clone());
+                builder.with_client_cert_resolver(resolver)
+            }
         };
         let with_alpn = |alpn: &[u8]| {
             let mut c = config.clone();
@@ -91,7 +126,20 @@ impl UpstreamTls {
             h2: with_alpn(b"h2"),
             server_name,
             names,
+            no_cert,
         })
+    }
+
+    /// Whether a client certificate was configured (`--etcd-cert`).
+    pub fn has_identity(&self) -> bool {
+        self.no_cert.is_none()
+    }
+
+    /// Whether etcd asked for a client certificate that was not configured.
+    pub fn client_cert_requested(&self) -> bool {
+        self.no_cert
+            .as_ref()
+            .is_some_and(|n| n.asked.load(Ordering::Relaxed))
     }
 
     /// The connector for HTTP/2 (gRPC) or HTTP/1.1 connections.

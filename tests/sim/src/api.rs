@@ -373,6 +373,8 @@ fn single_or_list<T: serde::Serialize>(
     is_watch: bool,
 ) -> Response<Body> {
     let id = &shared.store.id;
+    // kubeadm's control plane has no etcd StatefulSet or Service: gets are 404, lists empty.
+    let ns_ok = ns_ok && id.layout == crate::Layout::StatefulSet;
     if !route.name.is_empty() {
         return if ns_ok && route.name == id.name {
             object_response(obj)

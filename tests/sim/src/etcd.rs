@@ -44,8 +44,11 @@ pub(crate) fn free_port(ip: IpAddr) -> Result<u16, SimError> {
 /// Everything needed to (re)start one member.
 #[derive(Debug, Clone)]
 pub(crate) struct MemberSpec {
-    /// Member name, equal to the pod name (`etcd-0`).
+    /// etcd's `--name`: the pod name (`etcd-0`) in a StatefulSet, the node name (`cp-1`) for
+    /// kubeadm's static pods.
     pub name: String,
+    /// The pod backing this member (`etcd-0`, `etcd-cp-1`).
+    pub pod: String,
     /// Address etcd's client listener binds: 127.0.0.1, or 127.0.0.2 standing in
     /// for "the pod IP only" when the simulated etcd must not listen on loopback.
     pub client_ip: IpAddr,
@@ -62,12 +65,45 @@ pub(crate) struct MemberSpec {
     /// The in-cluster DNS URL the member advertises (never resolvable from a laptop).
     pub advertise_client_url: String,
     pub enable_v2: bool,
+    /// HTTPS with client-certificate auth on the client port, as kubeadm runs etcd; `None`
+    /// serves plain HTTP. Peer traffic stays plain HTTP either way.
+    pub tls: Option<MemberTls>,
+    /// `--listen-metrics-urls http://127.0.0.1:<port>`: kubeadm's probe port (plain HTTP
+    /// `/health`), which the simulator polls when the client port needs a client certificate.
+    pub metrics_port: Option<u16>,
+}
+
+/// kubeadm's client TLS flags for a member (`cmd/kubeadm/app/phases/etcd/local.go`
+/// `getEtcdCommand`): `--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`.
+#[derive(Debug, Clone)]
+pub(crate) struct MemberTls {
+    /// The member's server certificate (`/etc/kubernetes/pki/etcd/server.crt`).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The etcd CA clients must be signed by (`/etc/kubernetes/pki/etcd/ca.crt`).
+    pub ca: PathBuf,
 }
 
 impl MemberSpec {
-    /// `http://127.0.0.1:PORT` (or 127.0.0.2) where this member really serves clients.
+    /// `http://127.0.0.1:PORT` (or 127.0.0.2; `https` with TLS) where this member really
+    /// serves clients.
     pub fn client_url(&self) -> String {
-        format!("http://{}:{}", self.client_ip, self.client_port)
+        format!(
+            "{}://{}:{}",
+            self.scheme(),
+            self.client_ip,
+            self.client_port
+        )
+    }
+
+    /// `https` with client TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// Peer URL as it appears in `--initial-cluster`.
@@ -103,7 +139,7 @@ impl Member {
     /// `--listen-client-urls`: loopback (for port-forward) and the pod IP, if reachable.
     fn listen_client_urls(&self) -> String {
         match *self.pod_addr.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(addr) => format!("{},http://{addr}", self.spec.client_url()),
+            Some(addr) => format!("{},{}://{addr}", self.spec.client_url(), self.spec.scheme()),
             None => self.spec.client_url(),
         }
     }
@@ -144,6 +180,19 @@ impl Member {
         if s.enable_v2 {
             cmd.arg("--enable-v2");
         }
+        if let Some(tls) = &s.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        if let Some(port) = s.metrics_port {
+            cmd.arg("--listen-metrics-urls")
+                .arg(format!("http://{}:{port}", Ipv4Addr::LOCALHOST));
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
@@ -174,9 +223,13 @@ impl Member {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Polls `GET /health` until etcd reports healthy, the process exits, or the deadline passes.
+    /// Polls `GET /health` until etcd reports healthy, the process exits, or the deadline passes:
+    /// on the metrics port if there is one (as kubeadm's probes do), else the client port.
     pub async fn wait_healthy(&self, deadline: Instant) -> Result<(), SimError> {
-        let addr = SocketAddr::new(self.spec.client_ip, self.spec.client_port);
+        let addr = match self.spec.metrics_port {
+            Some(port) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            None => SocketAddr::new(self.spec.client_ip, self.spec.client_port),
+        };
         loop {
             if let Some(status) = self.exited()? {
                 return Err(self.unhealthy(format!("etcd exited early with {status}")));

@@ -11,6 +11,12 @@
 //! (killed pods, cut tunnels, latency, the kubelet's idle timeout, API server
 //! outages, scaling with real etcd membership changes) can be injected from tests.
 //!
+//! Two layouts ([`Layout`]): an etcd StatefulSet with its headless Service (the default), or
+//! kubeadm's control-plane etcd — static pods `etcd-<node>` in `kube-system`, host network,
+//! members named after their nodes, advertising `https://<node-ip>:2379`, serving clients
+//! over TLS with client-certificate auth from a kubeadm-style PKI ([`EtcdPki`]). Peer traffic
+//! stays plain HTTP on loopback in both: no client sees it.
+//!
 //! Fidelity matters more than convenience here: this is what proves
 //! etcd-proxy works, so behaviour follows the Kubernetes source, cited in
 //! comments where it is non-obvious.
@@ -22,6 +28,7 @@ mod etcd;
 mod idle;
 mod membership;
 mod objects;
+mod pki;
 mod portforward;
 mod random;
 mod scale;
@@ -43,9 +50,10 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 pub use error::SimError;
+pub use pki::EtcdPki;
 
 use auth::Auth;
-use etcd::{Member, MemberSpec};
+use etcd::{Member, MemberSpec, MemberTls};
 use objects::{Identity, PodState};
 use portforward::Tunnels;
 use server::ApiServer;
@@ -69,8 +77,30 @@ pub struct SimConfig {
     pub loopback_listen: bool,
     /// Start etcd with `--enable-v2`. Default true.
     pub enable_v2: bool,
-    /// Where pod IPs come from. Default [`PodNetwork::Unroutable`].
+    /// Where pod IPs come from. Default [`PodNetwork::Unroutable`]. With
+    /// [`Layout::ControlPlane`] the pods use the host network, so these are node IPs:
+    /// 10.0.0.11, 10.0.0.12, ... when unroutable.
     pub pod_network: PodNetwork,
+    /// How etcd is deployed. Default [`Layout::StatefulSet`].
+    pub layout: Layout,
+}
+
+/// How the simulated etcd is deployed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// A StatefulSet `<name>` with a headless Service `<name>`, pods `<name>-0`, ... whose
+    /// members are named after their pods and advertise
+    /// `http://<pod>.<name>.<ns>.svc.cluster.local:2379`; plain HTTP.
+    #[default]
+    StatefulSet,
+    /// kubeadm's stacked etcd: one static pod `<name>-<node>` per control-plane node `cp-1`,
+    /// `cp-2`, ... (labels `component=etcd`, `tier=control-plane`, `hostNetwork: true`, pod IP
+    /// = node IP), members named after their nodes, advertising `https://<node-ip>:2379`, TLS
+    /// with `--client-cert-auth` (see [`SimCluster::etcd_pki`]). No StatefulSet and no Service:
+    /// the API server answers 404 for them. Port-forward reaches the member's listener on the
+    /// host's loopback, as the runtime does for a host-network pod. Scaling is not supported
+    /// (kubeadm adds members with `kubeadm join`, not a replica count).
+    ControlPlane,
 }
 
 /// The pods' network, as the machine running the simulator sees it.
@@ -94,6 +124,23 @@ impl Default for SimConfig {
             loopback_listen: true,
             enable_v2: true,
             pod_network: PodNetwork::Unroutable,
+            layout: Layout::StatefulSet,
+        }
+    }
+}
+
+impl SimConfig {
+    /// kubeadm's control-plane etcd with `members` nodes: [`Layout::ControlPlane`] in
+    /// `kube-system`, static pods named `etcd-<node>`, no v2 API (kubeadm does not pass
+    /// `--enable-v2`).
+    pub fn control_plane(members: usize) -> Self {
+        SimConfig {
+            members,
+            namespace: "kube-system".into(),
+            name: "etcd".into(),
+            layout: Layout::ControlPlane,
+            enable_v2: false,
+            ..SimConfig::default()
         }
     }
 }
@@ -109,6 +156,8 @@ pub(crate) struct Shared {
     members: Mutex<Vec<Arc<Member>>>,
     pub tunnels: Arc<Tunnels>,
     latency_nanos: AtomicU64,
+    /// The etcd PKI, with [`Layout::ControlPlane`].
+    pki: Option<EtcdPki>,
 }
 
 impl Shared {
@@ -126,11 +175,12 @@ impl Shared {
         self.lock_members().clone()
     }
 
-    /// The member backing `pod`.
+    /// The member backing `pod` (by pod name: member names are node names in the
+    /// control-plane layout).
     pub fn member(&self, pod: &str) -> Option<Arc<Member>> {
         self.lock_members()
             .iter()
-            .find(|m| m.spec.name == pod)
+            .find(|m| m.spec.pod == pod)
             .cloned()
     }
 
@@ -139,7 +189,7 @@ impl Shared {
     }
 
     fn remove_member(&self, pod: &str) {
-        self.lock_members().retain(|m| m.spec.name != pod);
+        self.lock_members().retain(|m| m.spec.pod != pod);
     }
 }
 
@@ -178,21 +228,31 @@ impl SimCluster {
             .prefix("etcd-proxy-sim-")
             .tempdir()
             .map_err(|e| SimError::io("creating the temp dir", e))?;
+        let node_uids = (0..cfg.members)
+            .map(|_| random::uuid_v4())
+            .collect::<Result<Vec<_>, _>>()?;
         let id = Identity {
             namespace: cfg.namespace.clone(),
             name: cfg.name.clone(),
+            layout: cfg.layout,
+            node_uids,
             statefulset_uid: random::uuid_v4()?,
             service_uid: random::uuid_v4()?,
             created: objects::now(),
         };
-        let members = plan_members(&cfg, &id, dir.path())?;
-        let cidr = match cfg.pod_network {
-            PodNetwork::Unroutable => PodCidr::UNROUTABLE,
-            PodNetwork::Loopback => free_loopback_cidr()?,
+        let (cidr, first_ip) = match (cfg.pod_network, cfg.layout) {
+            (PodNetwork::Unroutable, Layout::StatefulSet) => (PodCidr::UNROUTABLE, FIRST_POD_IP),
+            (PodNetwork::Unroutable, Layout::ControlPlane) => (PodCidr::NODES, FIRST_NODE_IP),
+            (PodNetwork::Loopback, _) => (free_loopback_cidr()?, FIRST_POD_IP),
         };
         let ips: Vec<String> = (0..cfg.members)
-            .map(|ordinal| cidr.ip(FIRST_POD_IP + ordinal_u32(ordinal)))
+            .map(|ordinal| cidr.ip(first_ip + ordinal_u32(ordinal)))
             .collect();
+        let pki = match cfg.layout {
+            Layout::StatefulSet => None,
+            Layout::ControlPlane => Some(pki::EtcdCa::generate(&dir.path().join("pki"))?),
+        };
+        let members = plan_members(&cfg, &id, dir.path(), &ips, pki.as_ref())?;
         for (m, ip) in members.iter().zip(&ips) {
             m.set_pod_addr(pod_addr(cidr, ip));
             m.spawn()?;
@@ -211,7 +271,7 @@ impl SimCluster {
         for (ordinal, ip) in ips.into_iter().enumerate() {
             pods.push(PodState::new(ordinal, id.pod_name(ordinal), ip)?);
         }
-        let next_ip = FIRST_POD_IP + ordinal_u32(cfg.members);
+        let next_ip = first_ip + ordinal_u32(cfg.members);
 
         let tls = tls::generate()?;
         let listener = TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
@@ -260,6 +320,7 @@ impl SimCluster {
             members: Mutex::new(members.into_iter().map(Arc::new).collect()),
             tunnels: Arc::new(Tunnels::default()),
             latency_nanos: AtomicU64::new(0),
+            pki: pki.map(|ca| ca.files),
         });
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
         let server = ApiServer::start(listener, acceptor, shared.clone())?;
@@ -288,9 +349,22 @@ impl SimCluster {
         &self.shared.cfg.namespace
     }
 
-    /// Pod names in ordinal order (`etcd-0`, `etcd-1`, ...).
+    /// Pod names in ordinal order (`etcd-0`, `etcd-1`, ...; `etcd-cp-1`, ... for the
+    /// control-plane layout).
     pub fn pod_names(&self) -> Vec<String> {
         self.shared.store.pod_names()
+    }
+
+    /// The etcd member name (`--name`) of `pod`: the pod name in a StatefulSet, the node
+    /// name (`cp-1`) for a control-plane static pod.
+    pub fn member_name(&self, pod: &str) -> Option<String> {
+        self.shared.member(pod).map(|m| m.spec.name.clone())
+    }
+
+    /// With [`Layout::ControlPlane`]: the kubeadm-style CA and client certificates a user
+    /// copies off a control-plane node (`--etcd-cacert`, `--etcd-cert`, `--etcd-key`).
+    pub fn etcd_pki(&self) -> Option<&EtcdPki> {
+        self.shared.pki.as_ref()
     }
 
     /// The member's real client URL (`http://127.0.0.1:PORT`), for test assertions only.
@@ -321,7 +395,8 @@ impl SimCluster {
         self.shared.store.pod_state(pod).map(|p| p.ip)
     }
 
-    /// The URL the member advertises: `http://etcd-0.etcd.<ns>.svc.cluster.local:2379`.
+    /// The URL the member advertises: `http://etcd-0.etcd.<ns>.svc.cluster.local:2379`, or
+    /// `https://<node-ip>:2379` for the control-plane layout.
     pub fn advertised_client_url(&self, pod: &str) -> Option<String> {
         self.shared
             .member(pod)
@@ -365,8 +440,17 @@ impl SimCluster {
             .member(pod)
             .ok_or_else(|| SimError::NoSuchPod(pod.to_string()))?;
         member.kill().await?;
-        // The new sandbox's IP is known before its container starts.
-        let ip = self.shared.store.alloc_ip();
+        // The new sandbox's IP is known before its container starts; a host-network pod
+        // keeps its node's IP.
+        let ip = match self.shared.cfg.layout {
+            Layout::StatefulSet => self.shared.store.alloc_ip(),
+            Layout::ControlPlane => self
+                .shared
+                .store
+                .pod_state(pod)
+                .map(|p| p.ip)
+                .unwrap_or_default(),
+        };
         member.set_pod_addr(pod_addr(self.shared.store.cidr(), &ip));
         member.spawn()?;
         member
@@ -393,6 +477,12 @@ impl SimCluster {
     pub async fn scale(&self, members: usize) -> Result<(), SimError> {
         if members == 0 {
             return Err(SimError::Config("members must be at least 1".into()));
+        }
+        if self.shared.cfg.layout == Layout::ControlPlane {
+            return Err(SimError::Config(
+                "control-plane etcd has no replica count to scale (kubeadm join adds members)"
+                    .into(),
+            ));
         }
         let _one_at_a_time = self.scaling.lock().await;
         self.shared.store.set_spec_replicas(members);
@@ -507,7 +597,7 @@ where
 
 /// Where a member serves clients on its pod IP: with a loopback pod network only.
 pub(crate) fn pod_addr(cidr: PodCidr, ip: &str) -> Option<SocketAddr> {
-    if cidr == PodCidr::UNROUTABLE {
+    if !cidr.reachable() {
         return None;
     }
     Some(SocketAddr::new(ip.parse().ok()?, objects::CLIENT_PORT))
@@ -539,12 +629,22 @@ fn free_loopback_cidr() -> Result<PodCidr, SimError> {
 /// Index (see [`PodCidr::ip`]) of the first pod's IP: 10.244.0.10.
 const FIRST_POD_IP: u32 = 10;
 
+/// Index of the first control-plane node's IP: 10.0.0.11.
+const FIRST_NODE_IP: u32 = 11;
+
 fn ordinal_u32(ordinal: usize) -> u32 {
     u32::try_from(ordinal).unwrap_or(u32::MAX)
 }
 
-/// Picks ports and builds the member specs (data dirs under `root`).
-fn plan_members(cfg: &SimConfig, id: &Identity, root: &Path) -> Result<Vec<Member>, SimError> {
+/// Picks ports and builds the member specs (data dirs under `root`); `ips` are the pods'
+/// IPs, and `pki` (control-plane layout) signs each node's server certificate.
+fn plan_members(
+    cfg: &SimConfig,
+    id: &Identity,
+    root: &Path,
+    ips: &[String],
+    pki: Option<&pki::EtcdCa>,
+) -> Result<Vec<Member>, SimError> {
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
     // 127.0.0.2 stands in for the pod IP: reachable on this machine, but not
     // what "localhost" inside the pod means.
@@ -555,11 +655,25 @@ fn plan_members(cfg: &SimConfig, id: &Identity, root: &Path) -> Result<Vec<Membe
     };
     let token = format!("etcd-proxy-sim-{}", random::random_hex(8)?);
     let mut specs = Vec::with_capacity(cfg.members);
-    for ordinal in 0..cfg.members {
-        let name = id.pod_name(ordinal);
-        let member_dir = root.join(&name);
+    for (ordinal, ip) in ips.iter().enumerate() {
+        let pod = id.pod_name(ordinal);
+        let member_dir = root.join(&pod);
         std::fs::create_dir_all(&member_dir)
             .map_err(|e| SimError::io(format!("creating {}", member_dir.display()), e))?;
+        let (name, advertise_client_url, tls, metrics_port) = match (cfg.layout, pki) {
+            (Layout::ControlPlane, Some(ca)) => {
+                let node = id.node_name(ordinal);
+                let server = ca.server(&member_dir.join("pki"), &node, ip)?;
+                let tls = MemberTls {
+                    cert: server.cert,
+                    key: server.key,
+                    ca: ca.files.ca_cert.clone(),
+                };
+                let url = objects::control_plane_client_url(ip);
+                (node, url, Some(tls), Some(etcd::free_port(lo)?))
+            }
+            _ => (pod.clone(), id.advertised_client_url(ordinal), None, None),
+        };
         specs.push(MemberSpec {
             client_ip,
             client_port: etcd::free_port(client_ip)?,
@@ -569,9 +683,12 @@ fn plan_members(cfg: &SimConfig, id: &Identity, root: &Path) -> Result<Vec<Membe
             initial_cluster: String::new(),
             cluster_token: token.clone(),
             join_existing: false,
-            advertise_client_url: id.advertised_client_url(ordinal),
+            advertise_client_url,
             enable_v2: cfg.enable_v2,
             name,
+            pod,
+            tls,
+            metrics_port,
         });
     }
     let initial_cluster = specs

@@ -3,7 +3,7 @@
 //! waits for Ctrl-C or SIGTERM and shuts down cleanly.
 
 use clap::Parser;
-use etcd_proxy_sim::{PodNetwork, SimCluster, SimConfig};
+use etcd_proxy_sim::{Layout, PodNetwork, SimCluster, SimConfig};
 
 /// A simulated Kubernetes API server backed by real etcd members.
 #[derive(Debug, Parser)]
@@ -28,6 +28,10 @@ struct Args {
     /// as from inside the cluster: for `etcd-proxy --direct`.
     #[arg(long)]
     reachable_pods: bool,
+    /// kubeadm's control-plane etcd instead of a StatefulSet: static pods `etcd-cp-N` in
+    /// kube-system (pass `--namespace kube-system`), TLS with client certificates.
+    #[arg(long)]
+    control_plane: bool,
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -54,23 +58,42 @@ async fn main() -> anyhow::Result<()> {
         namespace: args.namespace,
         name: args.name,
         loopback_listen: !args.no_loopback_listen,
-        enable_v2: !args.disable_v2,
+        // kubeadm does not enable the v2 API.
+        enable_v2: !args.disable_v2 && !args.control_plane,
         pod_network: if args.reachable_pods {
             PodNetwork::Loopback
         } else {
             PodNetwork::Unroutable
         },
+        layout: if args.control_plane {
+            Layout::ControlPlane
+        } else {
+            Layout::StatefulSet
+        },
     };
     let cluster = SimCluster::start(cfg.clone()).await?;
     let kubeconfig = cluster.kubeconfig_path().display().to_string();
+    let shape = match cfg.layout {
+        Layout::StatefulSet => format!("statefulset {}", cfg.name),
+        Layout::ControlPlane => "kubeadm static pods, TLS with client certificates".to_string(),
+    };
     println!(
-        "Simulated cluster ready: {} etcd members in namespace {} (statefulset {})",
-        cfg.members, cfg.namespace, cfg.name
+        "Simulated cluster ready: {} etcd members in namespace {} ({shape})",
+        cfg.members, cfg.namespace
     );
     println!("  kubeconfig: {kubeconfig}");
     println!("  api server: {}", cluster.api_url());
     println!("  contexts:   sim (default), sim-no-portforward, sim-no-list, sim-gateway");
-    println!("Try:  etcd-proxy --kubeconfig {kubeconfig}");
+    match cluster.etcd_pki() {
+        Some(pki) => println!(
+            "Try:  etcd-proxy --kubeconfig {kubeconfig} -n {} --etcd-cacert {} --etcd-cert {} --etcd-key {}",
+            cfg.namespace,
+            pki.ca_cert.display(),
+            pki.apiserver_client_cert.display(),
+            pki.apiserver_client_key.display()
+        ),
+        None => println!("Try:  etcd-proxy --kubeconfig {kubeconfig}"),
+    }
     let result = wait_for_signal().await;
     println!("Shutting down...");
     cluster.shutdown().await;

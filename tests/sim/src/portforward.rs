@@ -383,13 +383,20 @@ fn go_dial_error(net: &str, addr: &str, e: &std::io::Error) -> String {
 /// dial fails. The CRI streaming server passes the sandbox id as the "pod" and
 /// an empty uid (`pkg/kubelet/cri/streaming/server.go` `servePortForward`),
 /// hence `uid :`; the rest is containerd's wrapping of both dial attempts.
-fn forward_error(pod: &PodState, port: u16, e: &std::io::Error) -> String {
+///
+/// For a host-network pod (the control-plane layout) containerd dials in its own network
+/// namespace and names it `"host"` (`sandbox_portforward_linux.go`: `netNSPath = "host"`).
+fn forward_error(pod: &PodState, port: u16, e: &std::io::Error, host_network: bool) -> String {
     let v4 = go_dial_error("tcp4", &format!("127.0.0.1:{port}"), e);
     let v6 = go_dial_error("tcp6", &format!("[::1]:{port}"), e);
+    let netns = if host_network {
+        "host".to_string()
+    } else {
+        format!("/var/run/netns/cni-{}", pod.netns_id)
+    };
     format!(
-        "error forwarding port {port} to pod {sandbox}, uid : failed to execute portforward in network namespace \"/var/run/netns/cni-{netns}\": failed to connect to localhost:{port} inside namespace \"{sandbox}\", IPv4: {v4} IPv6 {v6} ",
+        "error forwarding port {port} to pod {sandbox}, uid : failed to execute portforward in network namespace \"{netns}\": failed to connect to localhost:{port} inside namespace \"{sandbox}\", IPv4: {v4} IPv6 {v6} ",
         sandbox = pod.sandbox_id,
-        netns = pod.netns_id,
     )
 }
 
@@ -454,7 +461,8 @@ async fn session<S>(
         let target = pod_local_target(&shared, &pod, port);
         match TcpStream::connect(target).await {
             Err(e) => {
-                let text = forward_error(&pod, port, &e);
+                let host_network = shared.cfg.layout == crate::Layout::ControlPlane;
+                let text = forward_error(&pod, port, &e, host_network);
                 let _ = out_tx
                     .send((due(), codec.encode(err_ch, text.as_bytes())))
                     .await;

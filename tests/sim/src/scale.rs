@@ -73,6 +73,7 @@ pub(crate) async fn add_member(shared: &Arc<Shared>, ordinal: usize) -> Result<(
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let mut spec = MemberSpec {
         name: name.clone(),
+        pod: name.clone(),
         client_ip: template.client_ip,
         client_port: etcd::free_port(template.client_ip)?,
         peer_port: etcd::free_port(lo)?,
@@ -83,6 +84,8 @@ pub(crate) async fn add_member(shared: &Arc<Shared>, ordinal: usize) -> Result<(
         join_existing: true,
         advertise_client_url: id.advertised_client_url(ordinal),
         enable_v2: template.enable_v2,
+        tls: None,
+        metrics_port: None,
     };
     spec.initial_cluster = existing
         .iter()

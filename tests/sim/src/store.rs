@@ -45,6 +45,15 @@ impl PodCidr {
     /// laptop cannot reach pod IPs.
     pub const UNROUTABLE: PodCidr = PodCidr { prefix: [10, 244] };
 
+    /// 10.0.0.0/16, the control-plane nodes' network in the control-plane layout: as
+    /// unreachable from here as a real cluster's node IPs are from a laptop.
+    pub const NODES: PodCidr = PodCidr { prefix: [10, 0] };
+
+    /// Whether addresses in it answer on this machine (a loopback network).
+    pub fn reachable(self) -> bool {
+        self.prefix[0] == 127
+    }
+
     /// 127.`second`.0.0/16, inside loopback: every address answers on this machine, so the
     /// members can listen on their pod IPs for `--direct`.
     pub fn loopback(second: u8) -> PodCidr {
