@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::k8s::discovery::EtcdPod;
+use crate::member::EtcdPod;
 use crate::metrics;
 use crate::upstream::health::Health;
 

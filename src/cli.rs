@@ -6,8 +6,6 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Parser};
 
-use crate::router::Reads;
-
 /// One stable local etcd endpoint into a Kubernetes cluster.
 ///
 /// etcd-proxy finds the etcd pods in a namespace, tunnels to them through the Kubernetes
@@ -107,8 +105,8 @@ pub struct Cli {
     /// (lowest latency); `spread` round-robins them over the members like clientv3.
     /// Writes always go to the leader; serializable reads always spread. Status and MoveLeader
     /// always go to the leader, so `etcdctl move-leader` works through the cluster endpoint.
-    #[arg(long, value_enum, value_name = "WHERE", default_value_t = Reads::Leader)]
-    pub reads: Reads,
+    #[arg(long, value_enum, value_name = "WHERE", default_value_t = ReadsArg::Leader)]
+    pub reads: ReadsArg,
 
     /// Threads serving requests. One event loop gives the lowest CPU cost and latency per
     /// request (no wake-ups across threads); an in-cluster gateway with many busy clients
@@ -253,6 +251,16 @@ pub struct Cli {
     /// `etcd_proxy=info,error`); release builds leave out trace-level logging.
     #[arg(long, value_name = "FILTER", env = "ETCD_PROXY_LOG")]
     pub log: Option<String>,
+}
+
+/// `--reads`: where linearizable reads go (the router's `Reads`; clap's types stay here so
+/// that the command line depends on nothing else in the crate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadsArg {
+    /// To the leader, when it is known and ready.
+    Leader,
+    /// Round-robin over the ready members.
+    Spread,
 }
 
 #[cfg(test)]

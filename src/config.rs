@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, ReadsArg};
+use crate::router::Reads;
 
 /// How the etcd pods are found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +70,7 @@ pub struct Config {
     /// The per-member endpoints.
     pub member_ports: MemberPorts,
     /// Where linearizable reads go.
-    pub reads: crate::router::Reads,
+    pub reads: Reads,
     /// Threads serving requests (0: one per core).
     pub threads: usize,
     /// Health-check (and idle keepalive) interval.
@@ -241,7 +242,10 @@ impl TryFrom<Cli> for Config {
             remote_port: cli.remote_port,
             listen: cli.listen,
             member_ports,
-            reads: cli.reads,
+            reads: match cli.reads {
+                ReadsArg::Leader => Reads::Leader,
+                ReadsArg::Spread => Reads::Spread,
+            },
             threads: cli.threads,
             keepalive: cli.keepalive,
             keepalive_timeout: cli.keepalive_timeout,

@@ -16,8 +16,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::MemberPorts;
-use crate::k8s::discovery::EtcdPod;
 use crate::listener::{self, Endpoint, Serving};
+use crate::member::EtcdPod;
 use crate::proxy::Proxy;
 use crate::rewrite::{AddrMap, LocalEndpoint};
 

@@ -50,6 +50,7 @@ pub mod error;
 pub mod grpc;
 pub mod k8s;
 pub mod listener;
+pub mod member;
 pub mod metrics;
 mod pem;
 mod protowire;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::k8s::discovery::EtcdPod;
 use crate::k8s::tunnel;
+use crate::member::EtcdPod;
 use crate::upstream::{BoxIo, Dial, DialFuture};
 
 /// How long a direct TCP connect may take.

@@ -13,8 +13,8 @@ use http_body_util::{BodyExt, Empty};
 
 use super::Error;
 use crate::error::{find_cause, one_line, BoxError};
-use crate::k8s::discovery::EtcdPod;
 use crate::k8s::tunnel;
+use crate::member::EtcdPod;
 use crate::upstream::tls::UpstreamTls;
 use crate::upstream::{Upstream, UpstreamBody};
 

@@ -6,8 +6,9 @@ use http::Uri;
 
 use super::Error;
 use crate::config::Config;
-use crate::k8s::discovery::{Discovery, EtcdPod, Selection};
+use crate::k8s::discovery::{Discovery, Selection};
 use crate::k8s::{self, tunnel};
+use crate::member::EtcdPod;
 
 /// How member connections are made.
 pub(super) enum Connect {

@@ -29,6 +29,7 @@ use kube::Api;
 use tokio::sync::watch;
 
 use crate::config::Target;
+use crate::member::{sort_pods, EtcdPod};
 
 /// The port etcd serves clients on when the pod spec does not say.
 const DEFAULT_CLIENT_PORT: u16 = 2379;
@@ -98,24 +99,6 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-}
-
-/// One etcd pod, as the proxy needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdPod {
-    /// Pod name; in a StatefulSet also the etcd member name.
-    pub name: String,
-    /// Pod IP, for members that advertise IP URLs.
-    pub ip: Option<String>,
-    /// Ready condition is True and the pod is not terminating.
-    pub ready: bool,
-    /// etcd's client port inside the pod.
-    pub port: u16,
-    /// The name a TLS member's certificate should carry: `<hostname>.<subdomain>.<ns>.svc`
-    /// for StatefulSet pods; for host-network pods (control-plane etcd) the host of the
-    /// advertised client URL, else the pod IP (= the node IP); the host of a `--endpoints`
-    /// URL. Also the host the member advertises, which the rewrite maps by.
-    pub dns_name: Option<String>,
 }
 
 /// How the pods are selected once the target is resolved.
@@ -472,15 +455,6 @@ fn join_labels(labels: &BTreeMap<String, String>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// StatefulSet ordinal order (`etcd-2` before `etcd-10`), then name.
-pub fn sort_pods(pods: &mut [EtcdPod]) {
-    pods.sort_by(|a, b| (ordinal(&a.name), &a.name).cmp(&(ordinal(&b.name), &b.name)));
-}
-
-fn ordinal(name: &str) -> Option<u64> {
-    name.rsplit_once('-').and_then(|(_, n)| n.parse().ok())
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use super::Class;
 use crate::protowire::{varint_value, Fields};
 
 /// Where linearizable reads go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Reads {
     /// To the leader, when it is known and ready.
     #[default]

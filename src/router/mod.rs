@@ -18,7 +18,7 @@ use std::sync::Arc;
 use http::{header, Method, Request, Version};
 use tokio::sync::watch;
 
-use crate::k8s::discovery::EtcdPod;
+use crate::member::EtcdPod;
 use crate::rewrite::{gateway, grpc::ClusterMethod, v2::V2Route};
 use crate::upstream::health::Health;
 pub use leader::Reads;

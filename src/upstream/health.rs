@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Empty};
 use tokio::sync::watch;
 
 use super::Upstream;
-use crate::k8s::discovery::EtcdPod;
+use crate::member::EtcdPod;
 use crate::protowire::{varint_value, Fields, LEN};
 
 /// Health-check settings.
