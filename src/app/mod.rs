@@ -65,6 +65,17 @@ pub enum Error {
     Unreachable(String),
 }
 
+/// One member in the start-up summary.
+#[derive(Debug, Clone)]
+pub struct MemberLine {
+    /// The member (pod) name.
+    pub name: String,
+    /// Its local endpoint's URL.
+    pub url: String,
+    /// Its etcd version, or why it did not answer.
+    pub note: String,
+}
+
 /// What the proxy serves, for the start-up summary.
 #[derive(Debug, Clone)]
 pub struct Summary {
@@ -73,8 +84,8 @@ pub struct Summary {
     pub origin: String,
     /// The cluster endpoint's URL.
     pub cluster_url: String,
-    /// Each member: name, local URL, and a note (version or problem).
-    pub members: Vec<(String, String, String)>,
+    /// Each member's line.
+    pub members: Vec<MemberLine>,
     /// The CA certificate clients need, when --tls-auto made it.
     pub ca_cert: Option<std::path::PathBuf>,
     /// The admin listener's address, if any.
@@ -83,7 +94,7 @@ pub struct Summary {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = self.members.iter().map(|m| m.0.as_str()).collect();
+        let names: Vec<&str> = self.members.iter().map(|m| m.name.as_str()).collect();
         let n = names.len();
         let noun = if n == 1 { "member" } else { "members" };
         writeln!(
@@ -99,7 +110,7 @@ impl fmt::Display for Summary {
             .unwrap_or(0)
             .max("cluster".len());
         write!(f, "  {:width$}  {}", "cluster", self.cluster_url)?;
-        for (name, url, note) in &self.members {
+        for MemberLine { name, url, note } in &self.members {
             write!(f, "\n  {name:width$}  {url}  {note}")?;
         }
         if let Some(admin) = &self.admin {
@@ -116,19 +127,32 @@ impl fmt::Display for Summary {
     }
 }
 
-/// A proxy whose endpoints are bound and whose members answered.
+/// A proxy whose endpoints are bound and whose members answered: everything [`Running::serve`]
+/// starts.
 pub struct Running {
+    /// What is served, as printed at start-up.
     summary: Summary,
+    /// The cluster endpoint, bound.
     cluster: Endpoint,
+    /// The member endpoints, bound; they follow the pods.
     members: MemberEndpoints,
+    /// The request pipeline every endpoint shares.
     proxy: Proxy,
+    /// Where to watch the pods (none with `--endpoints`).
     follow: Option<(Discovery, Selection)>,
+    /// The current members, published to the router, endpoints, health checks and dialer.
     pods_tx: watch::Sender<Arc<Vec<EtcdPod>>>,
+    /// Member health, fed by requests and by the probes `serve` runs.
     health: Health,
+    /// Upstream connections, shared with the health probes.
     upstream: Upstream,
+    /// Members that run etcd 2.x (HTTP only).
     legacy: HashSet<String>,
+    /// Turns true when the proxy stops: listeners drain, watches end.
     stop_tx: watch::Sender<bool>,
+    /// TLS and connection limits for every endpoint.
     serving: Serving,
+    /// The admin listener, bound, if `--admin` was given.
     admin: Option<tokio::net::TcpListener>,
 }
 
@@ -140,80 +164,44 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         follow,
         origin,
     } = Source::find(&cfg).await?;
-
     let admin = match cfg.admin {
         Some(addr) => Some(listener::bind(addr).await?),
         None => None,
     };
-    let auth = cfg
-        .auth_file
-        .as_deref()
-        .map(|users| Auth::load(users, cfg.token_key.as_deref()))
-        .transpose()?
-        .map(Arc::new);
-    if let Some(auth) = &auth {
-        tracing::info!(key = %auth.key_id(), shared = cfg.token_key.is_some(), "login tokens signed");
-        tokio::spawn(auth.clone().follow_users_file());
-    }
-    let (tls, ca_cert) = tls_config(&cfg)?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let listener = listener::bind(cfg.listen).await?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| listener::Error::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-    let cluster = Endpoint {
-        listener,
-        name: Arc::from("cluster"),
-        pinned: None,
+    let auth = load_auth(&cfg)?;
+    let (serving, ca_cert) = serving(&cfg)?;
+    let scheme = if serving.tls.is_some() {
+        "https"
+    } else {
+        "http"
     };
-    let serving = Serving {
-        tls,
-        admission: Admission::new(Limits {
-            max_connections: cfg.max_connections,
-            max_connections_per_address: cfg.max_connections_per_address,
-            max_connection_rate_per_address: cfg.max_connection_rate_per_address,
-            header_timeout: cfg.header_timeout,
-        }),
-    };
+    let (cluster, cluster_addr) = bind_cluster(cfg.listen).await?;
     let (mut members, map_rx) =
         MemberEndpoints::new(cfg.listen.ip(), cfg.member_ports, scheme, serving.clone());
     members.bind_initial(&pods).await?;
 
     let (pods_tx, pods_rx) = watch::channel(Arc::new(pods.clone()));
+    let upstream_tls = upstream_tls(&cfg, &pods_rx)?;
     let dial: Arc<dyn Dial> = match connect {
         Connect::Tunnels(tunnels) => Arc::new(TunnelDial(*tunnels)),
         Connect::Direct => Arc::new(DirectDial {
             pods: pods_rx.clone(),
         }),
     };
-    let upstream_tls = match &cfg.etcd_tls {
-        Some(t) => {
-            let pods = pods_rx.clone();
-            let names: Names = Arc::new(move |pod: &str| {
-                pods.borrow()
-                    .iter()
-                    .find(|p| p.name == pod)
-                    .and_then(|p| p.dns_name.clone())
-            });
-            let identity = t.identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
-            Some(UpstreamTls::load(
-                &t.cacert,
-                identity,
-                t.server_name.clone(),
-                names,
-            )?)
-        }
-        None => None,
-    };
+    // --keepalive paces both the HTTP/2 pings on upstream connections and the health checks
+    // (which also keep idle tunnels alive); --keepalive-timeout bounds the answer to either.
     let upstream = Upstream::new(
         dial,
         upstream_tls.clone(),
         cfg.keepalive,
         cfg.keepalive_timeout,
     );
+    let health = Health::new(HealthConfig {
+        interval: cfg.keepalive,
+        timeout: cfg.keepalive_timeout,
+        ..HealthConfig::default()
+    });
+
     let versions = probe_all(&upstream, &pods, upstream_tls.as_ref()).await?;
     let legacy: HashSet<String> = pods
         .iter()
@@ -221,11 +209,6 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         .filter(|(_, v)| v.as_deref().is_ok_and(|v| v.starts_with("2.")))
         .map(|(p, _)| p.name.clone())
         .collect();
-    let health = Health::new(HealthConfig {
-        interval: cfg.keepalive,
-        timeout: cfg.keepalive_timeout,
-        ..HealthConfig::default()
-    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let backends = Backends::new(pods_rx, health.clone(), cfg.reads);
     let proxy = Proxy::new(
@@ -237,18 +220,21 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         stop_rx,
         auth,
     );
-    let notes = versions.into_iter().map(|v| match v {
-        Ok(v) => format!("(etcd {v})"),
-        Err(e) => format!("(unreachable: {e})"),
-    });
     let summary = Summary {
         origin,
-        cluster_url: format!("{scheme}://{addr}"),
+        cluster_url: format!("{scheme}://{cluster_addr}"),
         members: members
             .urls(&pods)
             .into_iter()
-            .zip(notes)
-            .map(|((n, u), note)| (n, u, note))
+            .zip(versions)
+            .map(|((name, url), version)| MemberLine {
+                name,
+                url,
+                note: match version {
+                    Ok(v) => format!("(etcd {v})"),
+                    Err(e) => format!("(unreachable: {e})"),
+                },
+            })
             .collect(),
         ca_cert,
         admin: admin.as_ref().and_then(|l| l.local_addr().ok()),
@@ -267,6 +253,71 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         serving,
         admin,
     })
+}
+
+/// The users file and token key, if `--auth-file` was given; follows the users file.
+fn load_auth(cfg: &Config) -> Result<Option<Arc<Auth>>, Error> {
+    let Some(users) = cfg.auth_file.as_deref() else {
+        return Ok(None);
+    };
+    let auth = Arc::new(Auth::load(users, cfg.token_key.as_deref())?);
+    tracing::info!(key = %auth.key_id(), shared = cfg.token_key.is_some(), "login tokens signed");
+    tokio::spawn(auth.clone().follow_users_file());
+    Ok(Some(auth))
+}
+
+/// How every local endpoint serves: TLS and connection limits. Also the CA path to show when
+/// --tls-auto made it.
+fn serving(cfg: &Config) -> Result<(Serving, Option<PathBuf>), Error> {
+    let (tls, ca_cert) = tls_config(cfg)?;
+    let admission = Admission::new(Limits {
+        max_connections: cfg.max_connections,
+        max_connections_per_address: cfg.max_connections_per_address,
+        max_connection_rate_per_address: cfg.max_connection_rate_per_address,
+        header_timeout: cfg.header_timeout,
+    });
+    Ok((Serving { tls, admission }, ca_cert))
+}
+
+/// Binds the cluster endpoint; returns it with the address it got.
+async fn bind_cluster(
+    addr: std::net::SocketAddr,
+) -> Result<(Endpoint, std::net::SocketAddr), Error> {
+    let listener = listener::bind(addr).await?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| listener::Error::Bind { addr, source })?;
+    let endpoint = Endpoint {
+        listener,
+        name: Arc::from("cluster"),
+        pinned: None,
+    };
+    Ok((endpoint, local))
+}
+
+/// TLS toward etcd, if `--etcd-cacert` was given: each member's certificate is checked
+/// against the name discovery found for it (the pods watch keeps it current).
+fn upstream_tls(
+    cfg: &Config,
+    pods: &watch::Receiver<Arc<Vec<EtcdPod>>>,
+) -> Result<Option<UpstreamTls>, Error> {
+    let Some(t) = &cfg.etcd_tls else {
+        return Ok(None);
+    };
+    let pods = pods.clone();
+    let names: Names = Arc::new(move |pod: &str| {
+        pods.borrow()
+            .iter()
+            .find(|p| p.name == pod)
+            .and_then(|p| p.dns_name.clone())
+    });
+    let identity = t.identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+    Ok(Some(UpstreamTls::load(
+        &t.cacert,
+        identity,
+        t.server_name.clone(),
+        names,
+    )?))
 }
 
 impl Running {
