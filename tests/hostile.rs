@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::attack::{
-    connect, connect_from, cpu_time, frame, gateway_login, hpack_bomb, hpack_bomb_block,
+    connect, connect_from, cpu_time, frame, gateway_login, h2_client, hpack_bomb, hpack_bomb_block,
     oversized_frame, rss_kib, send_and_hold, PREFACE,
 };
 use crate::support::{
@@ -136,17 +136,7 @@ async fn slow_and_silent_connections_close_after_the_header_timeout_but_trusted_
     let to = addr(&proxy);
 
     // A trusted HTTP/2 connection: one authenticated request, then silence past the timeout.
-    let tcp = connect(to).await.unwrap();
-    let (mut send, conn) = within(
-        "HTTP/2 handshake",
-        hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        ),
-    )
-    .await
-    .unwrap();
-    let trusted = tokio::spawn(conn);
+    let (mut send, trusted) = h2_client(to).await;
     let basic = "Basic YWxpY2U6d29uZGVybGFuZA=="; // alice:wonderland
     let get = || {
         http::Request::get(format!("http://{to}/v2/keys/"))
@@ -186,17 +176,7 @@ async fn slow_and_silent_connections_close_after_the_header_timeout_but_trusted_
     };
     let unauthenticated_h2 = || async move {
         // A request that fails authentication, then silence.
-        let s = connect(to).await.unwrap();
-        let (mut send, conn) = within(
-            "HTTP/2 handshake",
-            hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(s),
-            ),
-        )
-        .await
-        .unwrap();
-        let conn = tokio::spawn(conn);
+        let (mut send, conn) = h2_client(to).await;
         let req = http::Request::get(format!("http://{to}/v2/keys/"))
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .unwrap();

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
 use crate::clients::http1;
+use crate::support::attack::h2_client;
 use crate::support::{standalone_etcd, start_proxy_args, Proxy, DEADLINE};
 
 fn write_users(path: &Path, password: &str) {
@@ -65,16 +66,7 @@ async fn gateway_put(proxy: &Proxy, token: &str) -> String {
 /// A gRPC `Range` of "replica" carrying `token` as metadata, on a new HTTP/2 connection:
 /// the grpc-status and grpc-message.
 async fn grpc_range(proxy: &Proxy, token: &str) -> (String, String) {
-    let tcp = tokio::net::TcpStream::connect(&proxy.cluster_addr)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = h2_client(proxy.cluster_addr.parse().unwrap()).await;
     // RangeRequest { key = 1: "replica" }, length-prefixed.
     let mut msg = vec![0x0a, 7];
     msg.extend_from_slice(b"replica");

@@ -190,3 +190,28 @@ pub fn cpu_time(pid: u32) -> Duration {
     // USER_HZ is 100 on Linux.
     Duration::from_millis(ticks * 10)
 }
+
+/// An HTTP/2 client connection to `to` (prior knowledge, as gRPC clients speak it), its
+/// driver running in a task of its own.
+pub async fn h2_client<B>(
+    to: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = connect(to).await.expect("connect");
+    let handshake = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    );
+    let (send, conn) = tokio::time::timeout(super::DEADLINE, handshake)
+        .await
+        .expect("HTTP/2 handshake in time")
+        .expect("HTTP/2 handshake");
+    (send, tokio::spawn(conn))
+}
