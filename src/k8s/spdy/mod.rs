@@ -17,4 +17,5 @@
 
 pub mod conn;
 pub mod frame;
+pub mod upgrade;
 pub mod zlib;
