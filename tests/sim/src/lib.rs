@@ -17,6 +17,7 @@
 
 mod api;
 mod auth;
+mod discovery;
 mod error;
 mod etcd;
 mod idle;
@@ -27,6 +28,7 @@ mod random;
 mod scale;
 mod selector;
 mod server;
+mod spdy;
 mod status;
 mod store;
 mod tls;
@@ -69,6 +71,11 @@ pub struct SimConfig {
     pub loopback_listen: bool,
     /// Start etcd with `--enable-v2`. Default true.
     pub enable_v2: bool,
+    /// The simulated Kubernetes minor version (1.x), reported by `/version`. It decides how
+    /// port-forward is authorized: from 1.35 (`AuthorizePodWebsocketUpgradeCreatePermission`,
+    /// beta and on by default) a WebSocket upgrade needs `create` as well as `get`.
+    /// Default 33.
+    pub kubernetes_minor: u32,
 }
 
 impl Default for SimConfig {
@@ -79,6 +86,7 @@ impl Default for SimConfig {
             name: "etcd".to_string(),
             loopback_listen: true,
             enable_v2: true,
+            kubernetes_minor: 33,
         }
     }
 }
@@ -295,7 +303,12 @@ impl SimCluster {
         self.shared.tunnels.upgrades()
     }
 
-    /// Port-forward sockets currently open.
+    /// Accepted port-forward SPDY upgrades so far (each carries many forwarded connections).
+    pub fn spdy_upgrade_count(&self) -> u64 {
+        self.shared.tunnels.spdy_upgrades()
+    }
+
+    /// Port-forward sockets (WebSocket or SPDY connections) currently open.
     pub fn open_tunnels(&self) -> usize {
         self.shared.tunnels.open()
     }

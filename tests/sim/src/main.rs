@@ -24,6 +24,10 @@ struct Args {
     /// Do not pass --enable-v2 to etcd.
     #[arg(long)]
     disable_v2: bool,
+    /// Simulated Kubernetes minor version: from 35 a WebSocket port-forward needs `create`
+    /// on pods/portforward as well as `get`.
+    #[arg(long, default_value_t = 33)]
+    kubernetes_minor: u32,
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -51,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         name: args.name,
         loopback_listen: !args.no_loopback_listen,
         enable_v2: !args.disable_v2,
+        kubernetes_minor: args.kubernetes_minor,
     };
     let cluster = SimCluster::start(cfg.clone()).await?;
     let kubeconfig = cluster.kubeconfig_path().display().to_string();
@@ -60,7 +65,10 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("  kubeconfig: {kubeconfig}");
     println!("  api server: {}", cluster.api_url());
-    println!("  contexts:   sim (default), sim-no-portforward, sim-no-list");
+    println!(
+        "  contexts:   sim (default), sim-portforward-create, sim-portforward-get, \
+         sim-no-portforward, sim-no-list"
+    );
     println!("Try:  etcd-proxy --kubeconfig {kubeconfig}");
     let result = wait_for_signal().await;
     println!("Shutting down...");

@@ -1,0 +1,281 @@
+//! SPDY port-forward and its authorization, checked against real clients:
+//! - the real `kubectl port-forward` (1.32, Go's spdystream) through a Role with only
+//!   `create` on `pods/portforward`: kubectl's WebSocket attempt (a GET) is refused, it
+//!   falls back to SPDY (a POST) and forwards (skipped when kubectl is not installed);
+//! - raw upgrade requests, for the verb-by-method rules and the 1.35 `create` re-check.
+
+use std::future::{Future, IntoFuture};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use etcd_proxy_sim::{within_for, SimCluster, SimConfig};
+
+const STEP: Duration = Duration::from_secs(15);
+const START: Duration = Duration::from_secs(90);
+
+#[track_caller]
+fn within<'a, F: IntoFuture + 'a>(what: &'a str, fut: F) -> impl Future<Output = F::Output> + 'a {
+    within_for(STEP, what, fut)
+}
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn one_member(minor: u32) -> SimConfig {
+    SimConfig {
+        members: 1,
+        kubernetes_minor: minor,
+        ..SimConfig::default()
+    }
+}
+
+/// The kubeconfig as JSON.
+fn kubeconfig(c: &SimCluster) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(c.kubeconfig_path()).unwrap()).unwrap()
+}
+
+/// The bearer token of `user`.
+fn token(c: &SimCluster, user: &str) -> String {
+    kubeconfig(c)["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == user)
+        .unwrap()["user"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn tls(c: &SimCluster) -> tokio_rustls::TlsConnector {
+    let kc = kubeconfig(c);
+    let ca_pem = B64
+        .decode(
+            kc["clusters"][0]["cluster"]["certificate-authority-data"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    let ca_pem = String::from_utf8(ca_pem).unwrap();
+    let body: String = ca_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(B64.decode(body).unwrap()))
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// Sends one upgrade request as `user` and returns the status code and the body of a
+/// refusal (up to 4 KiB).
+async fn upgrade(c: &SimCluster, user: &str, websocket: bool) -> (u16, String) {
+    let addr = c.api_url().trim_start_matches("https://").to_owned();
+    let tcp = within("connect", TcpStream::connect(&addr)).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = within("tls", tls(c).connect(name, tcp)).await.unwrap();
+    let path = "/api/v1/namespaces/etcd/pods/etcd-0/portforward";
+    let token = token(c, user);
+    let req = if websocket {
+        // What kube-rs sends (GET, v4 subprotocol, ports in the query).
+        format!(
+            "GET {path}?ports=2379 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+             Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n"
+        )
+    } else {
+        // What client-go's SPDY round tripper sends.
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+             Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+             X-Stream-Protocol-Version: portforward.k8s.io\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    within("write", s.write_all(req.as_bytes())).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = within("read", s.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "closed before the response head");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let code: u16 = head[9..12].parse().unwrap();
+    if code == 101 {
+        return (code, String::new());
+    }
+    // The refusal's body (Content-Length framed, as hyper writes full bodies).
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = within("read body", s.read(&mut chunk)).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (code, String::from_utf8_lossy(&buf[head_end..]).into_owned())
+}
+
+/// Verb by method (`requestinfo.go`), and from 1.35 `create` for WebSocket too
+/// (`subresources.go` `ensureAuthorizedForVerb`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_by_method_and_version() {
+    for minor in [31, 35] {
+        let c = within_for(
+            START,
+            "SimCluster::start",
+            SimCluster::start(one_member(minor)),
+        )
+        .await
+        .expect("start");
+        let ws_create_ok = minor < 35;
+        // (user, WebSocket allowed, SPDY allowed)
+        let table = [
+            ("sim-admin", true, true),
+            ("sim-portforward-create", false, true),
+            ("sim-portforward-get", ws_create_ok, false),
+            ("sim-no-portforward", false, false),
+        ];
+        for (user, ws_ok, spdy_ok) in table {
+            let (code, body) = upgrade(&c, user, true).await;
+            assert_eq!(
+                code,
+                if ws_ok { 101 } else { 403 },
+                "1.{minor} {user} WebSocket: {body}"
+            );
+            let (code, body) = upgrade(&c, user, false).await;
+            assert_eq!(
+                code,
+                if spdy_ok { 101 } else { 403 },
+                "1.{minor} {user} SPDY: {body}"
+            );
+            if !spdy_ok {
+                let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(status["reason"], "Forbidden");
+                assert_eq!(
+                    status["message"],
+                    format!(
+                        "pods \"etcd-0\" is forbidden: User \"{user}\" cannot create resource \
+                         \"pods/portforward\" in API group \"\" in the namespace \"etcd\""
+                    )
+                );
+            }
+        }
+        // The 1.35 re-check answers with the resource, the name and RBAC's empty reason.
+        if minor >= 35 {
+            let (_, body) = upgrade(&c, "sim-portforward-get", true).await;
+            let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(status["message"], "pods \"etcd-0\" is forbidden: ");
+            assert_eq!(status["code"], 403);
+        } else {
+            let (_, body) = upgrade(&c, "sim-portforward-create", true).await;
+            assert!(
+                body.contains("cannot get resource \\\"pods/portforward\\\""),
+                "{body}"
+            );
+        }
+        within("shutdown", c.shutdown()).await;
+    }
+}
+
+/// The anchor: real kubectl, a create-only Role, an etcd health check through the forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_port_forward_with_a_create_only_role() {
+    if std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        eprintln!("kubectl not installed: skipping the kubectl port-forward check");
+        return;
+    }
+    let c = within_for(
+        START,
+        "SimCluster::start",
+        SimCluster::start(one_member(33)),
+    )
+    .await
+    .expect("start");
+    let mut kubectl = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig_path())
+        .args([
+            "--context",
+            "sim-portforward-create",
+            "port-forward",
+            "pod/etcd-0",
+            ":2379",
+        ])
+        .env_remove("KUBECTL_PORT_FORWARD_WEBSOCKETS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(kubectl.stdout.take().unwrap()).lines();
+    // "Forwarding from 127.0.0.1:PORT -> 2379"
+    let port = loop {
+        let Some(line) = within("kubectl's Forwarding line", lines.next_line())
+            .await
+            .unwrap()
+        else {
+            let mut err = String::new();
+            let _ = kubectl
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .await;
+            panic!("kubectl exited: {err}");
+        };
+        if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:") {
+            break rest.split(' ').next().unwrap().parse::<u16>().unwrap();
+        }
+    };
+    // Two requests on two TCP connections: two stream pairs on kubectl's one SPDY connection.
+    for _ in 0..2 {
+        let mut s = within("connect", TcpStream::connect(("127.0.0.1", port)))
+            .await
+            .unwrap();
+        within(
+            "write",
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n"),
+        )
+        .await
+        .unwrap();
+        let mut resp = Vec::new();
+        within("read the health answer", s.read_to_end(&mut resp))
+            .await
+            .unwrap();
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(resp.contains("\"health\":\"true\""), "{resp}");
+    }
+    assert_eq!(c.spdy_upgrade_count(), 1, "one SPDY connection for both");
+    assert_eq!(c.portforward_count(), 0, "the WebSocket GET was refused");
+    let _ = kubectl.start_kill();
+    let _ = within("kubectl exits", kubectl.wait()).await;
+    within("shutdown", c.shutdown()).await;
+}
