@@ -1,0 +1,131 @@
+use std::collections::BTreeSet;
+
+use etcd_proxy_sim::{SimCluster, SimConfig};
+
+use crate::support::{ctl3, proxy_fails, start_proxy, within, within_for, Proxy, START_DEADLINE};
+
+/// A 2-member simulated cluster of Kubernetes 1.`minor`.
+async fn cluster_at(minor: u32) -> SimCluster {
+    within_for(
+        START_DEADLINE,
+        "the simulated cluster starts",
+        SimCluster::start(SimConfig {
+            members: 2,
+            kubernetes_minor: minor,
+            ..SimConfig::default()
+        }),
+    )
+    .await
+    .expect("simulated cluster starts")
+}
+
+/// put/get, member list and `endpoint status --cluster` through the proxy.
+async fn works(proxy: &Proxy, what: &str) {
+    let ep = proxy.cluster_addr.as_str();
+    ctl3(ep, &["put", "row", what]).await;
+    let got = ctl3(ep, &["get", "row", "--print-value-only"]).await.stdout;
+    assert_eq!(got.trim(), what);
+
+    let members: BTreeSet<String> = proxy.member_urls().into_iter().collect();
+    let list = ctl3(ep, &["member", "list", "-w", "json"]).await.stdout;
+    let v: serde_json::Value = serde_json::from_str(&list).expect("member list json");
+    let listed: BTreeSet<String> = v["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .flat_map(|m| m["clientURLs"].as_array().unwrap().iter())
+        .map(|u| u.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, members, "{what}: {list}");
+
+    let status = ctl3(ep, &["endpoint", "status", "--cluster", "-w", "json"])
+        .await
+        .stdout;
+    let rows: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let ids: BTreeSet<u64> = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["Status"]["header"]["member_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{what}: every member answers: {status}");
+}
+
+/// A Role with only `create` on pods/portforward (what kubectl needed for years): the
+/// WebSocket GET is refused, SPDY carries the tunnels, one SPDY connection per pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_only_role_falls_back_to_spdy_on_1_31_and_1_35() {
+    for minor in [31, 35] {
+        let sim = cluster_at(minor).await;
+        let proxy = start_proxy(&sim, &["--context", "sim-portforward-create"]).await;
+        works(&proxy, &format!("create-only-1.{minor}")).await;
+        assert_eq!(sim.portforward_count(), 0, "no WebSocket was accepted");
+        assert_eq!(
+            sim.spdy_upgrade_count(),
+            2,
+            "one SPDY connection per pod carries all of its tunnels"
+        );
+        drop(proxy);
+        within("sim.shutdown", sim.shutdown()).await;
+    }
+}
+
+/// A Role with only `get` on pods/portforward works over WebSocket up to 1.34.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_only_role_uses_websocket_on_1_31() {
+    let sim = cluster_at(31).await;
+    let proxy = start_proxy(&sim, &["--context", "sim-portforward-get"]).await;
+    works(&proxy, "get-only-1.31").await;
+    assert!(sim.portforward_count() > 0);
+    assert_eq!(sim.spdy_upgrade_count(), 0, "SPDY was never needed");
+    drop(proxy);
+    within("sim.shutdown", sim.shutdown()).await;
+}
+
+/// `--portforward spdy` never tries WebSocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_spdy() {
+    let sim = cluster_at(33).await;
+    let proxy = start_proxy(&sim, &["--portforward", "spdy"]).await;
+    works(&proxy, "explicit-spdy").await;
+    assert_eq!(sim.portforward_count(), 0);
+    assert_eq!(sim.spdy_upgrade_count(), 2);
+    drop(proxy);
+    within("sim.shutdown", sim.shutdown()).await;
+}
+
+/// Both protocols refused: one line naming both verbs and deploy/rbac.yaml, quoting both
+/// refusals. On 1.35 a get-only Role is refused both ways too (WebSocket needs `create`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_both_ways_names_both_verbs() {
+    let sim = cluster_at(35).await;
+    let kc = sim.kubeconfig_path().to_str().unwrap().to_owned();
+    for context in ["sim-no-portforward", "sim-portforward-get"] {
+        let (status, err) = proxy_fails(&[
+            "--kubeconfig",
+            &kc,
+            "--context",
+            context,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .await;
+        assert!(!status.success(), "{context}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{context}: one line:\n{err}");
+        assert!(
+            err.contains("needs `get` and `create` on `pods/portforward`"),
+            "{context}: {err}"
+        );
+        assert!(err.contains("deploy/rbac.yaml"), "{context}: {err}");
+        assert!(err.contains("WebSocket (GET)"), "{context}: {err}");
+        assert!(
+            err.contains(&format!(
+                "SPDY (POST): pods \"etcd-0\" is forbidden: User \"{context}\" cannot create"
+            )) || err.contains(&format!(
+                "SPDY (POST): pods \"etcd-1\" is forbidden: User \"{context}\" cannot create"
+            )),
+            "{context}: {err}"
+        );
+    }
+    within("sim.shutdown", sim.shutdown()).await;
+}
