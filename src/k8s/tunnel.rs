@@ -430,7 +430,6 @@ mod tests {
         let typed = Error::NotListening {
             pod: "etcd-0".into(),
             port: 2379,
-            _open: None,
         };
         assert!(never_reached_etcd(&typed));
         // What h2 leaves of it: an io::Error with the text only.
