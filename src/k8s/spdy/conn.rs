@@ -27,6 +27,9 @@
 //! - **Bounded.** Frames and header blocks are capped in [`super::frame`]; error-stream
 //!   text is kept up to [`MAX_ERROR_TEXT`]; each stream buffers at most [`STREAM_BUFFER`]
 //!   bytes towards its consumer.
+//! - **A dead connection is noticed.** The client pings every [`PING_PERIOD`] (the kubelet's
+//!   server echoes pings and never starts its own); one unanswered for [`PING_TIMEOUT`]
+//!   fails the connection: its streams end, and new tunnels get a fresh upgrade.
 //! - **The connection ends with its last user.** Dropping the last [`SpdyConn`] and the last
 //!   stream aborts the reader and writer tasks, which closes the TCP connection.
 
@@ -38,7 +41,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
 use super::frame::{self, rst, Decoder, Encoder, Frame, FrameError, FLAG_FIN};
@@ -49,6 +52,12 @@ pub const STREAM_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const STREAM_BUFFER: usize = 64 * 1024;
 /// Most error-stream text kept per pair.
 pub const MAX_ERROR_TEXT: usize = 16 * 1024;
+/// How often the client pings, as kubectl does (client-go `transport/spdy/spdy.go`
+/// `PingPeriod`): keeps idle connections alive through load balancers' idle timeouts.
+pub const PING_PERIOD: Duration = Duration::from_secs(5);
+/// A ping unanswered this long marks the connection dead (a silently dropped TCP
+/// connection would otherwise only show as 30-second stream timeouts).
+pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest DATA frame written: Go's `io.Copy` buffer, what kubectl and the runtime use.
 const MAX_WRITE: usize = 32 * 1024;
 /// Queued DATA frames before senders wait for the socket.
@@ -123,6 +132,12 @@ struct State {
     streams: HashMap<u32, Slot>,
     /// Set once the connection cannot open streams: why.
     closed: Option<String>,
+    /// The outstanding ping: its id and when it was sent.
+    ping: Option<(u32, tokio::time::Instant)>,
+    /// The next ping id (odd).
+    next_ping: u32,
+    /// Becomes true when the connection has failed; pumps stop waiting on it.
+    dead: Option<watch::Sender<bool>>,
 }
 
 /// A stream the client opened.
@@ -156,18 +171,25 @@ impl SpdyConn {
         let (rd, wr) = tokio::io::split(io);
         let state = Arc::new(Mutex::new(State {
             next_id: 1,
+            next_ping: 1,
+            dead: Some(watch::Sender::new(false)),
             ..State::default()
         }));
         let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
         let writer = tokio::spawn(write_loop(wr, encoder, ctrl_rx, data_rx, state.clone()));
         let reader = tokio::spawn(read_loop(rd, state.clone(), ctrl_tx.clone()));
+        let pinger = tokio::spawn(ping_loop(state.clone(), ctrl_tx.clone()));
         Ok(Self {
             shared: Arc::new(Shared {
                 state,
                 ctrl: ctrl_tx,
                 data: data_tx,
-                _tasks: Tasks(vec![writer.abort_handle(), reader.abort_handle()]),
+                _tasks: Tasks(vec![
+                    writer.abort_handle(),
+                    reader.abort_handle(),
+                    pinger.abort_handle(),
+                ]),
             }),
         })
     }
@@ -213,7 +235,11 @@ impl SpdyConn {
         let (data_id, reply) = self.syn_stream(headers("data"), Sink::Data(in_tx))?;
         self.await_reply(data_id, reply).await?;
         let (near, far) = tokio::io::duplex(STREAM_BUFFER);
-        tokio::spawn(pump(self.clone(), data_id, far, in_rx));
+        let dead = lock(&self.shared.state)
+            .dead
+            .as_ref()
+            .map(watch::Sender::subscribe);
+        tokio::spawn(pump(self.clone(), data_id, far, in_rx, dead));
         Ok((near, error))
     }
 
@@ -288,7 +314,13 @@ impl SpdyConn {
 
 /// Moves one data stream's bytes between the connection and its consumer (`far` is the
 /// consumer's duplex peer).
-async fn pump(conn: SpdyConn, id: u32, far: DuplexStream, mut inbound: mpsc::Receiver<Bytes>) {
+async fn pump(
+    conn: SpdyConn,
+    id: u32,
+    far: DuplexStream,
+    mut inbound: mpsc::Receiver<Bytes>,
+    dead: Option<watch::Receiver<bool>>,
+) {
     let (mut far_rd, mut far_wr) = tokio::io::split(far);
     let data = conn.shared.data.clone();
     let outbound = async {
@@ -331,12 +363,22 @@ async fn pump(conn: SpdyConn, id: u32, far: DuplexStream, mut inbound: mpsc::Rec
         let _ = far_wr.shutdown().await;
         true
     };
-    tokio::pin!(outbound, inbound);
+    let dead = async {
+        match dead {
+            Some(mut d) => {
+                let _ = d.wait_for(|dead| *dead).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(outbound, inbound, dead);
     let (mut out_done, mut in_done) = (None, None);
     while out_done.is_none() || in_done.is_none() {
         tokio::select! {
             ok = &mut outbound, if out_done.is_none() => out_done = Some(ok),
             ok = &mut inbound, if in_done.is_none() => in_done = Some(ok),
+            // The connection failed: a send to a stuck writer would wait forever.
+            () = &mut dead => return,
         }
         if out_done == Some(false) || in_done == Some(false) {
             break;
@@ -489,9 +531,15 @@ async fn handle(
             );
         }
         Frame::Ping { id } => {
-            // Echo the server's (even) pings; ours would be odd, and we send none.
             if id % 2 == 0 {
+                // The server's ping (never seen from the kubelet): echo it.
                 let _ = ctrl.send(Frame::Ping { id });
+            } else {
+                // The reply to ours.
+                let mut st = lock(state);
+                if st.ping.is_some_and(|(sent, _)| sent == id) {
+                    st.ping = None;
+                }
             }
         }
         Frame::GoAway { .. } => {
@@ -536,11 +584,62 @@ fn end_stream(st: &mut State, id: u32, reset: Option<String>) {
     // A data sink is dropped here: its pump sees the end and shuts the consumer's side.
 }
 
+/// Pings every [`PING_PERIOD`]; fails the connection when a ping goes unanswered for
+/// [`PING_TIMEOUT`].
+async fn ping_loop(state: Arc<Mutex<State>>, ctrl: mpsc::UnboundedSender<Frame>) {
+    let mut tick = tokio::time::interval(PING_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = tokio::time::Instant::now();
+        let ping = {
+            let mut st = lock(&state);
+            if st.closed.is_some() && st.streams.is_empty() {
+                return;
+            }
+            match st.ping {
+                Some((_, sent)) if now.duration_since(sent) >= PING_TIMEOUT => None,
+                // One ping outstanding at a time, as spdystream's `Ping` does.
+                Some(_) => continue,
+                None => {
+                    let id = st.next_ping;
+                    // Odd ids from the client, never 0; wrap within 31 bits.
+                    st.next_ping = if id >= frame::MAX_STREAM_ID - 2 {
+                        1
+                    } else {
+                        id + 2
+                    };
+                    st.ping = Some((id, now));
+                    Some(id)
+                }
+            }
+        };
+        match ping {
+            Some(id) => {
+                if ctrl.send(Frame::Ping { id }).is_err() {
+                    return;
+                }
+            }
+            None => {
+                fail(
+                    &state,
+                    format!("no reply to a SPDY PING within {PING_TIMEOUT:?}"),
+                );
+                return;
+            }
+        }
+    }
+}
+
 /// The connection is over: every waiting stream fails, every consumer sees EOF, every
 /// error stream reports why.
 fn fail(state: &Mutex<State>, why: String) {
     let mut st = lock(state);
     st.closed.get_or_insert_with(|| why.clone());
+    if let Some(dead) = &st.dead {
+        dead.send_replace(true);
+    }
     let ids: Vec<u32> = st.streams.keys().copied().collect();
     for id in ids {
         if let Some(slot) = st.streams.get_mut(&id) {
@@ -712,6 +811,29 @@ mod tests {
         };
         assert!(err.connection_gone(), "{err}");
         assert!(!conn.is_open());
+    }
+
+    /// A server that swallows everything (a silently dead TCP connection) is noticed by the
+    /// unanswered ping; one that echoes pings keeps the connection.
+    #[tokio::test(start_paused = true)]
+    async fn unanswered_pings_fail_the_connection() {
+        let (client, srv) = tokio::io::duplex(1 << 16);
+        let silent = tokio::spawn(server(srv, |_| vec![]));
+        let conn = SpdyConn::start(client).unwrap();
+        tokio::time::sleep(PING_PERIOD + PING_TIMEOUT + PING_PERIOD * 2).await;
+        assert!(!conn.is_open());
+        drop(conn);
+        let seen = silent.await.unwrap();
+        assert!(matches!(seen[0], Frame::Ping { id: 1 }), "{seen:?}");
+
+        let (client, srv) = tokio::io::duplex(1 << 16);
+        tokio::spawn(server(srv, |f| match f {
+            Frame::Ping { id } => vec![Frame::Ping { id: *id }],
+            _ => vec![],
+        }));
+        let conn = SpdyConn::start(client).unwrap();
+        tokio::time::sleep(PING_TIMEOUT * 4).await;
+        assert!(conn.is_open());
     }
 
     #[tokio::test]
