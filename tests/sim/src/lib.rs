@@ -6,8 +6,10 @@
 //! crate stands in for the cluster. It runs genuine `etcd` processes (one per
 //! "pod"), and in front of them an HTTPS API server that speaks the real
 //! wire protocols: apiserver JSON and `Status` errors, list/watch semantics
-//! with resourceVersions, bearer-token auth with RBAC-style denials, and the
-//! kubelet's WebSocket port-forward protocol (`v4.channel.k8s.io`). Faults
+//! with resourceVersions, bearer-token auth with RBAC-style denials (port-forward
+//! authorized by HTTP method and Kubernetes version), API discovery, and the
+//! kubelet's port-forward protocols: WebSocket (`v4.channel.k8s.io`) and
+//! SPDY/3.1 (`portforward.k8s.io`, what `kubectl port-forward` falls back to). Faults
 //! (killed pods, cut tunnels, latency, the kubelet's idle timeout, API server
 //! outages, scaling with real etcd membership changes) can be injected from tests.
 //!
