@@ -129,3 +129,61 @@ async fn refused_both_ways_names_both_verbs() {
     }
     within("sim.shutdown", sim.shutdown()).await;
 }
+
+/// SPDY connections cut every 500 ms (the API server or kubelet dropping them): reads never
+/// fail, and each cut is followed by a fresh upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spdy_connections_cut_repeatedly_fail_no_reads() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    let sim = cluster_at(33).await;
+    let proxy = start_proxy(&sim, &["--portforward", "spdy"]).await;
+    let mut c = within(
+        "Client::connect",
+        etcd_client::Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect");
+    within("c.put", c.put("cut", "v", None)).await.expect("put");
+    let (reads, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let until = Instant::now() + Duration::from_secs(4);
+    let reader = {
+        let (reads, failed) = (reads.clone(), failed.clone());
+        tokio::spawn(async move {
+            while Instant::now() < until {
+                let get = tokio::time::timeout(Duration::from_secs(10), c.get("cut", None)).await;
+                reads.fetch_add(1, Ordering::Relaxed);
+                if !matches!(&get, Ok(Ok(r)) if r.kvs().first().map(|kv| kv.value()) == Some(b"v"))
+                {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let before = sim.spdy_upgrade_count();
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sim.cut_tunnels();
+    }
+    within("reader", reader).await.expect("reader");
+    let (reads, failed) = (
+        reads.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "SPDY connections cut every 500 ms: {reads} reads, {failed} failed, {} upgrades",
+        sim.spdy_upgrade_count() - before
+    );
+    assert!(reads > 50, "{reads}");
+    assert_eq!(failed, 0);
+    assert!(
+        sim.spdy_upgrade_count() > before,
+        "connections were re-opened"
+    );
+    assert_eq!(sim.portforward_count(), 0);
+    drop(proxy);
+    within("sim.shutdown", sim.shutdown()).await;
+}

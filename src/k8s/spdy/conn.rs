@@ -477,7 +477,7 @@ async fn handle(
                 }
             }
             if flags & FLAG_FIN != 0 {
-                end_stream(&mut st, stream_id, None);
+                end_stream(&mut st, stream_id);
             }
         }
         Frame::Data {
@@ -512,7 +512,7 @@ async fn handle(
                 }
             }
             if flags & FLAG_FIN != 0 {
-                end_stream(&mut lock(state), stream_id, None);
+                end_stream(&mut lock(state), stream_id);
             }
         }
         Frame::RstStream { stream_id, status } => {
@@ -522,13 +522,7 @@ async fn handle(
                     let _ = r.send(Err(ConnError::Refused(status)));
                 }
             }
-            end_stream(
-                &mut st,
-                stream_id,
-                Some(format!(
-                    "the kubelet reset the port-forward stream (status {status})"
-                )),
-            );
+            end_stream(&mut st, stream_id);
         }
         Frame::Ping { id } => {
             if id % 2 == 0 {
@@ -563,9 +557,13 @@ async fn handle(
     Ok(())
 }
 
-/// The server finished (or reset) a stream: EOF for its consumer, error text delivered.
-/// `reset` marks an error stream that ended by RST_STREAM rather than FIN.
-fn end_stream(st: &mut State, id: u32, reset: Option<String>) {
+/// The server finished (or reset) a stream, or the connection died: EOF for its consumer,
+/// and the error text, if the kubelet wrote any.
+///
+/// A reset or a lost connection delivers no text of its own, on purpose: etcd-proxy treats
+/// kubelet error text as "this connection never reached etcd" (safe to retry anywhere),
+/// which is true of the kubelet's dial errors but not of a connection lost mid-request.
+fn end_stream(st: &mut State, id: u32) {
     let Some(slot) = st.streams.remove(&id) else {
         return;
     };
@@ -576,7 +574,7 @@ fn end_stream(st: &mut State, id: u32, reset: Option<String>) {
     }
     if let Sink::Error { text, done } = slot.sink {
         let text = String::from_utf8_lossy(&text).trim().to_owned();
-        let message = if text.is_empty() { reset } else { Some(text) };
+        let message = (!text.is_empty()).then_some(text);
         if let Some(done) = done {
             let _ = done.send(message);
         }
@@ -632,8 +630,8 @@ async fn ping_loop(state: Arc<Mutex<State>>, ctrl: mpsc::UnboundedSender<Frame>)
     }
 }
 
-/// The connection is over: every waiting stream fails, every consumer sees EOF, every
-/// error stream reports why.
+/// The connection is over: every waiting stream fails, every consumer sees EOF (see
+/// [`end_stream`] for why no error text is made up).
 fn fail(state: &Mutex<State>, why: String) {
     let mut st = lock(state);
     st.closed.get_or_insert_with(|| why.clone());
@@ -647,11 +645,7 @@ fn fail(state: &Mutex<State>, why: String) {
                 let _ = r.send(Err(ConnError::Closed(why.clone())));
             }
         }
-        end_stream(
-            &mut st,
-            id,
-            Some(format!("lost the SPDY connection: {why}")),
-        );
+        end_stream(&mut st, id);
     }
 }
 
