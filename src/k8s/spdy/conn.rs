@@ -232,8 +232,18 @@ impl SpdyConn {
 
         // The data stream.
         let (in_tx, in_rx) = mpsc::channel::<Bytes>(4);
-        let (data_id, reply) = self.syn_stream(headers("data"), Sink::Data(in_tx))?;
-        self.await_reply(data_id, reply).await?;
+        let opened = match self.syn_stream(headers("data"), Sink::Data(in_tx)) {
+            Ok((data_id, reply)) => self.await_reply(data_id, reply).await.map(|()| data_id),
+            Err(e) => Err(e),
+        };
+        let data_id = match opened {
+            Ok(id) => id,
+            Err(e) => {
+                // Half a pair is of no use: let the server forget the error stream too.
+                self.reset(error_id);
+                return Err(e);
+            }
+        };
         let (near, far) = tokio::io::duplex(STREAM_BUFFER);
         let dead = lock(&self.shared.state)
             .dead

@@ -23,10 +23,10 @@
 //! failed copy after a successful dial writes no error text (newer kubelets reset instead).
 
 #[path = "../../../src/k8s/spdy/frame.rs"]
-#[allow(dead_code, clippy::all)]
+#[allow(dead_code)]
 pub(crate) mod frame;
 #[path = "../../../src/k8s/spdy/zlib.rs"]
-#[allow(dead_code, clippy::all)]
+#[allow(dead_code)]
 pub(crate) mod zlib;
 
 use std::collections::HashMap;
