@@ -305,9 +305,16 @@ impl SimCluster {
         self.shared.tunnels.upgrades()
     }
 
-    /// Accepted port-forward SPDY upgrades so far (each carries many forwarded connections).
+    /// Accepted port-forward SPDY connections so far (each carries many forwarded
+    /// connections), plain or tunnelled through WebSocket.
     pub fn spdy_upgrade_count(&self) -> u64 {
         self.shared.tunnels.spdy_upgrades()
+    }
+
+    /// Of [`SimCluster::spdy_upgrade_count`], those tunnelled through WebSocket
+    /// (`SPDY/3.1+portforward.k8s.io`, served from Kubernetes 1.31).
+    pub fn spdy_tunnel_count(&self) -> u64 {
+        self.shared.tunnels.spdy_tunnels()
     }
 
     /// Port-forward sockets (WebSocket or SPDY connections) currently open.

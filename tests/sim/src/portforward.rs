@@ -62,8 +62,11 @@ pub(crate) struct Tunnels {
     /// The kubelet's streaming idle timeout (see [`crate::idle`]).
     idle_timeout: watch::Sender<Option<Duration>>,
     pub(crate) idle_closures: AtomicU64,
-    /// Accepted SPDY upgrades (one per connection, each carrying many streams).
+    /// Accepted SPDY upgrades (one per connection, each carrying many streams), plain or
+    /// tunnelled through WebSocket.
     pub(crate) spdy_upgrades: AtomicU64,
+    /// Of those, the ones tunnelled through WebSocket (`SPDY/3.1+portforward.k8s.io`).
+    pub(crate) spdy_tunnels: AtomicU64,
 }
 
 /// One open socket: which pod it forwards to, and how to kill it.
@@ -82,6 +85,7 @@ impl Default for Tunnels {
             idle_timeout: watch::Sender::new(None),
             idle_closures: AtomicU64::new(0),
             spdy_upgrades: AtomicU64::new(0),
+            spdy_tunnels: AtomicU64::new(0),
         }
     }
 }
@@ -132,6 +136,11 @@ impl Tunnels {
     /// Accepted SPDY upgrades so far.
     pub fn spdy_upgrades(&self) -> u64 {
         self.spdy_upgrades.load(Ordering::SeqCst)
+    }
+
+    /// Accepted SPDY connections tunnelled through WebSocket so far.
+    pub fn spdy_tunnels(&self) -> u64 {
+        self.spdy_tunnels.load(Ordering::SeqCst)
     }
 
     /// Accepted WebSocket upgrades so far.
@@ -327,6 +336,14 @@ pub(crate) fn handle(
         // Any other upgrade goes to the kubelet's SPDY handler (`ServePortForward`:
         // WebSocket requests to `handleWebSocketStreams`, the rest to `handleHttpStreams`).
         return crate::spdy::handle(shared, req, pod);
+    }
+    // From 1.31 (`PortForwardWebsockets`) the API server serves WebSocket requests that ask
+    // for the SPDY tunnel itself (`subresources.go`: `translator.NewTranslatingHandler(…,
+    // wsstream.IsWebSocketRequestWithTunnelingProtocol)`); others go on to the kubelet.
+    if shared.cfg.kubernetes_minor >= 31 {
+        if let Some(offered) = crate::spdy::tunnel_request(&req) {
+            return crate::spdy::handle_tunnel(shared, req, pod, offered);
+        }
     }
     // `NewV4Options` wants ports only from WebSocket requests; SPDY carries them per stream.
     let ports = match parse_ports(query) {

@@ -12,6 +12,9 @@
 //! - the dial and copy in the pod, with its 1 s grace after either side ends:
 //!   containerd `internal/cri/server/sandbox_portforward_linux.go`.
 //!
+//! Also the API server's WebSocket tunnel for SPDY (`SPDY/3.1+portforward.k8s.io`, what
+//! kubectl ≥ 1.31 tries first), from 1.31 on: [`handle_tunnel`].
+//!
 //! The frame codec is etcd-proxy's own (`src/k8s/spdy/{frame,zlib}.rs`, compiled here
 //! with `#[path]`). Sharing it is safe because the real `kubectl port-forward` (Go's
 //! spdystream on the client side) is tested against this server: that pins both the
@@ -43,6 +46,12 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::api::{full, Body};
 use crate::idle::{self, Activity};
@@ -105,36 +114,16 @@ pub(crate) fn handle(
             ),
         );
     }
-    // httpstream.go `Handshake`: every comma-separated client value, first supported one wins.
     let offered: Vec<String> = req
         .headers()
         .get_all(PROTOCOL_HEADER)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|p| p.trim().to_owned())
-        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
         .collect();
-    if offered.is_empty() {
-        // Handshake returns an error without writing; Go's server then answers an empty 200
-        // (code reading).
-        return Response::new(full(Bytes::new()));
+    if let Err(refusal) = kubelet_handshake(&offered) {
+        return refusal;
     }
-    if !offered.iter().any(|p| p == PROTOCOL) {
-        let mut res = text(
-            StatusCode::FORBIDDEN,
-            format!(
-                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server accepts [{PROTOCOL}]"
-            )
-            .replace('"', ""),
-        );
-        res.headers_mut().insert(
-            "x-accepted-stream-protocol-versions",
-            HeaderValue::from_static(PROTOCOL),
-        );
-        return res;
-    }
-
     let on_upgrade = hyper::upgrade::on(&mut req);
     let tunnels = shared.tunnels.clone();
     tunnels.spdy_upgrades.fetch_add(1, Ordering::SeqCst);
@@ -152,6 +141,180 @@ pub(crate) fn handle(
     h.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
     h.insert(PROTOCOL_HEADER, HeaderValue::from_static(PROTOCOL));
     res
+}
+
+/// httpstream.go `Handshake`: every comma-separated client value of
+/// `X-Stream-Protocol-Version`; the first one the server supports wins. `Err` is the
+/// response the kubelet writes instead of upgrading.
+fn kubelet_handshake(values: &[String]) -> Result<(), Response<Body>> {
+    let offered: Vec<&str> = values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if offered.is_empty() {
+        // Handshake returns an error without writing; Go's server then answers an empty 200
+        // (code reading).
+        return Err(Response::new(full(Bytes::new())));
+    }
+    if !offered.contains(&PROTOCOL) {
+        let mut res = text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "unable to upgrade: unable to negotiate protocol: client supports [{}], server accepts [{PROTOCOL}]",
+                offered.join(" ")
+            ),
+        );
+        res.headers_mut().insert(
+            "x-accepted-stream-protocol-versions",
+            HeaderValue::from_static(PROTOCOL),
+        );
+        return Err(res);
+    }
+    Ok(())
+}
+
+/// The prefix of WebSocket subprotocols that tunnel SPDY (`k8s.io/apimachinery/pkg/util/portforward`
+/// `WebsocketsSPDYTunnelingPrefix`).
+const TUNNEL_PREFIX: &str = "SPDY/3.1+";
+
+/// The offered WebSocket subprotocols, if any asks for the SPDY tunnel
+/// (`wsstream.IsWebSocketRequestWithTunnelingProtocol`).
+pub(crate) fn tunnel_request(req: &Request<Incoming>) -> Option<Vec<String>> {
+    let offered: Vec<String> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
+    offered
+        .iter()
+        .any(|p| p.starts_with(TUNNEL_PREFIX))
+        .then_some(offered)
+}
+
+/// The API server's WebSocket tunnel for SPDY (feature `PortForwardWebsockets`, beta and on
+/// from 1.31; `staging/src/k8s.io/apiserver/pkg/util/proxy/streamtunnel.go`): the API
+/// server terminates the WebSocket, upgrades to the kubelet with a SPDY POST offering the
+/// protocols without their prefix, and on the kubelet's 101 completes the WebSocket
+/// handshake with `SPDY/3.1+<negotiated>`. Binary messages then carry the raw SPDY bytes;
+/// any other kubelet answer is passed back as it is.
+pub(crate) fn handle_tunnel(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    pod: PodState,
+    offered: Vec<String>,
+) -> Response<Body> {
+    let backend: Vec<String> = offered
+        .iter()
+        .filter_map(|p| p.strip_prefix(TUNNEL_PREFIX))
+        .filter(|p| p.ends_with(".k8s.io"))
+        .map(str::to_owned)
+        .collect();
+    if backend.is_empty() {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "unable to upgrade: no tunneling spdy protocols provided".into(),
+        );
+    }
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+    let version_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let Some(key) = key.filter(|_| version_ok) else {
+        // gorilla/websocket's Upgrader refuses a bad handshake with 400 and its reason.
+        return text(
+            StatusCode::BAD_REQUEST,
+            "websocket: not a websocket handshake: 'Sec-WebSocket-Key' header is missing or blank or unsupported version".into(),
+        );
+    };
+    if let Err(refusal) = kubelet_handshake(&backend) {
+        return refusal;
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let tunnels = shared.tunnels.clone();
+    tunnels.spdy_upgrades.fetch_add(1, Ordering::SeqCst);
+    tunnels.spdy_tunnels.fetch_add(1, Ordering::SeqCst);
+    let pod_name = pod.name.clone();
+    tunnels.register(pod_name, move |_reg| async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!("SPDY tunnel upgrade failed: {e}");
+                return;
+            }
+        };
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, None).await;
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        tokio::join!(session(shared, near, pod), bridge(ws, far));
+    });
+    let mut res = Response::new(full(Bytes::new()));
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static("SPDY/3.1+portforward.k8s.io"),
+    );
+    res
+}
+
+/// Copies between the WebSocket (binary messages, boundaries meaningless) and the SPDY
+/// session's byte stream, as the API server's tunnel does: one binary message per write;
+/// a client Close or error ends the stream; the session's end sends Close 1000.
+async fn bridge<S>(ws: WebSocketStream<S>, far: tokio::io::DuplexStream)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use futures::{SinkExt, StreamExt};
+    let (mut sink, mut stream) = ws.split();
+    let (mut rd, mut wr) = tokio::io::split(far);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Binary(b))) => {
+                    if wr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                // Pings are answered by tungstenite; text is not part of the protocol.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Text(_) | Message::Close(_))) | Some(Err(_)) | None => break,
+            },
+            n = rd.read(&mut buf) => match n {
+                Ok(0) | Err(_) => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code: CloseCode::Normal,
+                            reason: "".into(),
+                        })))
+                        .await;
+                    break;
+                }
+                Ok(n) => {
+                    if sink
+                        .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    let _ = wr.shutdown().await;
 }
 
 /// A frame for the writer, not to be sent before its due time (injected latency).

@@ -199,35 +199,25 @@ async fn authorization_by_method_and_version() {
     }
 }
 
-/// The anchor: real kubectl, a create-only Role, an etcd health check through the forward.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_port_forward_with_a_create_only_role() {
-    if std::process::Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
+/// Whether kubectl is installed (the kubectl checks are skipped without it).
+fn have_kubectl() -> bool {
+    let ok = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
         .output()
-        .is_err()
-    {
+        .is_ok_and(|o| o.status.success());
+    if !ok {
         eprintln!("kubectl not installed: skipping the kubectl port-forward check");
-        return;
     }
-    let c = within_for(
-        START,
-        "SimCluster::start",
-        SimCluster::start(one_member(33)),
-    )
-    .await
-    .expect("start");
+    ok
+}
+
+/// Runs `kubectl port-forward pod/etcd-0 :2379` as `context` and checks etcd's health twice
+/// through it (two TCP connections).
+async fn kubectl_forward(c: &SimCluster, context: &str) {
     let mut kubectl = tokio::process::Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(c.kubeconfig_path())
-        .args([
-            "--context",
-            "sim-portforward-create",
-            "port-forward",
-            "pod/etcd-0",
-            ":2379",
-        ])
+        .args(["--context", context, "port-forward", "pod/etcd-0", ":2379"])
         .env_remove("KUBECTL_PORT_FORWARD_WEBSOCKETS")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -254,7 +244,6 @@ async fn kubectl_port_forward_with_a_create_only_role() {
             break rest.split(' ').next().unwrap().parse::<u16>().unwrap();
         }
     };
-    // Two requests on two TCP connections: two stream pairs on kubectl's one SPDY connection.
     for _ in 0..2 {
         let mut s = within("connect", TcpStream::connect(("127.0.0.1", port)))
             .await
@@ -273,9 +262,50 @@ async fn kubectl_port_forward_with_a_create_only_role() {
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
         assert!(resp.contains("\"health\":\"true\""), "{resp}");
     }
-    assert_eq!(c.spdy_upgrade_count(), 1, "one SPDY connection for both");
-    assert_eq!(c.portforward_count(), 0, "the WebSocket GET was refused");
     let _ = kubectl.start_kill();
     let _ = within("kubectl exits", kubectl.wait()).await;
+}
+
+/// The anchor: real kubectl (1.32) through a Role with only `create` on pods/portforward.
+/// Its WebSocket tunnel (a GET, verb `get`) is refused; it falls back to a SPDY POST, and
+/// both forwarded connections share that one SPDY connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_port_forward_with_a_create_only_role() {
+    if !have_kubectl() {
+        return;
+    }
+    let c = within_for(
+        START,
+        "SimCluster::start",
+        SimCluster::start(one_member(33)),
+    )
+    .await
+    .expect("start");
+    kubectl_forward(&c, "sim-portforward-create").await;
+    assert_eq!(c.spdy_upgrade_count(), 1, "one SPDY connection for both");
+    assert_eq!(c.spdy_tunnel_count(), 0, "the WebSocket GET was refused");
+    assert_eq!(c.portforward_count(), 0);
     within("shutdown", c.shutdown()).await;
+}
+
+/// With both verbs, kubectl ≥ 1.31 tunnels SPDY through a WebSocket where the API server
+/// offers that (1.31+), and falls back to the SPDY POST where it does not (1.30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_port_forward_tunnels_through_websocket_from_1_31() {
+    if !have_kubectl() {
+        return;
+    }
+    for (minor, tunnels) in [(33, 1), (30, 0)] {
+        let c = within_for(
+            START,
+            "SimCluster::start",
+            SimCluster::start(one_member(minor)),
+        )
+        .await
+        .expect("start");
+        kubectl_forward(&c, "sim").await;
+        assert_eq!(c.spdy_upgrade_count(), 1, "1.{minor}");
+        assert_eq!(c.spdy_tunnel_count(), tunnels, "1.{minor}");
+        within("shutdown", c.shutdown()).await;
+    }
 }
