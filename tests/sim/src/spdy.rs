@@ -121,7 +121,7 @@ pub(crate) fn handle(
         .filter_map(|v| v.to_str().ok())
         .map(str::to_owned)
         .collect();
-    if let Err(refusal) = kubelet_handshake(&offered) {
+    if let Some(refusal) = kubelet_refusal(&offered) {
         return refusal;
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -144,9 +144,9 @@ pub(crate) fn handle(
 }
 
 /// httpstream.go `Handshake`: every comma-separated client value of
-/// `X-Stream-Protocol-Version`; the first one the server supports wins. `Err` is the
-/// response the kubelet writes instead of upgrading.
-fn kubelet_handshake(values: &[String]) -> Result<(), Response<Body>> {
+/// `X-Stream-Protocol-Version`; the first one the server supports wins. Returns the
+/// response the kubelet writes instead of upgrading, if it refuses.
+fn kubelet_refusal(values: &[String]) -> Option<Response<Body>> {
     let offered: Vec<&str> = values
         .iter()
         .flat_map(|v| v.split(','))
@@ -156,7 +156,7 @@ fn kubelet_handshake(values: &[String]) -> Result<(), Response<Body>> {
     if offered.is_empty() {
         // Handshake returns an error without writing; Go's server then answers an empty 200
         // (code reading).
-        return Err(Response::new(full(Bytes::new())));
+        return Some(Response::new(full(Bytes::new())));
     }
     if !offered.contains(&PROTOCOL) {
         let mut res = text(
@@ -170,9 +170,9 @@ fn kubelet_handshake(values: &[String]) -> Result<(), Response<Body>> {
             "x-accepted-stream-protocol-versions",
             HeaderValue::from_static(PROTOCOL),
         );
-        return Err(res);
+        return Some(res);
     }
-    Ok(())
+    None
 }
 
 /// The prefix of WebSocket subprotocols that tunnel SPDY (`k8s.io/apimachinery/pkg/util/portforward`
@@ -233,7 +233,7 @@ pub(crate) fn handle_tunnel(
             "websocket: not a websocket handshake: 'Sec-WebSocket-Key' header is missing or blank or unsupported version".into(),
         );
     };
-    if let Err(refusal) = kubelet_handshake(&backend) {
+    if let Some(refusal) = kubelet_refusal(&backend) {
         return refusal;
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
