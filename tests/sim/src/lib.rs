@@ -47,6 +47,10 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 pub use error::SimError;
+/// The SPDY/3.1 frame codec the simulator's kubelet side uses (etcd-proxy's own, compiled
+/// here too), for tests that speak SPDY to the simulator by hand.
+#[doc(hidden)]
+pub use spdy::frame as spdy_frame;
 
 use auth::Auth;
 use etcd::{Member, MemberSpec};

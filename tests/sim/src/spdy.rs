@@ -26,11 +26,9 @@
 //! failed copy after a successful dial writes no error text (newer kubelets reset instead).
 
 #[path = "../../../src/k8s/spdy/frame.rs"]
-#[allow(dead_code)]
-pub(crate) mod frame;
+pub mod frame;
 #[path = "../../../src/k8s/spdy/zlib.rs"]
-#[allow(dead_code)]
-pub(crate) mod zlib;
+pub mod zlib;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

@@ -309,3 +309,190 @@ async fn kubectl_port_forward_tunnels_through_websocket_from_1_31() {
         within("shutdown", c.shutdown()).await;
     }
 }
+
+/// Raw SPDY against the kubelet side, for the rules kubectl never exercises: invalid streams
+/// are reset without a reply, a second error stream in a pair is reported on the first,
+/// pings are echoed, a pair forwards and then ends both streams, a refused dial is reported
+/// as the kubelet's text on the error stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_stream_rules() {
+    use bytes::{Bytes, BytesMut};
+    use etcd_proxy_sim::spdy_frame::{rst, Decoder, Encoder, Frame, FLAG_FIN};
+
+    let c = within_for(
+        START,
+        "SimCluster::start",
+        SimCluster::start(one_member(33)),
+    )
+    .await
+    .expect("start");
+    let addr = c.api_url().trim_start_matches("https://").to_owned();
+    let tcp = within("connect", TcpStream::connect(&addr)).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = within("tls", tls(&c).connect(name, tcp)).await.unwrap();
+    let req = format!(
+        "POST /api/v1/namespaces/etcd/pods/etcd-0/portforward HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+         X-Stream-Protocol-Version: portforward.k8s.io\r\nContent-Length: 0\r\n\r\n",
+        token(&c, "sim-admin")
+    );
+    within("write", s.write_all(req.as_bytes())).await.unwrap();
+    let mut buf = BytesMut::new();
+    let head_end = loop {
+        within("read", s.read_buf(&mut buf)).await.unwrap();
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("x-stream-protocol-version: portforward.k8s.io"),
+        "{head}"
+    );
+    let _ = buf.split_to(head_end);
+
+    let mut enc = Encoder::new().unwrap();
+    let mut dec = Decoder::new();
+    let h = |kind: &str, port: &str, request: &str| {
+        vec![
+            ("streamtype".to_owned(), kind.to_owned()),
+            ("port".to_owned(), port.to_owned()),
+            ("requestid".to_owned(), request.to_owned()),
+        ]
+    };
+    let syn = |id: u32, headers| Frame::SynStream {
+        stream_id: id,
+        associated_to: 0,
+        priority: 0,
+        flags: 0,
+        headers,
+    };
+    let data = |id: u32, flags: u8, bytes: &'static [u8]| Frame::Data {
+        stream_id: id,
+        flags,
+        data: Bytes::from_static(bytes),
+    };
+    let mut out = BytesMut::new();
+    for f in [
+        // No port: reset, no reply.
+        syn(1, vec![("streamtype".to_owned(), "data".to_owned())]),
+        // A pair with a duplicate error stream.
+        syn(3, h("error", "2379", "7")),
+        syn(5, h("error", "2379", "7")),
+        Frame::Ping { id: 1 },
+    ] {
+        enc.encode(&f, &mut out).unwrap();
+    }
+    within("write", s.write_all(&out)).await.unwrap();
+
+    // Reads frames until `done` says stop; returns them all.
+    async fn read_until(
+        s: &mut (impl tokio::io::AsyncRead + Unpin),
+        dec: &mut Decoder,
+        buf: &mut BytesMut,
+        seen: &mut Vec<Frame>,
+        done: impl Fn(&[Frame]) -> bool,
+    ) {
+        while !done(seen) {
+            match dec.decode(buf).unwrap() {
+                Some(f) => seen.push(f),
+                None => {
+                    let n = within("read frames", s.read_buf(buf)).await.unwrap();
+                    assert!(n > 0, "closed; saw {seen:?}");
+                }
+            }
+        }
+    }
+    let mut seen = Vec::new();
+    read_until(&mut s, &mut dec, &mut buf, &mut seen, |f| {
+        f.iter().any(|f| matches!(f, Frame::Ping { id: 1 }))
+            && f.iter().any(|f| {
+                matches!(f, Frame::Data { stream_id: 3, data, .. }
+                    if data.starts_with(b"error processing stream for request 7: error stream already assigned"))
+            })
+    })
+    .await;
+    assert!(seen.contains(&Frame::RstStream {
+        stream_id: 1,
+        status: rst::CANCEL
+    }));
+    assert!(!seen
+        .iter()
+        .any(|f| matches!(f, Frame::SynReply { stream_id: 1, .. })));
+    for id in [3, 5] {
+        assert!(
+            seen.iter()
+                .any(|f| matches!(f, Frame::SynReply { stream_id, .. } if *stream_id == id)),
+            "{id}: {seen:?}"
+        );
+    }
+
+    // Complete the pair and talk to etcd; then the server ends both streams.
+    out.clear();
+    enc.encode(&syn(7, h("data", "2379", "7")), &mut out)
+        .unwrap();
+    enc.encode(
+        &data(
+            7,
+            FLAG_FIN,
+            b"GET /health HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n",
+        ),
+        &mut out,
+    )
+    .unwrap();
+    within("write", s.write_all(&out)).await.unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut s, &mut dec, &mut buf, &mut seen, |f| {
+        f.iter()
+            .any(|f| matches!(f, Frame::Data { stream_id: 7, flags, .. } if flags & FLAG_FIN != 0))
+    })
+    .await;
+    let body: Vec<u8> = seen
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Data {
+                stream_id: 7, data, ..
+            } => Some(data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("\"health\":\"true\""), "{body}");
+    // The error stream ended too (empty: success), before the data stream.
+    let fin = |id: u32| {
+        seen.iter()
+            .position(|f| matches!(f, Frame::Data { stream_id, flags, .. } if *stream_id == id && flags & FLAG_FIN != 0))
+    };
+    assert!(fin(3).unwrap() < fin(7).unwrap(), "{seen:?}");
+
+    // A port nothing listens on: the kubelet's error text, then both streams end.
+    out.clear();
+    enc.encode(&syn(9, h("error", "1", "8")), &mut out).unwrap();
+    enc.encode(&syn(11, h("data", "1", "8")), &mut out).unwrap();
+    within("write", s.write_all(&out)).await.unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut s, &mut dec, &mut buf, &mut seen, |f| {
+        f.iter()
+            .any(|f| matches!(f, Frame::Data { stream_id: 11, flags, .. } if flags & FLAG_FIN != 0))
+    })
+    .await;
+    let text: Vec<u8> = seen
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Data {
+                stream_id: 9, data, ..
+            } => Some(data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.starts_with("error forwarding port 1 to pod ") && text.contains("connection refused"),
+        "{text}"
+    );
+    drop(s);
+    within("shutdown", c.shutdown()).await;
+}
