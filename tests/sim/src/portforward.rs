@@ -249,20 +249,25 @@ impl Codec {
     }
 }
 
-/// Picks the first client-offered subprotocol the port-forward handler allows
-/// (`conn.go` `handshake`; allowed set from `websocket.go` `handleWebSocketStreams`:
-/// "", `v4.channel.k8s.io`, `v4.base64.channel.k8s.io`; there is no v5 for port-forward).
-/// `Some(None)` means "no protocol requested" (binary framing, no response header).
-fn negotiate(req: &Request<Incoming>) -> Option<(Option<&'static str>, Codec)> {
-    let offered: Vec<String> = req
-        .headers()
+/// The WebSocket subprotocols a request offers, in order (comma-separated values of every
+/// `Sec-WebSocket-Protocol` header).
+pub(crate) fn offered_subprotocols(req: &Request<Incoming>) -> Vec<String> {
+    req.headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|p| p.trim().to_string())
         .filter(|p| !p.is_empty())
-        .collect();
+        .collect()
+}
+
+/// Picks the first client-offered subprotocol the port-forward handler allows
+/// (`conn.go` `handshake`; allowed set from `websocket.go` `handleWebSocketStreams`:
+/// "", `v4.channel.k8s.io`, `v4.base64.channel.k8s.io`; there is no v5 for port-forward).
+/// `Some(None)` means "no protocol requested" (binary framing, no response header).
+fn negotiate(req: &Request<Incoming>) -> Option<(Option<&'static str>, Codec)> {
+    let offered = offered_subprotocols(req);
     if offered.is_empty() {
         return Some((None, Codec::Binary));
     }

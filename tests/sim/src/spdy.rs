@@ -54,7 +54,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::api::{full, Body};
 use crate::idle::{self, Activity};
 use crate::objects::PodState;
-use crate::portforward::{forward_error, pod_local_target, wait_until};
+use crate::portforward::{forward_error, offered_subprotocols, pod_local_target, wait_until};
 use crate::Shared;
 use frame::{rst, Decoder, Encoder, Frame, FLAG_FIN};
 
@@ -180,15 +180,7 @@ const TUNNEL_PREFIX: &str = "SPDY/3.1+";
 /// The offered WebSocket subprotocols, if any asks for the SPDY tunnel
 /// (`wsstream.IsWebSocketRequestWithTunnelingProtocol`).
 pub(crate) fn tunnel_request(req: &Request<Incoming>) -> Option<Vec<String>> {
-    let offered: Vec<String> = req
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|p| p.trim().to_owned())
-        .filter(|p| !p.is_empty())
-        .collect();
+    let offered = offered_subprotocols(req);
     offered
         .iter()
         .any(|p| p.starts_with(TUNNEL_PREFIX))

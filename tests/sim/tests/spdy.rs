@@ -404,6 +404,20 @@ async fn kubelet_stream_rules() {
             }
         }
     }
+    // Everything received on one stream, as text.
+    fn payload(seen: &[Frame], id: u32) -> String {
+        let bytes: Vec<u8> = seen
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Data {
+                    stream_id, data, ..
+                } if *stream_id == id => Some(data.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
     let mut seen = Vec::new();
     read_until(&mut s, &mut dec, &mut buf, &mut seen, |f| {
         f.iter().any(|f| matches!(f, Frame::Ping { id: 1 }))
@@ -448,17 +462,7 @@ async fn kubelet_stream_rules() {
             .any(|f| matches!(f, Frame::Data { stream_id: 7, flags, .. } if flags & FLAG_FIN != 0))
     })
     .await;
-    let body: Vec<u8> = seen
-        .iter()
-        .filter_map(|f| match f {
-            Frame::Data {
-                stream_id: 7, data, ..
-            } => Some(data.to_vec()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    let body = String::from_utf8_lossy(&body);
+    let body = payload(&seen, 7);
     assert!(body.contains("\"health\":\"true\""), "{body}");
     // The error stream ended too (empty: success), before the data stream.
     let fin = |id: u32| {
@@ -478,17 +482,7 @@ async fn kubelet_stream_rules() {
             .any(|f| matches!(f, Frame::Data { stream_id: 11, flags, .. } if flags & FLAG_FIN != 0))
     })
     .await;
-    let text: Vec<u8> = seen
-        .iter()
-        .filter_map(|f| match f {
-            Frame::Data {
-                stream_id: 9, data, ..
-            } => Some(data.to_vec()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    let text = String::from_utf8_lossy(&text);
+    let text = payload(&seen, 9);
     assert!(
         text.starts_with("error forwarding port 1 to pod ") && text.contains("connection refused"),
         "{text}"
