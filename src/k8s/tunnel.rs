@@ -188,7 +188,7 @@ impl Tunneler {
                     }) if ws_status == 403 => Err(Error::Forbidden {
                         pod,
                         namespace,
-                        message: format!("WebSocket (GET): {ws_message}; SPDY (POST): {message}"),
+                        message: format!("WebSocket (GET): {ws_message}; {message}"),
                     }),
                     Err(e) => Err(e),
                 }
@@ -232,13 +232,16 @@ impl Tunneler {
             let mut pool = self.spdy.lock().unwrap_or_else(|p| p.into_inner());
             pool.entry(pod.to_owned()).or_default().clone()
         };
-        let mut fresh = false;
+        // The connection that just failed us, if any: replaced unless another tunnel
+        // already replaced it.
+        let mut failed: Option<SpdyConn> = None;
         loop {
             let conn = {
                 // Held across the upgrade: concurrent tunnels to one pod share one upgrade.
                 let mut current = slot.lock().await;
+                let failed_here = |c: &SpdyConn| failed.as_ref().is_some_and(|f| f.same(c));
                 match current.as_ref() {
-                    Some(c) if c.is_open() && !fresh => c.clone(),
+                    Some(c) if c.is_open() && !failed_here(c) => c.clone(),
                     _ => {
                         let c = upgrade::connect(&self.client, &self.namespace, pod)
                             .await
@@ -263,9 +266,9 @@ impl Tunneler {
                         _open: Some(OpenGuard),
                     });
                 }
-                Err(e) if e.connection_gone() && !fresh => {
+                Err(e) if e.connection_gone() && failed.is_none() => {
                     tracing::debug!(pod, error = %e, "SPDY connection gone; upgrading a new one");
-                    fresh = true;
+                    failed = Some(conn);
                 }
                 Err(e) => {
                     return Err(Error::SpdyStream {
@@ -299,7 +302,7 @@ impl Tunneler {
             } => Error::Forbidden {
                 pod,
                 namespace,
-                message,
+                message: format!("SPDY (POST): {message}"),
             },
             UpgradeError::Refused { status: 404, .. } => Error::PodNotFound { pod, namespace },
             source => Error::SpdyOpen { pod, source },

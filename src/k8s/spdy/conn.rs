@@ -194,6 +194,11 @@ impl SpdyConn {
         })
     }
 
+    /// Whether `other` is a handle to this same connection.
+    pub fn same(&self, other: &SpdyConn) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Whether the connection can still open streams.
     pub fn is_open(&self) -> bool {
         lock(&self.shared.state).closed.is_none()
