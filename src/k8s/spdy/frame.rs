@@ -15,13 +15,13 @@
 //! - **Never panics on input.** All reads go through checked helpers; arbitrary bytes give
 //!   `Ok(None)` (need more), a frame, or an error (property-tested below).
 //! - **Shared compression state.** Header blocks are compressed with one context per
-//!   direction (see [`super::zlib`]), so frames must be encoded in the order they are sent
+//!   direction (the sibling `zlib` module), so frames must be encoded in the order they are sent
 //!   and decoded in the order they arrive, one [`Encoder`]/[`Decoder`] per connection.
 //! - **Header names are lowercase and unique** on both sides: spdystream drops the whole
 //!   session on an uppercase or duplicate name, so the encoder refuses to produce one, and
 //!   the decoder treats one as a protocol error, as the spec says (§2.6.10).
 //!
-//! The simulator (tests/sim) compiles this file and [`super::zlib`] too, for its kubelet
+//! The simulator (tests/sim) compiles this file and the sibling `zlib` module too, for its kubelet
 //! side; real `kubectl port-forward` against the simulator checks both ends against Go's
 //! spdystream.
 
