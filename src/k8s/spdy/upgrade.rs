@@ -137,3 +137,48 @@ async fn refusal(res: http::Response<kube::client::Body>) -> UpgradeError {
     };
     UpgradeError::Refused { status, message }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn a_101_is_checked_like_client_go() {
+        let good = [
+            ("connection", "Upgrade"),
+            ("upgrade", "SPDY/3.1"),
+            ("x-stream-protocol-version", "portforward.k8s.io"),
+        ];
+        assert!(check_101(&headers(&good)).is_ok());
+        // Case-insensitive substring matches, as client-go does.
+        assert!(check_101(&headers(&[
+            ("connection", "keep-alive, upgrade"),
+            ("upgrade", "spdy/3.1"),
+            ("x-stream-protocol-version", "portforward.k8s.io"),
+        ]))
+        .is_ok());
+        assert!(matches!(
+            check_101(&headers(&good[1..])),
+            Err(UpgradeError::Protocol(_))
+        ));
+        let err = check_101(&headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "SPDY/3.1"),
+            ("x-stream-protocol-version", "v4.channel.k8s.io"),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("unable to negotiate protocol"),
+            "{err}"
+        );
+        assert!(check_101(&headers(&good[..2])).is_err(), "no echo");
+    }
+}
