@@ -333,8 +333,8 @@ struct DataIn {
 enum Event {
     /// The pair's creation timed out.
     Timeout(String),
-    /// A pair's forwarding ended; forget its data stream.
-    Done(u32),
+    /// A pair's forwarding ended (both streams closed): `(error id, data id)`.
+    Done(u32, u32),
 }
 
 async fn session<S>(shared: Arc<Shared>, io: S, pod: PodState)
@@ -374,7 +374,9 @@ where
     let mut dec = Decoder::new();
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut last_id = 0u32;
-    let mut accepted: Vec<u32> = Vec::new();
+    // Streams replied to and not yet finished (reset at `Close()`), and the last one accepted.
+    let mut open_streams: std::collections::BTreeSet<u32> = std::collections::BTreeSet::new();
+    let mut last_accepted = 0u32;
     let mut pairs: HashMap<String, Pair> = HashMap::new();
     let mut data_in: HashMap<u32, DataIn> = HashMap::new();
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
@@ -439,7 +441,8 @@ where
                             },
                         ))
                         .await;
-                    accepted.push(stream_id);
+                    open_streams.insert(stream_id);
+                    last_accepted = stream_id;
                     // `requestID`: the header, else guessed from the ids (error = id, data = id - 2).
                     let request = match frame::header(&headers, "requestid") {
                         Some(r) => r.to_owned(),
@@ -555,7 +558,11 @@ where
                         }
                     }
                 }
-                Event::Done(id) => { data_in.remove(&id); }
+                Event::Done(error, data) => {
+                    data_in.remove(&data);
+                    open_streams.remove(&error);
+                    open_streams.remove(&data);
+                }
             },
             _ = &mut idle => {
                 shared.tunnels.idle_closures.fetch_add(1, Ordering::SeqCst);
@@ -569,7 +576,7 @@ where
         p.timer.abort();
     }
     data_in.clear();
-    for &stream_id in &accepted {
+    for &stream_id in &open_streams {
         let _ = out_tx.try_send((
             due(),
             Frame::RstStream {
@@ -578,7 +585,7 @@ where
             },
         ));
     }
-    let last = accepted.last().copied().unwrap_or(0);
+    let last = last_accepted;
     let _ = out_tx.try_send((
         due(),
         Frame::GoAway {
@@ -670,7 +677,7 @@ async fn forward(
             }
         }
     }
-    let _ = events.send(Event::Done(data.id));
+    let _ = events.send(Event::Done(error.id, data.id));
     for id in [error.id, data.id] {
         let _ = out
             .send((
