@@ -187,3 +187,54 @@ async fn spdy_connections_cut_repeatedly_fail_no_reads() {
     drop(proxy);
     within("sim.shutdown", sim.shutdown()).await;
 }
+
+/// The kubelet's streaming idle timeout counts every SPDY frame: health checks more frequent
+/// than it keep the pod's one connection open; when the kubelet closes an idle connection,
+/// the next request upgrades a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spdy_and_the_kubelet_idle_timeout() {
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    let sim = cluster_at(33).await;
+    sim.set_kubelet_idle_timeout(Some(Duration::from_millis(1500)));
+    let proxy = start_proxy(&sim, &["--portforward", "spdy", "--keepalive", "300ms"]).await;
+    ctl3(&proxy.cluster_addr, &["put", "idle", "1"]).await;
+    let upgrades = sim.spdy_upgrade_count();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        sim.idle_closures(),
+        0,
+        "keepalive shorter than the idle timeout"
+    );
+    ctl3(&proxy.cluster_addr, &["get", "idle"]).await;
+    assert_eq!(sim.spdy_upgrade_count(), upgrades, "no new upgrade");
+    drop(proxy);
+
+    // Health checks every 3 s, pings every 5 s, idle timeout 1 s: the kubelet closes it.
+    sim.set_kubelet_idle_timeout(Some(Duration::from_secs(1)));
+    let proxy = start_proxy(&sim, &["--portforward", "spdy", "--keepalive", "3s"]).await;
+    let closed_before = sim.idle_closures();
+    let deadline = Instant::now() + crate::support::DEADLINE;
+    while sim.idle_closures() == closed_before {
+        assert!(
+            Instant::now() < deadline,
+            "no SPDY connection was closed as idle"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let upgrades = sim.spdy_upgrade_count();
+    assert_eq!(
+        ctl3(&proxy.cluster_addr, &["get", "idle", "--print-value-only"])
+            .await
+            .stdout
+            .trim(),
+        "1"
+    );
+    assert!(
+        sim.spdy_upgrade_count() > upgrades,
+        "a new connection was upgraded"
+    );
+    drop(proxy);
+    within("sim.shutdown", sim.shutdown()).await;
+}
