@@ -232,12 +232,8 @@ async fn kubectl_forward(c: &SimCluster, context: &str) {
             .unwrap()
         else {
             let mut err = String::new();
-            let _ = kubectl
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .await;
+            let mut stderr = kubectl.stderr.take().unwrap();
+            let _ = within("kubectl's stderr", stderr.read_to_string(&mut err)).await;
             panic!("kubectl exited: {err}");
         };
         if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:") {
