@@ -4,7 +4,20 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{ArgGroup, Parser};
+use clap::{ArgGroup, Parser, ValueEnum};
+
+/// Which port-forward protocol carries the tunnels (`--portforward`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum PortForward {
+    /// WebSocket first; SPDY when the API server refuses the WebSocket upgrade.
+    #[default]
+    Auto,
+    /// Only WebSocket (`v4.channel.k8s.io`): one upgrade per connection; verb `get`.
+    #[value(name = "websocket")]
+    WebSocket,
+    /// Only SPDY/3.1 (`portforward.k8s.io`): one upgrade per pod; verb `create`.
+    Spdy,
+}
 
 /// One stable local etcd endpoint into a Kubernetes cluster.
 ///
@@ -76,6 +89,13 @@ pub struct Cli {
     /// connecting directly.
     #[arg(long, value_name = "URLS", value_delimiter = ',', conflicts_with_all = ["target", "kubeconfig", "context", "namespace", "direct"])]
     pub endpoints: Vec<String>,
+
+    /// Port-forward protocol: `auto` tries WebSocket and falls back to SPDY when the API
+    /// server refuses the upgrade (as kubectl does), then keeps using SPDY; `spdy` multiplexes
+    /// every connection to a pod over one upgrade. RBAC: WebSocket needs `get` on
+    /// `pods/portforward` (and `create` from Kubernetes 1.35), SPDY needs `create`.
+    #[arg(long, value_enum, value_name = "PROTOCOL", default_value_t = PortForward::Auto)]
+    pub portforward: PortForward,
 
     /// etcd's client port inside the pods [default: the container port named `client`, else
     /// 2379, else 4001].
@@ -280,5 +300,19 @@ mod tests {
         let ok = Cli::try_parse_from(["etcd-proxy", "-n", "x", "--statefulset", "etcd"]).unwrap();
         assert_eq!(ok.statefulset.as_deref(), Some("etcd"));
         assert_eq!(ok.listen.port(), 4001);
+        assert_eq!(ok.portforward, PortForward::Auto);
+    }
+
+    #[test]
+    fn portforward_values() {
+        for (arg, want) in [
+            ("auto", PortForward::Auto),
+            ("websocket", PortForward::WebSocket),
+            ("spdy", PortForward::Spdy),
+        ] {
+            let cli = Cli::try_parse_from(["etcd-proxy", "--portforward", arg]).unwrap();
+            assert_eq!(cli.portforward, want);
+        }
+        assert!(Cli::try_parse_from(["etcd-proxy", "--portforward", "grpc"]).is_err());
     }
 }

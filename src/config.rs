@@ -87,6 +87,8 @@ pub struct Config {
     pub token_key: Option<PathBuf>,
     /// Connect to pod IPs instead of port-forwarding.
     pub direct: bool,
+    /// The port-forward protocol.
+    pub portforward: crate::cli::PortForward,
     /// Fixed etcd URLs to serve without Kubernetes.
     pub endpoints: Vec<String>,
     /// TLS to etcd: CA, optional client identity, optional fixed server name.
@@ -254,6 +256,7 @@ impl TryFrom<Cli> for Config {
             auth_file: cli.auth_file,
             token_key: cli.token_key,
             direct: cli.direct,
+            portforward: cli.portforward,
             endpoints: cli.endpoints,
             admin: cli.admin,
             max_connections: cli.max_connections,

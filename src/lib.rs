@@ -33,7 +33,8 @@
 //! * [`rewrite`]: pure byte-exact rewriting of member URLs (gRPC, v2, gateway).
 //! * [`upstream`]: one HTTP/2 connection per member and pooled HTTP/1.1 connections, over a
 //!   dialer seam.
-//! * [`k8s`]: kubeconfig, pod discovery, port-forward tunnels.
+//! * [`k8s`]: kubeconfig, pod discovery, port-forward tunnels (WebSocket, or SPDY/3.1 when the
+//!   API server refuses WebSocket: `k8s::spdy`).
 //! * [`admin`], [`metrics`]: the optional admin listener, `/metrics` and `/healthz`.
 //! * [`error`], [`telemetry`], [`shutdown`]: leaves open to all: error plumbing, logging, signals.
 //!   `coalesce` (private) makes `h2` write small frames together, for the listener and upstream.

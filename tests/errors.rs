@@ -71,7 +71,21 @@ async fn cluster_errors_are_one_clear_line() {
     one_clear_line(status, &err, "needs get/list/watch on");
 
     let (status, err) = run(with(&["--context", "sim-no-portforward"])).await;
-    one_clear_line(status, &err, "needs `create` on `pods/portforward`");
+    one_clear_line(
+        status,
+        &err,
+        "needs `get` and `create` on `pods/portforward`",
+    );
+    assert!(err.contains("deploy/rbac.yaml"), "{err}");
+    // Both refusals are quoted: the WebSocket GET and the SPDY POST.
+    assert!(
+        err.contains("cannot get resource \"pods/portforward\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("cannot create resource \"pods/portforward\""),
+        "{err}"
+    );
 
     // A busy local port.
     let busy = within("TcpListener::bind", TcpListener::bind("127.0.0.1:0"))

@@ -22,6 +22,8 @@ mod hostile;
 mod lifecycle;
 /// Scaling, API server outages, kubelet idle timeouts and restarted pods.
 mod membership;
+/// Port-forward over WebSocket and SPDY under each RBAC shape and Kubernetes version.
+mod portforward;
 /// Gateway replicas sharing logins through --token-key.
 mod replicas;
 /// Failover, reconnects and isolation under faults injected in the simulated cluster.

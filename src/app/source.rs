@@ -80,6 +80,7 @@ impl Source {
                 Connect::Tunnels(Box::new(tunnel::Tunneler::new(
                     kube.client.clone(),
                     &kube.namespace,
+                    cfg.portforward,
                 ))),
                 "through port-forward",
             )

@@ -4,6 +4,7 @@
 //! Named `k8s`, not `kube`: a root module named `kube` would shadow the crate.
 
 pub mod discovery;
+pub mod spdy;
 pub mod tunnel;
 
 use std::path::PathBuf;

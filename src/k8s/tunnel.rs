@@ -1,35 +1,58 @@
-//! Port-forward tunnels: one kube-rs `Portforwarder` (WebSocket `v4.channel.k8s.io`) per TCP
-//! connection to etcd inside a pod.
+//! Port-forward tunnels: one TCP connection to etcd inside a pod, over WebSocket
+//! (`v4.channel.k8s.io`, kube-rs' `Portforwarder`) or SPDY/3.1 (`portforward.k8s.io`,
+//! [`super::spdy`]).
+//!
+//! The API server authorizes the port-forward subresource by HTTP method: the WebSocket
+//! upgrade is a GET (verb `get`; from Kubernetes 1.35 also `create`), SPDY is a POST (verb
+//! `create`). `--portforward auto` does what kubectl does: WebSocket first, SPDY when the
+//! WebSocket upgrade is refused (any answer but 101). Unlike kubectl, which decides per
+//! run, etcd-proxy remembers the fallback: once SPDY worked where WebSocket was refused,
+//! new tunnels go straight to SPDY rather than paying a refused upgrade each time.
 //!
 //! A v4 WebSocket carries exactly one TCP connection (the kubelet dials the pod once per
-//! socket), so the upstream pool opens one tunnel per upstream connection and keeps it. The
-//! kubelet reports failures as text on the port's error channel — for example when etcd does
-//! not listen on the pod's loopback, which is where the container runtime dials. We surface
-//! that text as the connection's read error instead of a bare EOF, so the user sees why.
+//! socket), so each tunnel is its own upgrade. SPDY multiplexes: one upgraded connection
+//! per pod carries a stream pair per tunnel, and is replaced when it dies.
+//!
+//! The kubelet reports failures as text on the port's error channel or stream — for example
+//! when etcd does not listen on the pod's loopback, which is where the container runtime
+//! dials. We surface that text as the connection's read error instead of a bare EOF, so the
+//! user sees why.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 
+use super::spdy::conn::{ConnError, SpdyConn};
+use super::spdy::upgrade::{self, UpgradeError};
+use crate::cli::PortForward;
+
+/// What RBAC must grant for tunnels, in every message about a refused port-forward.
+const RBAC_ADVICE: &str = "the Kubernetes user needs `get` and `create` on `pods/portforward` \
+     (WebSocket port-forward is a GET, SPDY a POST, and from Kubernetes 1.35 WebSocket needs \
+     both; see deploy/rbac.yaml)";
+
 /// Why a tunnel could not be opened or died.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// RBAC does not allow port-forwarding.
     #[error(
-        "forbidden to port-forward to pod {pod} in namespace {namespace}: the Kubernetes user needs \
-         `create` on `pods/portforward` (see deploy/rbac.yaml); API server said: {message}"
+        "forbidden to port-forward to pod {pod} in namespace {namespace}: {RBAC_ADVICE}; API \
+         server said: {message}"
     )]
     Forbidden {
         /// The pod.
         pod: String,
         /// The namespace.
         namespace: String,
-        /// The API server's message.
+        /// The API server's message (both, when both protocols were refused).
         message: String,
     },
     /// The pod is gone.
@@ -40,7 +63,7 @@ pub enum Error {
         /// The namespace.
         namespace: String,
     },
-    /// The upgrade failed for another reason.
+    /// The WebSocket upgrade failed for another reason.
     #[error("cannot open a port-forward tunnel to pod {pod}: {source}")]
     Open {
         /// The pod.
@@ -48,6 +71,24 @@ pub enum Error {
         /// What kube said.
         #[source]
         source: kube::Error,
+    },
+    /// The SPDY upgrade failed for another reason.
+    #[error("cannot open a SPDY port-forward connection to pod {pod}: {source}")]
+    SpdyOpen {
+        /// The pod.
+        pod: String,
+        /// Why.
+        #[source]
+        source: UpgradeError,
+    },
+    /// The SPDY connection could not carry a new tunnel.
+    #[error("cannot open a port-forward stream to pod {pod}: {source}")]
+    SpdyStream {
+        /// The pod.
+        pod: String,
+        /// Why.
+        #[source]
+        source: ConnError,
     },
     /// Nothing listens on the port on the pod's loopback.
     #[error(
@@ -71,35 +112,95 @@ pub enum Error {
     },
 }
 
+/// A refused WebSocket upgrade: `(HTTP status, message)`; `None` for errors that are not a
+/// refusal (no answer at all), where falling back would not help (kubectl's
+/// `IsUpgradeFailure`).
+fn ws_refusal(e: &kube::Error) -> Option<(u16, String)> {
+    match e {
+        kube::Error::Api(s) => Some((s.code, s.message.clone())),
+        kube::Error::UpgradeConnection(u) => Some((0, u.to_string())),
+        _ => None,
+    }
+}
+
+/// One SPDY connection per pod, shared by that pod's tunnels.
+type SpdyPool = Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<SpdyConn>>>>>;
+
 /// Opens port-forward tunnels to pods in one namespace.
 #[derive(Clone)]
 pub struct Tunneler {
     pods: Api<Pod>,
+    client: kube::Client,
     namespace: String,
+    mode: PortForward,
+    /// `auto` saw WebSocket refused and SPDY work: skip WebSocket from now on.
+    prefer_spdy: Arc<AtomicBool>,
+    spdy: Arc<SpdyPool>,
 }
 
 impl Tunneler {
-    /// Tunnels through `client` into `namespace`.
-    pub fn new(client: kube::Client, namespace: &str) -> Self {
+    /// Tunnels through `client` into `namespace` with the protocol(s) of `mode`.
+    pub fn new(client: kube::Client, namespace: &str, mode: PortForward) -> Self {
         Self {
-            pods: Api::namespaced(client, namespace),
+            pods: Api::namespaced(client.clone(), namespace),
+            client,
             namespace: namespace.to_owned(),
+            mode,
+            prefer_spdy: Arc::new(AtomicBool::new(false)),
+            spdy: Arc::default(),
         }
     }
 
     /// Opens one tunnel to `port` in `pod`.
     pub async fn open(&self, pod: &str, port: u16) -> Result<TunnelStream, Error> {
-        let mut forwarder = self
-            .pods
-            .portforward(pod, &[port])
-            .await
-            .map_err(|e| self.open_error(pod, e))?;
+        match self.mode {
+            PortForward::WebSocket => self
+                .open_ws(pod, port)
+                .await
+                .map_err(|e| self.ws_error(pod, e)),
+            PortForward::Spdy => self.open_spdy(pod, port).await,
+            PortForward::Auto if self.prefer_spdy.load(Ordering::Relaxed) => {
+                self.open_spdy(pod, port).await
+            }
+            PortForward::Auto => {
+                let ws = match self.open_ws(pod, port).await {
+                    Ok(t) => return Ok(t),
+                    Err(e) => e,
+                };
+                let Some((ws_status, ws_message)) = ws_refusal(&ws) else {
+                    return Err(self.ws_error(pod, ws));
+                };
+                tracing::debug!(pod, status = ws_status, message = %ws_message, "WebSocket port-forward refused; trying SPDY");
+                match self.open_spdy(pod, port).await {
+                    Ok(t) => {
+                        if !self.prefer_spdy.swap(true, Ordering::Relaxed) {
+                            tracing::info!(
+                                "the API server refused the WebSocket port-forward ({ws_message}); \
+                                 using SPDY, which needs only `create` on pods/portforward"
+                            );
+                        }
+                        Ok(t)
+                    }
+                    Err(Error::Forbidden {
+                        pod,
+                        namespace,
+                        message,
+                    }) if ws_status == 403 => Err(Error::Forbidden {
+                        pod,
+                        namespace,
+                        message: format!("WebSocket (GET): {ws_message}; {message}"),
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    async fn open_ws(&self, pod: &str, port: u16) -> Result<TunnelStream, kube::Error> {
+        let mut forwarder = self.pods.portforward(pod, &[port]).await?;
         let (Some(stream), Some(error)) = (forwarder.take_stream(port), forwarder.take_error(port))
         else {
-            return Err(Error::Kubelet {
-                pod: pod.to_owned(),
-                message: "port missing from forwarder".into(),
-            });
+            return Err(kube::Error::Service("port missing from forwarder".into()));
         };
         let span = tracing::debug_span!("tunnel", pod, port);
         let m = crate::metrics::get();
@@ -120,20 +221,101 @@ impl Tunneler {
             error: Some(Box::pin(error)),
             pod: pod.to_owned(),
             port,
+            _open: None,
         })
     }
 
-    fn open_error(&self, pod: &str, e: kube::Error) -> Error {
+    /// A stream pair on the pod's SPDY connection, upgrading a new connection if there is
+    /// none or it died (once per call: a fresh connection that fails is an error).
+    async fn open_spdy(&self, pod: &str, port: u16) -> Result<TunnelStream, Error> {
+        let slot = {
+            let mut pool = self.spdy.lock().unwrap_or_else(|p| p.into_inner());
+            pool.entry(pod.to_owned()).or_default().clone()
+        };
+        // The connection that just failed us, if any: replaced unless another tunnel
+        // already replaced it.
+        let mut failed: Option<SpdyConn> = None;
+        loop {
+            let conn = {
+                // Held across the upgrade: concurrent tunnels to one pod share one upgrade.
+                let mut current = slot.lock().await;
+                let failed_here = |c: &SpdyConn| failed.as_ref().is_some_and(|f| f.same(c));
+                match current.as_ref() {
+                    Some(c) if c.is_open() && !failed_here(c) => c.clone(),
+                    _ => {
+                        let c = upgrade::connect(&self.client, &self.namespace, pod)
+                            .await
+                            .map_err(|e| self.spdy_error(pod, e))?;
+                        tracing::debug!(pod, "SPDY port-forward connection opened");
+                        *current = Some(c.clone());
+                        c
+                    }
+                }
+            };
+            match conn.open(port).await {
+                Ok((stream, error)) => {
+                    tracing::debug!(pod, port, "SPDY tunnel opened");
+                    let m = crate::metrics::get();
+                    m.tunnels_opened.inc();
+                    m.tunnels_open.inc();
+                    return Ok(TunnelStream {
+                        stream,
+                        error: Some(error),
+                        pod: pod.to_owned(),
+                        port,
+                        _open: Some(OpenGuard),
+                    });
+                }
+                Err(e) if e.connection_gone() && failed.is_none() => {
+                    tracing::debug!(pod, error = %e, "SPDY connection gone; upgrading a new one");
+                    failed = Some(conn);
+                }
+                Err(e) => {
+                    return Err(Error::SpdyStream {
+                        pod: pod.to_owned(),
+                        source: e,
+                    })
+                }
+            }
+        }
+    }
+
+    fn ws_error(&self, pod: &str, e: kube::Error) -> Error {
         let (pod, namespace) = (pod.to_owned(), self.namespace.clone());
         match super::api_status(&e) {
             Some((403, message)) => Error::Forbidden {
                 pod,
                 namespace,
-                message: message.to_owned(),
+                message: format!("WebSocket (GET): {message}"),
             },
             Some((404, _)) => Error::PodNotFound { pod, namespace },
             _ => Error::Open { pod, source: e },
         }
+    }
+
+    fn spdy_error(&self, pod: &str, e: UpgradeError) -> Error {
+        let (pod, namespace) = (pod.to_owned(), self.namespace.clone());
+        match e {
+            UpgradeError::Refused {
+                status: 403,
+                message,
+            } => Error::Forbidden {
+                pod,
+                namespace,
+                message: format!("SPDY (POST): {message}"),
+            },
+            UpgradeError::Refused { status: 404, .. } => Error::PodNotFound { pod, namespace },
+            source => Error::SpdyOpen { pod, source },
+        }
+    }
+}
+
+/// Counts an open SPDY tunnel in the metrics until dropped.
+struct OpenGuard;
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        crate::metrics::get().tunnels_open.dec();
     }
 }
 
@@ -173,6 +355,7 @@ pub struct TunnelStream {
     error: Option<ErrorFuture>,
     pod: String,
     port: u16,
+    _open: Option<OpenGuard>,
 }
 
 impl AsyncRead for TunnelStream {
@@ -231,6 +414,7 @@ mod tests {
             error: Some(Box::pin(std::future::ready(Some(msg.to_owned())))),
             pod: "etcd-0".into(),
             port: 2379,
+            _open: None,
         };
         theirs.write_all(b"hi").await.unwrap();
         drop(theirs);
@@ -267,6 +451,7 @@ mod tests {
             error: Some(Box::pin(std::future::ready(None))),
             pod: "p".into(),
             port: 1,
+            _open: None,
         };
         drop(theirs);
         let mut buf = Vec::new();

@@ -193,7 +193,17 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     };
     let path = req.uri().path().to_string();
     if path == "/version" {
-        return json_response(StatusCode::OK, &version());
+        return json_response(StatusCode::OK, &version(shared.cfg.kubernetes_minor));
+    }
+    if req.method() == Method::GET {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        if let Some(doc) = crate::discovery::document(&path, host) {
+            return json_response(StatusCode::OK, &doc);
+        }
     }
     let Some(route) = parse_route(&path) else {
         return status_response(status::path_not_found());
@@ -201,9 +211,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let query = query_map(&req);
     let is_watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let method = req.method().clone();
+    // The verb comes from the method (`requestinfo.go`): GET → get, POST → create. So a
+    // WebSocket port-forward (GET) is a `get`, a SPDY one (POST) a `create`.
     let verb = match (&method, route.subresource, route.name.is_empty()) {
-        // KEP-4006: a WebSocket (GET) port-forward also needs `create`.
-        (&Method::GET | &Method::POST, "portforward", _) => "create",
+        (&Method::GET, "portforward", _) => "get",
+        (&Method::POST, "portforward", _) => "create",
         (&Method::GET, _, true) if is_watch => "watch",
         (&Method::GET, _, true) => "list",
         (&Method::GET, _, false) => "get",
@@ -219,6 +231,25 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     };
     if !user.allows(&attrs) {
         return forbidden(&user, &attrs);
+    }
+    if route.subresource == "portforward"
+        && shared.cfg.kubernetes_minor >= 35
+        && verb != "create"
+        && !user.allows(&Attributes {
+            verb: "create",
+            ..attrs.clone()
+        })
+    {
+        // 1.35+ (`AuthorizePodWebsocketUpgradeCreatePermission`): `PortForwardREST.Connect`
+        // re-checks with verb `create` (`pkg/registry/core/pod/rest/subresources.go`
+        // `ensureAuthorizedForVerb`, kubernetes#133515) and answers `NewForbidden(pods, name,
+        // reason)`; RBAC gives an empty reason when it denies.
+        return status_response(status::failure(
+            403,
+            "Forbidden",
+            &format!("pods {:?} is forbidden: ", route.name),
+            Some(json!({"name": route.name, "kind": "pods"})),
+        ));
     }
     let ns_ok = route.namespace.is_empty() || route.namespace == shared.cfg.namespace;
     match (route.resource, route.subresource) {
@@ -266,11 +297,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-fn version() -> Value {
+fn version(minor: u32) -> Value {
     json!({
         "major": "1",
-        "minor": "33",
-        "gitVersion": "v1.33.0-etcd-proxy-sim",
+        "minor": minor.to_string(),
+        "gitVersion": format!("v1.{minor}.0-etcd-proxy-sim"),
         "gitCommit": "0000000000000000000000000000000000000000",
         "gitTreeState": "clean",
         "buildDate": "2025-04-23T00:00:00Z",

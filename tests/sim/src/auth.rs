@@ -1,10 +1,12 @@
-//! Authentication (bearer tokens) and a tiny RBAC for the three kubeconfig users.
+//! Authentication (bearer tokens) and a tiny RBAC for the kubeconfig users.
 //!
-//! etcd-proxy must report missing permissions clearly, so the simulator has
-//! users that lack exactly the permissions a real, restricted kubeconfig
-//! typically lacks: `create` on `pods/portforward` (needed for a WebSocket
-//! port-forward since KEP-4006's synthetic check, see
-//! `pkg/registry/core/pod/rest/subresources.go`), and reading pods.
+//! etcd-proxy must work with, and report clearly on, the permissions real
+//! restricted kubeconfigs have. Port-forward is authorized by HTTP method
+//! (`requestinfo.go`): the WebSocket upgrade (GET) needs `get` on
+//! `pods/portforward`, SPDY (POST) needs `create`, and from 1.35 the WebSocket
+//! upgrade needs `create` too (`pkg/registry/core/pod/rest/subresources.go`).
+//! So there are users with only `create` (what kubectl needed for years, the
+//! common case), only `get`, neither, and one that cannot read pods.
 
 use crate::random::random_hex;
 use crate::SimError;
@@ -21,6 +23,10 @@ pub(crate) enum Role {
     /// The Role of deploy/gateway.yaml for `--direct`: get/list/watch pods, get services and
     /// statefulsets, no `pods/portforward`.
     Gateway,
+    /// Reads, and only `create` on `pods/portforward`.
+    PortforwardCreateOnly,
+    /// Reads, and only `get` on `pods/portforward`.
+    PortforwardGetOnly,
 }
 
 /// One kubeconfig user.
@@ -74,6 +80,16 @@ impl Auth {
                     "system:serviceaccount:etcd:etcd-proxy",
                     Role::Gateway,
                 )?,
+                mk(
+                    "sim-portforward-create",
+                    "sim-portforward-create",
+                    Role::PortforwardCreateOnly,
+                )?,
+                mk(
+                    "sim-portforward-get",
+                    "sim-portforward-get",
+                    Role::PortforwardGetOnly,
+                )?,
             ],
         })
     }
@@ -95,6 +111,20 @@ impl User {
         match self.role {
             Role::Admin => true,
             Role::NoPortforward => reads && !portforward,
+            Role::PortforwardCreateOnly => {
+                if portforward {
+                    a.verb == "create"
+                } else {
+                    reads
+                }
+            }
+            Role::PortforwardGetOnly => {
+                if portforward {
+                    a.verb == "get"
+                } else {
+                    reads
+                }
+            }
             Role::NoList => {
                 if pods {
                     false

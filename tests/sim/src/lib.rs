@@ -6,8 +6,10 @@
 //! crate stands in for the cluster. It runs genuine `etcd` processes (one per
 //! "pod"), and in front of them an HTTPS API server that speaks the real
 //! wire protocols: apiserver JSON and `Status` errors, list/watch semantics
-//! with resourceVersions, bearer-token auth with RBAC-style denials, and the
-//! kubelet's WebSocket port-forward protocol (`v4.channel.k8s.io`). Faults
+//! with resourceVersions, bearer-token auth with RBAC-style denials (port-forward
+//! authorized by HTTP method and Kubernetes version), API discovery, and the
+//! kubelet's port-forward protocols: WebSocket (`v4.channel.k8s.io`) and
+//! SPDY/3.1 (`portforward.k8s.io`, what `kubectl port-forward` falls back to). Faults
 //! (killed pods, cut tunnels, latency, the kubelet's idle timeout, API server
 //! outages, scaling with real etcd membership changes) can be injected from tests.
 //!
@@ -23,6 +25,7 @@
 
 mod api;
 mod auth;
+mod discovery;
 mod error;
 mod etcd;
 mod idle;
@@ -34,6 +37,7 @@ mod random;
 mod scale;
 mod selector;
 mod server;
+mod spdy;
 mod status;
 mod store;
 mod tls;
@@ -51,6 +55,10 @@ use tokio::time::Instant;
 
 pub use error::SimError;
 pub use pki::EtcdPki;
+/// The SPDY/3.1 frame codec the simulator's kubelet side uses (etcd-proxy's own, compiled
+/// here too), for tests that speak SPDY to the simulator by hand.
+#[doc(hidden)]
+pub use spdy::frame as spdy_frame;
 
 use auth::Auth;
 use etcd::{Member, MemberSpec, MemberTls};
@@ -77,6 +85,11 @@ pub struct SimConfig {
     pub loopback_listen: bool,
     /// Start etcd with `--enable-v2`. Default true.
     pub enable_v2: bool,
+    /// The simulated Kubernetes minor version (1.x), reported by `/version`. It decides how
+    /// port-forward is authorized: from 1.35 (`AuthorizePodWebsocketUpgradeCreatePermission`,
+    /// beta and on by default) a WebSocket upgrade needs `create` as well as `get`.
+    /// Default 33.
+    pub kubernetes_minor: u32,
     /// Where pod IPs come from. Default [`PodNetwork::Unroutable`]. With
     /// [`Layout::ControlPlane`] the pods use the host network, so these are node IPs:
     /// 10.0.0.11, 10.0.0.12, ... when unroutable.
@@ -123,6 +136,7 @@ impl Default for SimConfig {
             name: "etcd".to_string(),
             loopback_listen: true,
             enable_v2: true,
+            kubernetes_minor: 33,
             pod_network: PodNetwork::Unroutable,
             layout: Layout::StatefulSet,
         }
@@ -408,7 +422,19 @@ impl SimCluster {
         self.shared.tunnels.upgrades()
     }
 
-    /// Port-forward sockets currently open.
+    /// Accepted port-forward SPDY connections so far (each carries many forwarded
+    /// connections), plain or tunnelled through WebSocket.
+    pub fn spdy_upgrade_count(&self) -> u64 {
+        self.shared.tunnels.spdy_upgrades()
+    }
+
+    /// Of [`SimCluster::spdy_upgrade_count`], those tunnelled through WebSocket
+    /// (`SPDY/3.1+portforward.k8s.io`, served from Kubernetes 1.31).
+    pub fn spdy_tunnel_count(&self) -> u64 {
+        self.shared.tunnels.spdy_tunnels()
+    }
+
+    /// Port-forward sockets (WebSocket or SPDY connections) currently open.
     pub fn open_tunnels(&self) -> usize {
         self.shared.tunnels.open()
     }

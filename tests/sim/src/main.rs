@@ -32,6 +32,10 @@ struct Args {
     /// kube-system (pass `--namespace kube-system`), TLS with client certificates.
     #[arg(long)]
     control_plane: bool,
+    /// Simulated Kubernetes minor version: from 35 a WebSocket port-forward needs `create`
+    /// on pods/portforward as well as `get`.
+    #[arg(long, default_value_t = 33)]
+    kubernetes_minor: u32,
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -70,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             Layout::StatefulSet
         },
+        kubernetes_minor: args.kubernetes_minor,
     };
     let cluster = SimCluster::start(cfg.clone()).await?;
     let kubeconfig = cluster.kubeconfig_path().display().to_string();
@@ -83,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("  kubeconfig: {kubeconfig}");
     println!("  api server: {}", cluster.api_url());
-    println!("  contexts:   sim (default), sim-no-portforward, sim-no-list, sim-gateway");
+    println!("  contexts:   sim (default), sim-portforward-create, sim-portforward-get, sim-no-portforward, sim-no-list, sim-gateway");
     match cluster.etcd_pki() {
         Some(pki) => println!(
             "Try:  etcd-proxy --kubeconfig {kubeconfig} -n {} --etcd-cacert {} --etcd-cert {} --etcd-key {}",

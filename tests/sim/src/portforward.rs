@@ -61,7 +61,12 @@ pub(crate) struct Tunnels {
     open: Mutex<HashMap<u64, OpenSocket>>,
     /// The kubelet's streaming idle timeout (see [`crate::idle`]).
     idle_timeout: watch::Sender<Option<Duration>>,
-    idle_closures: AtomicU64,
+    pub(crate) idle_closures: AtomicU64,
+    /// Accepted SPDY upgrades (one per connection, each carrying many streams), plain or
+    /// tunnelled through WebSocket.
+    pub(crate) spdy_upgrades: AtomicU64,
+    /// Of those, the ones tunnelled through WebSocket (`SPDY/3.1+portforward.k8s.io`).
+    pub(crate) spdy_tunnels: AtomicU64,
 }
 
 /// One open socket: which pod it forwards to, and how to kill it.
@@ -79,6 +84,8 @@ impl Default for Tunnels {
             open: Mutex::new(HashMap::new()),
             idle_timeout: watch::Sender::new(None),
             idle_closures: AtomicU64::new(0),
+            spdy_upgrades: AtomicU64::new(0),
+            spdy_tunnels: AtomicU64::new(0),
         }
     }
 }
@@ -86,6 +93,54 @@ impl Default for Tunnels {
 impl Tunnels {
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, OpenSocket>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `task` as an open socket forwarding to `pod`: counted by [`Tunnels::open`],
+    /// killed by [`Tunnels::cut`] and [`Tunnels::cut_pod`].
+    pub(crate) fn register<F, Fut>(self: &Arc<Self>, pod: String, task: F)
+    where
+        F: FnOnce(u64) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        // Hold the registry lock across spawn so the task cannot finish (and
+        // deregister) before it is registered.
+        let mut open = self.lock();
+        let reg = Registration {
+            tunnels: self.clone(),
+            id,
+        };
+        let handle = tokio::spawn(async move {
+            let _reg = reg;
+            task(id).await;
+        });
+        open.insert(
+            id,
+            OpenSocket {
+                pod,
+                task: handle.abort_handle(),
+            },
+        );
+    }
+
+    /// The idle timeout, to follow its changes.
+    pub(crate) fn idle_timeout_watch(&self) -> watch::Receiver<Option<Duration>> {
+        self.idle_timeout.subscribe()
+    }
+
+    /// A number for a connection, for messages.
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Accepted SPDY upgrades so far.
+    pub fn spdy_upgrades(&self) -> u64 {
+        self.spdy_upgrades.load(Ordering::SeqCst)
+    }
+
+    /// Accepted SPDY connections tunnelled through WebSocket so far.
+    pub fn spdy_tunnels(&self) -> u64 {
+        self.spdy_tunnels.load(Ordering::SeqCst)
     }
 
     /// Accepted WebSocket upgrades so far.
@@ -194,20 +249,25 @@ impl Codec {
     }
 }
 
-/// Picks the first client-offered subprotocol the port-forward handler allows
-/// (`conn.go` `handshake`; allowed set from `websocket.go` `handleWebSocketStreams`:
-/// "", `v4.channel.k8s.io`, `v4.base64.channel.k8s.io`; there is no v5 for port-forward).
-/// `Some(None)` means "no protocol requested" (binary framing, no response header).
-fn negotiate(req: &Request<Incoming>) -> Option<(Option<&'static str>, Codec)> {
-    let offered: Vec<String> = req
-        .headers()
+/// The WebSocket subprotocols a request offers, in order (comma-separated values of every
+/// `Sec-WebSocket-Protocol` header).
+pub(crate) fn offered_subprotocols(req: &Request<Incoming>) -> Vec<String> {
+    req.headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|p| p.trim().to_string())
         .filter(|p| !p.is_empty())
-        .collect();
+        .collect()
+}
+
+/// Picks the first client-offered subprotocol the port-forward handler allows
+/// (`conn.go` `handshake`; allowed set from `websocket.go` `handleWebSocketStreams`:
+/// "", `v4.channel.k8s.io`, `v4.base64.channel.k8s.io`; there is no v5 for port-forward).
+/// `Some(None)` means "no protocol requested" (binary framing, no response header).
+fn negotiate(req: &Request<Incoming>) -> Option<(Option<&'static str>, Codec)> {
+    let offered = offered_subprotocols(req);
     if offered.is_empty() {
         return Some((None, Codec::Binary));
     }
@@ -270,16 +330,31 @@ pub(crate) fn handle(
     let Some(pod) = pod else {
         return status_response(status::not_found("", "pods", pod_name));
     };
+    let is_ws = header_has_token(&req, header::CONNECTION, "upgrade")
+        && header_has_token(&req, header::UPGRADE, "websocket");
+    if !is_ws {
+        if !header_has_token(&req, header::CONNECTION, "upgrade") {
+            // The apiserver's UpgradeAwareHandler (upgradeRequired=true) refuses plain
+            // requests (`apimachinery/pkg/util/proxy/upgradeaware.go`).
+            return status_response(status::bad_request("Upgrade request required"));
+        }
+        // Any other upgrade goes to the kubelet's SPDY handler (`ServePortForward`:
+        // WebSocket requests to `handleWebSocketStreams`, the rest to `handleHttpStreams`).
+        return crate::spdy::handle(shared, req, pod);
+    }
+    // From 1.31 (`PortForwardWebsockets`) the API server serves WebSocket requests that ask
+    // for the SPDY tunnel itself (`subresources.go`: `translator.NewTranslatingHandler(…,
+    // wsstream.IsWebSocketRequestWithTunnelingProtocol)`); others go on to the kubelet.
+    if shared.cfg.kubernetes_minor >= 31 {
+        if let Some(offered) = crate::spdy::tunnel_request(&req) {
+            return crate::spdy::handle_tunnel(shared, req, pod, offered);
+        }
+    }
+    // `NewV4Options` wants ports only from WebSocket requests; SPDY carries them per stream.
     let ports = match parse_ports(query) {
         Ok(p) => p,
         Err(msg) => return status_response(status::bad_request(&msg)),
     };
-    let is_ws = header_has_token(&req, header::CONNECTION, "upgrade")
-        && header_has_token(&req, header::UPGRADE, "websocket");
-    if !is_ws {
-        // This simulator implements only the WebSocket flavour (no SPDY).
-        return status_response(status::bad_request("Upgrade request required"));
-    }
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let version_ok = req
         .headers()
@@ -354,7 +429,7 @@ pub(crate) fn handle(
 }
 
 /// Where "localhost:<port> inside the pod" really is.
-fn pod_local_target(shared: &Shared, pod: &PodState, port: u16) -> SocketAddr {
+pub(crate) fn pod_local_target(shared: &Shared, pod: &PodState, port: u16) -> SocketAddr {
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let member = shared.member(&pod.name);
     let real = match (port, member.as_ref().map(|m| &m.spec)) {
@@ -386,7 +461,12 @@ fn go_dial_error(net: &str, addr: &str, e: &std::io::Error) -> String {
 ///
 /// For a host-network pod (the control-plane layout) containerd dials in its own network
 /// namespace and names it `"host"` (`sandbox_portforward_linux.go`: `netNSPath = "host"`).
-fn forward_error(pod: &PodState, port: u16, e: &std::io::Error, host_network: bool) -> String {
+pub(crate) fn forward_error(
+    pod: &PodState,
+    port: u16,
+    e: &std::io::Error,
+    host_network: bool,
+) -> String {
     let v4 = go_dial_error("tcp4", &format!("127.0.0.1:{port}"), e);
     let v6 = go_dial_error("tcp6", &format!("[::1]:{port}"), e);
     let netns = if host_network {
@@ -574,7 +654,7 @@ fn channels(i: usize) -> (u8, u8) {
 /// Waits for an injected delay. Without latency the frame is already due and goes at once:
 /// tokio's timer rounds every sleep up to its next 1 ms tick, which would add a millisecond
 /// per frame that no real API server adds.
-async fn wait_until(due: Instant) {
+pub(crate) async fn wait_until(due: Instant) {
     if due > Instant::now() {
         tokio::time::sleep_until(due).await;
     }

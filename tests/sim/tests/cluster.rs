@@ -267,9 +267,10 @@ async fn rbac_denials_and_bad_token() {
             .unwrap(),
     );
     assert_eq!(code, 403);
+    // kube-rs' port-forward is a WebSocket GET: verb `get` (requestinfo.go).
     assert_eq!(
         msg,
-        r#"pods "etcd-0" is forbidden: User "sim-no-portforward" cannot create resource "pods/portforward" in API group "" in the namespace "etcd""#
+        r#"pods "etcd-0" is forbidden: User "sim-no-portforward" cannot get resource "pods/portforward" in API group "" in the namespace "etcd""#
     );
     assert_eq!(c.portforward_count(), 0);
 
