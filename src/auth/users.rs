@@ -78,7 +78,11 @@ impl Users {
             let hash = if ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
                 Hash::Bcrypt(hash.to_owned())
             } else if hash.starts_with("$argon2") {
-                PasswordHash::new(hash).map_err(|_| err(i + 1, "malformed argon2 hash"))?;
+                // A PHC string may stop after the salt; without a hash nothing ever verifies.
+                PasswordHash::new(hash)
+                    .ok()
+                    .filter(|h| h.hash.is_some())
+                    .ok_or_else(|| err(i + 1, "malformed argon2 hash"))?;
                 Hash::Argon2(hash.to_owned())
             } else {
                 return Err(err(
@@ -148,6 +152,7 @@ mod tests {
             "alice:$apr1$abc$def",
             "alice:{SHA}abc",
             "nocolon",
+            "alice:$argon2id$v=19$m=19456,t=2,p=1$MDEyMzQ1Njc4OWFiY2RlZg",
         ] {
             let err = Users::parse(bad, Path::new("users"))
                 .err()
