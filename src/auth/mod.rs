@@ -17,7 +17,7 @@
 
 mod limit;
 mod tokens;
-mod users;
+pub(crate) mod users;
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -217,19 +217,9 @@ impl Auth {
         let Some(body) = read_body(req).await else {
             return failed;
         };
-        // One length-prefixed message: AuthenticateRequest { name = 1; password = 2; }.
-        let Some(msg) = body.get(5..) else {
+        let Some((name, password)) = parse_grpc_login(&body) else {
             return failed;
         };
-        let (mut name, mut password) = (String::new(), String::new());
-        for field in Fields::new(msg) {
-            let Ok(f) = field else { return failed };
-            match (f.number, f.wire_type) {
-                (1, LEN) => name = String::from_utf8_lossy(f.payload).into_owned(),
-                (2, LEN) => password = String::from_utf8_lossy(f.payload).into_owned(),
-                _ => {}
-            }
-        }
         let Some(token) = self
             .login(peer, &name, &password)
             .await
@@ -251,13 +241,11 @@ impl Auth {
         let Some(body) = read_body(req).await else {
             return failed;
         };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        let Some((name, password)) = parse_gateway_login(&body) else {
             return failed;
         };
-        let name = v["name"].as_str().unwrap_or_default();
-        let password = v["password"].as_str().unwrap_or_default();
         let Some(token) = self
-            .login(peer, name, password)
+            .login(peer, &name, &password)
             .await
             .and_then(|user| self.tokens.issue(&user))
         else {
@@ -266,6 +254,34 @@ impl Auth {
         let json = serde_json::json!({ "header": {}, "token": token });
         Verdict::GatewayLogin(Bytes::from(json.to_string()))
     }
+}
+
+/// The name and password of a gRPC `Authenticate` body: one length-prefixed message,
+/// `AuthenticateRequest { name = 1; password = 2; }`. `None` if the message is malformed.
+/// The gRPC prefix is skipped, not checked: a wrong length or flag cannot make a wrong
+/// password right, and etcd's clients never compress.
+pub(crate) fn parse_grpc_login(body: &[u8]) -> Option<(String, String)> {
+    let msg = body.get(5..)?;
+    let (mut name, mut password) = (String::new(), String::new());
+    for field in Fields::new(msg) {
+        let f = field.ok()?;
+        match (f.number, f.wire_type) {
+            (1, LEN) => name = String::from_utf8_lossy(f.payload).into_owned(),
+            (2, LEN) => password = String::from_utf8_lossy(f.payload).into_owned(),
+            _ => {}
+        }
+    }
+    Some((name, password))
+}
+
+/// The name and password of a JSON gateway `/v3/auth/authenticate` body
+/// (`{"name": …, "password": …}`; a missing or non-string member reads as empty).
+/// `None` if the body is not JSON.
+pub(crate) fn parse_gateway_login(body: &[u8]) -> Option<(String, String)> {
+    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let name = v["name"].as_str().unwrap_or_default().to_owned();
+    let password = v["password"].as_str().unwrap_or_default().to_owned();
+    Some((name, password))
 }
 
 async fn read_body(req: Request<Incoming>) -> Option<Bytes> {

@@ -57,7 +57,7 @@ impl Users {
         Self::parse(&text, path)
     }
 
-    fn parse(text: &str, path: &Path) -> Result<Self, Error> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, Error> {
         let err = |line: usize, reason: &'static str| Error::Line {
             path: path.to_owned(),
             line,

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::proxy::Proxy;
 use crate::upstream::BoxIo;
 
-mod authority;
+pub(crate) mod authority;
 pub mod tls;
 
 /// How long in-flight requests may run after shutdown starts.

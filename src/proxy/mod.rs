@@ -30,9 +30,9 @@ use crate::upstream::health::Health;
 use crate::upstream::{Body as UpstreamResponse, Upstream, UpstreamBody};
 
 mod forward;
-mod frames;
+pub(crate) mod frames;
 mod reply;
-mod watches;
+pub(crate) mod watches;
 
 use forward::{strip_hop_by_hop, upstream_request, wants_upgrade};
 use reply::{
