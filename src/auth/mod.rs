@@ -329,4 +329,53 @@ mod tests {
         assert!(!http_open("/v2/keys/a"));
         assert!(is_gateway_login("/v3beta/auth/authenticate"));
     }
+
+    mod properties {
+        use super::super::{parse_gateway_login, parse_grpc_login};
+        use crate::protowire::put_varint_field;
+        use etcd_client::proto::PbAuthenticateRequest;
+        use proptest::prelude::*;
+        use prost::Message;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// An `AuthenticateRequest` prost encoded reads back as its name and password,
+            /// whatever fields a newer client adds after them.
+            #[test]
+            fn grpc_login_reads_what_prost_wrote(
+                name in any::<String>(),
+                password in any::<String>(),
+                unknown in prop::collection::vec((3u64..100, any::<u64>()), 0..3),
+            ) {
+                let mut msg = PbAuthenticateRequest { name: name.clone(), password: password.clone() }
+                    .encode_to_vec();
+                for (n, v) in unknown {
+                    put_varint_field(&mut msg, n, v);
+                }
+                let body = crate::proxy::frames::frame(&msg);
+                prop_assert_eq!(parse_grpc_login(&body), Some((name, password)));
+            }
+
+            /// The gateway's JSON login, with other members around the two it reads.
+            #[test]
+            fn gateway_login_reads_name_and_password(
+                name in any::<String>(),
+                password in any::<String>(),
+                other in any::<String>(),
+            ) {
+                let body = serde_json::json!({ "other": other, "password": password, "name": name });
+                prop_assert_eq!(
+                    parse_gateway_login(body.to_string().as_bytes()),
+                    Some((name, password))
+                );
+            }
+
+            /// Any bytes as a login body: credentials or a refusal, never a panic.
+            #[test]
+            fn logins_take_any_bytes(data in prop::collection::vec(any::<u8>(), 0..256)) {
+                crate::fuzzing::authenticate(&data);
+            }
+        }
+    }
 }

@@ -24,6 +24,8 @@ use crate::proxy::Proxy;
 use crate::upstream::BoxIo;
 
 pub(crate) mod authority;
+#[cfg(test)]
+mod proptests;
 pub mod tls;
 
 /// How long in-flight requests may run after shutdown starts.

@@ -31,6 +31,8 @@ use crate::upstream::{Body as UpstreamResponse, Upstream, UpstreamBody};
 
 mod forward;
 pub(crate) mod frames;
+#[cfg(test)]
+mod proptests;
 mod reply;
 pub(crate) mod watches;
 
