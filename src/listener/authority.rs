@@ -38,7 +38,8 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// Frames we emit stay within the smallest SETTINGS_MAX_FRAME_SIZE a server may advertise.
 const MAX_OUT_FRAME: usize = 16_384;
-/// A header block larger than this is refused (hyper's own header list limit is smaller).
+/// A header block larger than this, or decoding to a header list larger than this, is
+/// refused (hyper's own header list limit is smaller).
 const MAX_BLOCK: usize = 1 << 20;
 /// Read size before the first header block: a client's preface, SETTINGS and first request
 /// fit, and every idle connection holds this much.
@@ -222,7 +223,22 @@ impl<S> RepairAuthority<S> {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
-        let mut headers = self.decoder.decode(&p.block).map_err(Error::Hpack)?;
+        // Bounded by what the headers decode to, not by the block: one byte can name a table
+        // entry of up to the table size, so a small block can decode to gigabytes.
+        let mut headers = Vec::new();
+        let mut size = 0usize;
+        self.decoder
+            .decode_with_cb(&p.block, |name, value| {
+                // RFC 9113 §6.5.2 counts each field as name + value + 32.
+                size = size.saturating_add(name.len() + value.len() + 32);
+                if size <= MAX_BLOCK {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
+            })
+            .map_err(Error::Hpack)?;
+        if size > MAX_BLOCK {
+            return Err(Error::TooLarge);
+        }
         if !self.repairing {
             if authority_ok(&headers) {
                 // The usual case: hand hyper the client's own bytes from here on.
@@ -549,6 +565,37 @@ mod tests {
     async fn http1_passes_through_untouched() {
         let req = b"GET /v2/keys/a HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
         assert_eq!(through(req.clone()).await.unwrap(), req);
+    }
+
+    #[tokio::test]
+    async fn a_block_that_decodes_huge_is_refused() {
+        // One 4 KB header put in the HPACK table, then referenced by one byte each time:
+        // 50 000 references decode to 200 MB. Only the decoded size can bound this.
+        let mut block = vec![0x40, 0x01, b'x', 0x7f];
+        let mut len = Vec::new();
+        let value = 4000usize;
+        let mut rest = value - 127;
+        while rest >= 128 {
+            len.push((rest % 128) as u8 | 0x80);
+            rest /= 128;
+        }
+        len.push(rest as u8);
+        block.extend_from_slice(&len);
+        block.extend(std::iter::repeat_n(b'v', value));
+        block.extend(std::iter::repeat_n(0xbe, 50_000)); // indexed: dynamic entry 62
+        let mut input = PREFACE.to_vec();
+        // The frame carries the malformed authority first, so the block is decoded.
+        let mut enc = loona_hpack::Encoder::new();
+        let mut first = encode(&mut enc, &request("http://127.0.0.1:4002"));
+        first.extend_from_slice(&block);
+        input.extend(frame(HEADERS, END_HEADERS, 1, &first));
+        match through(input).await {
+            Ok(out) => panic!("passed, {} bytes", out.len()),
+            Err(err) => {
+                assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+                assert!(err.to_string().contains("too large"), "{err}");
+            }
+        }
     }
 
     #[tokio::test]
