@@ -48,6 +48,9 @@ pub mod config;
 pub mod endpoints;
 pub mod env;
 pub mod error;
+/// Entry points for the fuzz targets and property tests; not API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod k8s;
 pub mod listener;

@@ -202,4 +202,73 @@ mod tests {
             Some(Err(Error::Truncated { .. }))
         ));
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A field as (number, wire type, encoded value).
+        fn field() -> impl Strategy<Value = (u64, u8, Vec<u8>)> {
+            let number = 1u64..(1 << 29);
+            prop_oneof![
+                (number.clone(), any::<u64>()).prop_map(|(n, v)| {
+                    let mut b = Vec::new();
+                    put_varint(&mut b, v);
+                    (n, 0, b)
+                }),
+                (number.clone(), any::<[u8; 8]>()).prop_map(|(n, b)| (n, 1, b.to_vec())),
+                (number.clone(), prop::collection::vec(any::<u8>(), 0..40))
+                    .prop_map(|(n, b)| (n, LEN, b)),
+                (number, any::<[u8; 4]>()).prop_map(|(n, b)| (n, 5, b.to_vec())),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn varints_round_trip(v in any::<u64>()) {
+                let mut out = Vec::new();
+                put_varint(&mut out, v);
+                let mut pos = 0;
+                prop_assert_eq!(read_varint(&out, &mut pos), Ok(v));
+                prop_assert_eq!(pos, out.len());
+            }
+
+            /// A message written field by field walks back as the same fields, each with its
+            /// exact raw bytes; cut short anywhere inside a field, the walk reports truncation.
+            #[test]
+            fn fields_walk_back(fields in prop::collection::vec(field(), 0..8), cut in any::<prop::sample::Index>()) {
+                let mut msg = Vec::new();
+                let mut raws = Vec::new();
+                for (n, wt, value) in &fields {
+                    let start = msg.len();
+                    put_varint(&mut msg, (n << 3) | u64::from(*wt));
+                    if *wt == LEN {
+                        put_varint(&mut msg, value.len() as u64);
+                    }
+                    msg.extend_from_slice(value);
+                    raws.push(start..msg.len());
+                }
+                let walked: Vec<_> = Fields::new(&msg).collect::<Result<_, _>>().unwrap();
+                prop_assert_eq!(walked.len(), fields.len());
+                for ((f, (n, wt, value)), raw) in walked.iter().zip(&fields).zip(&raws) {
+                    prop_assert_eq!((f.number, f.wire_type), (*n, *wt));
+                    prop_assert_eq!(f.raw, &msg[raw.clone()]);
+                    if *wt == LEN {
+                        prop_assert_eq!(f.payload, value.as_slice());
+                    }
+                }
+                let cut = cut.index(msg.len() + 1);
+                let inside = raws.iter().any(|r| r.start < cut && cut < r.end);
+                let truncated = Fields::new(&msg[..cut]).any(|f| f.is_err());
+                prop_assert_eq!(truncated, inside);
+            }
+
+            #[test]
+            fn any_bytes_walk_or_fail(data in prop::collection::vec(any::<u8>(), 0..256)) {
+                crate::fuzzing::protowire(&data);
+            }
+        }
+    }
 }

@@ -18,7 +18,7 @@
 
 mod limit;
 mod tokens;
-mod users;
+pub(crate) mod users;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -315,19 +315,9 @@ impl Auth {
             Body::TooLarge => return Verdict::TooLarge(Class::Grpc),
             Body::Broken => return failed,
         };
-        // One length-prefixed message: AuthenticateRequest { name = 1; password = 2; }.
-        let Some(msg) = crate::grpc::Prefix::single_message(&body) else {
+        let Some((name, password)) = parse_grpc_login(&body) else {
             return failed;
         };
-        let (mut name, mut password) = (String::new(), String::new());
-        for field in Fields::new(msg) {
-            let Ok(f) = field else { return failed };
-            match (f.number, f.wire_type) {
-                (1, LEN) => name = String::from_utf8_lossy(f.payload).into_owned(),
-                (2, LEN) => password = String::from_utf8_lossy(f.payload).into_owned(),
-                _ => {}
-            }
-        }
         let Some(token) = self
             .login(peer, &name, &password)
             .await
@@ -351,13 +341,11 @@ impl Auth {
             Body::TooLarge => return Verdict::TooLarge(Class::Http),
             Body::Broken => return failed,
         };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        let Some((name, password)) = parse_gateway_login(&body) else {
             return failed;
         };
-        let name = v["name"].as_str().unwrap_or_default();
-        let password = v["password"].as_str().unwrap_or_default();
         let Some(token) = self
-            .login(peer, name, password)
+            .login(peer, &name, &password)
             .await
             .and_then(|user| self.issue(&user))
         else {
@@ -373,6 +361,33 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The name and password of a gRPC `Authenticate` body: one length-prefixed message,
+/// `AuthenticateRequest { name = 1; password = 2; }`. `None` if the message is malformed.
+/// A compressed message, or one whose prefix does not match the body, is malformed.
+pub(crate) fn parse_grpc_login(body: &[u8]) -> Option<(String, String)> {
+    let msg = crate::grpc::Prefix::single_message(body)?;
+    let (mut name, mut password) = (String::new(), String::new());
+    for field in Fields::new(msg) {
+        let f = field.ok()?;
+        match (f.number, f.wire_type) {
+            (1, LEN) => name = String::from_utf8_lossy(f.payload).into_owned(),
+            (2, LEN) => password = String::from_utf8_lossy(f.payload).into_owned(),
+            _ => {}
+        }
+    }
+    Some((name, password))
+}
+
+/// The name and password of a JSON gateway `/v3/auth/authenticate` body
+/// (`{"name": …, "password": …}`; a missing or non-string member reads as empty).
+/// `None` if the body is not JSON.
+pub(crate) fn parse_gateway_login(body: &[u8]) -> Option<(String, String)> {
+    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let name = v["name"].as_str().unwrap_or_default().to_owned();
+    let password = v["password"].as_str().unwrap_or_default().to_owned();
+    Some((name, password))
 }
 
 /// A login request's body.
@@ -429,5 +444,54 @@ mod tests {
         assert!(http_open("/health"));
         assert!(!http_open("/v2/keys/a"));
         assert!(is_gateway_login("/v3beta/auth/authenticate"));
+    }
+
+    mod properties {
+        use super::super::{parse_gateway_login, parse_grpc_login};
+        use crate::protowire::put_varint_field;
+        use etcd_client::proto::PbAuthenticateRequest;
+        use proptest::prelude::*;
+        use prost::Message;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// An `AuthenticateRequest` prost encoded reads back as its name and password,
+            /// whatever fields a newer client adds after them.
+            #[test]
+            fn grpc_login_reads_what_prost_wrote(
+                name in any::<String>(),
+                password in any::<String>(),
+                unknown in prop::collection::vec((3u64..100, any::<u64>()), 0..3),
+            ) {
+                let mut msg = PbAuthenticateRequest { name: name.clone(), password: password.clone() }
+                    .encode_to_vec();
+                for (n, v) in unknown {
+                    put_varint_field(&mut msg, n, v);
+                }
+                let body = crate::proxy::frames::frame(&msg);
+                prop_assert_eq!(parse_grpc_login(&body), Some((name, password)));
+            }
+
+            /// The gateway's JSON login, with other members around the two it reads.
+            #[test]
+            fn gateway_login_reads_name_and_password(
+                name in any::<String>(),
+                password in any::<String>(),
+                other in any::<String>(),
+            ) {
+                let body = serde_json::json!({ "other": other, "password": password, "name": name });
+                prop_assert_eq!(
+                    parse_gateway_login(body.to_string().as_bytes()),
+                    Some((name, password))
+                );
+            }
+
+            /// Any bytes as a login body: credentials or a refusal, never a panic.
+            #[test]
+            fn logins_take_any_bytes(data in prop::collection::vec(any::<u8>(), 0..256)) {
+                crate::fuzzing::authenticate(&data);
+            }
+        }
     }
 }

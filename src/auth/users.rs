@@ -58,7 +58,7 @@ impl Users {
         Self::parse(&text, path)
     }
 
-    fn parse(text: &str, path: &Path) -> Result<Self, Error> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, Error> {
         let err = |line: usize, reason: &'static str| Error::Line {
             path: path.to_owned(),
             line,
@@ -79,7 +79,11 @@ impl Users {
             let hash = if ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
                 Hash::Bcrypt(hash.to_owned())
             } else if hash.starts_with("$argon2") {
-                PasswordHash::new(hash).map_err(|_| err(i + 1, "malformed argon2 hash"))?;
+                // A PHC string may stop after the salt; without a hash nothing ever verifies.
+                PasswordHash::new(hash)
+                    .ok()
+                    .filter(|h| h.hash.is_some())
+                    .ok_or_else(|| err(i + 1, "malformed argon2 hash"))?;
                 Hash::Argon2(hash.to_owned())
             } else {
                 return Err(err(
@@ -172,6 +176,7 @@ mod tests {
             "alice:$apr1$abc$def",
             "alice:{SHA}abc",
             "nocolon",
+            "alice:$argon2id$v=19$m=19456,t=2,p=1$MDEyMzQ1Njc4OWFiY2RlZg",
         ] {
             let err = Users::parse(bad, Path::new("users"))
                 .err()
@@ -187,5 +192,83 @@ mod tests {
             Users::parse("# nobody\n", Path::new("u")),
             Err(Error::Empty { .. })
         ));
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A well-formed `name:hash` line (bcrypt prefixes as `htpasswd -B` and other tools
+        /// write them, or a valid argon2 PHC string), with the spaces a hand edit leaves.
+        fn user_line() -> impl Strategy<Value = (String, String)> {
+            (
+                "[A-Za-z0-9._@-]{1,12}",
+                prop_oneof![
+                    ("\\$2[aby]\\$[0-9]{2}\\$[./A-Za-z0-9]{0,53}").boxed(),
+                    Just(ARGON2.to_owned()).boxed(),
+                ],
+                "[ \t]{0,2}",
+                "[ \t]{0,2}",
+            )
+                .prop_map(|(name, hash, lead, trail)| {
+                    (name.clone(), format!("{lead}{name}:{hash}{trail}"))
+                })
+        }
+
+        const ARGON2: &str =
+            "$argon2id$v=19$m=19456,t=2,p=1$MDEyMzQ1Njc4OWFiY2RlZg$2cZbUF9RwOZOmLn4iLGMtM1BNAcRyHKNMEzV10IbFQQ";
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// A file of valid lines, comments and blank lines loads exactly its users (a
+            /// repeated name: the last line wins); one bad line anywhere is reported by its
+            /// number.
+            #[test]
+            fn files_load_their_users_or_name_the_bad_line(
+                lines in prop::collection::vec(
+                    prop_oneof![
+                        3 => user_line().prop_map(|(n, l)| (Some(n), l)),
+                        1 => "#[^\\n\\r]{0,20}".prop_map(|c| (None, c)),
+                        1 => "[ \t]{0,3}".prop_map(|b| (None, b)),
+                    ],
+                    1..12,
+                ),
+                bad in prop::option::of((any::<prop::sample::Index>(), prop_oneof![
+                    Just("alice:secret"),
+                    Just("nocolon"),
+                    Just(":$2b$10$x"),
+                    Just("bob:$argon2id$v=19$garbage"),
+                    Just("carol:{SHA}abc="),
+                ])),
+                crlf in any::<bool>(),
+            ) {
+                let mut text: Vec<String> = lines.iter().map(|(_, l)| l.clone()).collect();
+                let bad_line = bad.map(|(at, line)| {
+                    let at = at.index(text.len() + 1);
+                    text.insert(at, line.to_owned());
+                    at + 1
+                });
+                let text = text.join(if crlf { "\r\n" } else { "\n" });
+                let names: std::collections::BTreeSet<&str> =
+                    lines.iter().filter_map(|(n, _)| n.as_deref()).collect();
+                match (Users::parse(&text, Path::new("users")), bad_line) {
+                    (Err(Error::Line { line, .. }), Some(want)) => prop_assert_eq!(line, want),
+                    (Ok(users), None) => {
+                        let got: std::collections::BTreeSet<&str> =
+                            users.users.keys().map(String::as_str).collect();
+                        prop_assert_eq!(got, names);
+                    }
+                    (Err(Error::Empty { .. }), None) => prop_assert!(names.is_empty()),
+                    (other, want) => prop_assert!(false, "{:?} for bad line {:?}", other.err(), want),
+                }
+            }
+
+            /// Any text as the users file: loaded or refused with a line number, never a panic.
+            #[test]
+            fn users_file_takes_any_text(text in any::<String>()) {
+                crate::fuzzing::users_file(text.as_bytes());
+            }
+        }
     }
 }

@@ -35,6 +35,8 @@ use crate::upstream::BoxIo;
 mod activity;
 pub mod admission;
 pub mod authority;
+#[cfg(test)]
+mod proptests;
 pub mod tls;
 
 use activity::Activity;

@@ -31,9 +31,11 @@ use crate::upstream::{Body as UpstreamResponse, Upstream, UpstreamBody};
 
 mod failure;
 mod forward;
-mod frames;
+pub(crate) mod frames;
+#[cfg(test)]
+mod proptests;
 mod reply;
-mod watches;
+pub(crate) mod watches;
 
 pub use failure::Failure;
 use forward::{strip_hop_by_hop, upstream_request, wants_upgrade};

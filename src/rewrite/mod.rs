@@ -21,6 +21,8 @@
 pub mod gateway;
 pub mod grpc;
 mod json;
+#[cfg(test)]
+mod proptests;
 pub mod v2;
 
 use bytes::Bytes;

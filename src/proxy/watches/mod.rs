@@ -13,7 +13,7 @@
 //! Known gap: a response fragmented across messages (`fragment`, for watch responses over
 //! the message size limit) that is cut in the middle is re-delivered from its revision.
 
-mod proto;
+pub(crate) mod proto;
 mod table;
 
 use std::future::Future;
