@@ -34,8 +34,10 @@
 //! Environment (defaults in brackets): `BENCH_RTTS` [0,10,20,50] in ms; `BENCH_SNAPSHOT_MB`
 //! [60]; `BENCH_RANGE_MB` [40]; `BENCH_WATCH_EVENTS` [50000]; `BENCH_REPEAT` [1] runs per
 //! target and cell (median reported; the targets take turns within a cell, so a ratio pairs
-//! runs made moments apart); `BENCH_SECTIONS` [all] of `snapshot`, `range`, `watch`,
-//! `gateway`; `BENCH_TARGETS` [all] of `naive`, `member`, `cluster` (direct always runs).
+//! runs made moments apart); `BENCH_SECTIONS` [all]: transfers `snapshot`, `range`,
+//! `watch` and modes `gateway`, `tunnel` (naming none of a kind keeps all of that kind);
+//! `BENCH_TARGETS` [all] of `naive`, `member`, `cluster` (direct always runs).
+//! `ETCD_PROXY_BIN` runs another etcd-proxy build (a before and after).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -102,10 +104,15 @@ impl Settings {
         }
     }
 
+    /// Transfers (`snapshot`, `range`, `watch`) and modes (`gateway`, `tunnel`) are selected
+    /// separately: naming none of a kind keeps all of it.
     fn wants_section(&self, key: &str) -> bool {
-        self.sections
-            .as_ref()
-            .is_none_or(|t| t.iter().any(|k| k == key))
+        const OPS: [&str; 3] = ["snapshot", "range", "watch"];
+        let Some(named) = &self.sections else {
+            return true;
+        };
+        let same_kind = |k: &String| OPS.contains(&k.as_str()) == OPS.contains(&key);
+        named.iter().any(|k| k == key) || !named.iter().any(same_kind)
     }
 
     fn wants_target(&self, key: &str) -> bool {
@@ -425,7 +432,7 @@ async fn cell(
 
 fn command_line() -> String {
     let mut vars: Vec<String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("BENCH_"))
+        .filter(|(k, _)| k.starts_with("BENCH_") || k == "ETCD_PROXY_BIN")
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     vars.sort();
@@ -567,6 +574,9 @@ async fn main() {
         println!();
     }
 
+    if !s.wants_section("tunnel") {
+        return;
+    }
     let proxy = support::start_proxy(&sim, &[]).await;
     let proxy_pid = proxy.child.id();
     let member = proxy.members[0].1.clone();

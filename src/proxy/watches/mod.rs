@@ -30,7 +30,9 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::forward::upstream_request;
-use super::frames::{frame, Deframer, Error as FrameError, MAX_FROM_CLIENT, MAX_FROM_ETCD};
+use super::frames::{
+    frame, payload, Deframer, Error as FrameError, MAX_FROM_CLIENT, MAX_FROM_ETCD,
+};
 use super::{Inner, ProxyBody};
 use crate::error::{one_line, BoxError};
 use crate::router::Class;
@@ -312,10 +314,10 @@ impl Session {
                         Ok(data) => {
                             up_frames.push(&data);
                             loop {
-                                match up_frames.next_message() {
+                                match up_frames.next_framed() {
                                     Ok(Some(msg)) => {
-                                        if let Some(resp) = self.on_upstream_message(&msg) {
-                                            if out.send(Ok(Frame::data(frame(&resp)))).await.is_err() {
+                                        if let Some(resp) = self.on_upstream_message(msg) {
+                                            if out.send(Ok(Frame::data(resp))).await.is_err() {
                                                 return Ended::Done;
                                             }
                                         }
@@ -408,9 +410,10 @@ impl Session {
     }
 
     /// An upstream response, translated for the client (`None`: swallow it).
-    fn on_upstream_message(&mut self, msg: &[u8]) -> Option<Vec<u8>> {
+    fn on_upstream_message(&mut self, framed: Bytes) -> Option<Bytes> {
+        let msg = payload(&framed);
         let Ok(r) = proto::parse_response(msg) else {
-            return Some(msg.to_vec());
+            return Some(framed);
         };
         if r.created {
             match self.pending.pop_front() {
@@ -428,17 +431,17 @@ impl Session {
                     if !r.canceled {
                         self.watches.insert(client_id, Watch { create, next_rev });
                     }
-                    return proto::with_watch_id(msg, client_id).ok();
+                    return proto::with_watch_id(msg, client_id).ok().map(|m| frame(&m));
                 }
                 Some(Pending::Resume { client_id }) => {
                     self.ids.insert(r.watch_id, client_id);
                     if r.canceled {
                         self.watches.remove(&client_id);
-                        return proto::with_watch_id(msg, client_id).ok();
+                        return proto::with_watch_id(msg, client_id).ok().map(|m| frame(&m));
                     }
                     return None;
                 }
-                None => return Some(msg.to_vec()),
+                None => return Some(framed),
             }
         }
         let client_id = self.ids.get(&r.watch_id).copied().unwrap_or(r.watch_id);
@@ -456,9 +459,9 @@ impl Session {
             self.ids.remove(&r.watch_id);
         }
         if client_id == r.watch_id {
-            Some(msg.to_vec())
+            Some(framed)
         } else {
-            proto::with_watch_id(msg, client_id).ok()
+            proto::with_watch_id(msg, client_id).ok().map(|m| frame(&m))
         }
     }
 }
