@@ -25,8 +25,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use support::attack::{
-    connect_from, cpu_time, gateway_login, hpack_bomb, hpack_bomb_block, oversized_frame,
-    rss_kib, send_and_hold, Closed, PREFACE,
+    connect_from, cpu_time, gateway_login, hpack_bomb, hpack_bomb_block, oversized_frame, rss_kib,
+    send_and_hold, Closed, PREFACE,
 };
 
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -46,7 +46,10 @@ fn ms(d: Duration) -> String {
 }
 
 /// Gets in a loop until `stop` turns true; their latencies.
-async fn legit_gets(mut client: etcd_client::Client, mut stop: watch::Receiver<bool>) -> Vec<Duration> {
+async fn legit_gets(
+    mut client: etcd_client::Client,
+    mut stop: watch::Receiver<bool>,
+) -> Vec<Duration> {
     let mut lat = Vec::new();
     while !*stop.borrow_and_update() {
         let t = Instant::now();
@@ -110,7 +113,10 @@ async fn slowloris(to: SocketAddr, n: usize) -> Vec<Option<Closed>> {
     futures::future::join_all((0..n).map(|i| async move {
         let mut s = TcpStream::connect(to).await.ok()?;
         let started = Instant::now();
-        for b in b"GET /v2/keys/ HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().cycle() {
+        for b in b"GET /v2/keys/ HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            .iter()
+            .cycle()
+        {
             if s.write_all(&[*b]).await.is_err() {
                 return Some(Closed {
                     after: started.elapsed(),
@@ -208,12 +214,10 @@ async fn main() {
     );
     rows.push(
         measure(pid, &client, "connection flood (x1000 held)", async {
-            let held = futures::future::join_all(
-                (0..1000 * scale).map(|_| async move {
-                    let s = connect_from(LOCAL, to).await.ok()?;
-                    send_and_hold(s, b"", HOLD).await
-                }),
-            )
+            let held = futures::future::join_all((0..1000 * scale).map(|_| async move {
+                let s = connect_from(LOCAL, to).await.ok()?;
+                send_and_hold(s, b"", HOLD).await
+            }))
             .await;
             (held, "cap: 256 per address".into())
         })
@@ -247,7 +251,9 @@ async fn main() {
 
     let mut base = rows[0].legit.clone();
     let base_p50 = percentile(&mut base, 50);
-    println!("\n## Hostile clients against `etcd-proxy --endpoints … --auth-file …` (scale {scale})\n");
+    println!(
+        "\n## Hostile clients against `etcd-proxy --endpoints … --auth-file …` (scale {scale})\n"
+    );
     println!("| attack | peak RSS growth | proxy CPU | closed: median / max | left open | legit get p50 / p99 (ms) | p50 vs none | notes |");
     println!("|---|---|---|---|---|---|---|---|");
     for mut r in rows {
