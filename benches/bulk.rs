@@ -216,11 +216,14 @@ async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Durati
             Op::Snapshot => {
                 let file = dir.join("snapshot.db");
                 let _ = std::fs::remove_file(&file);
-                let out = etcdctl(endpoint, &["snapshot", "save", file.to_str().expect("utf-8")])
-                    .stdout(Stdio::null())
-                    .output()
-                    .await
-                    .expect("etcdctl snapshot save");
+                let out = etcdctl(
+                    endpoint,
+                    &["snapshot", "save", file.to_str().expect("utf-8")],
+                )
+                .stdout(Stdio::null())
+                .output()
+                .await
+                .expect("etcdctl snapshot save");
                 let took = t.elapsed();
                 assert!(
                     out.status.success(),
@@ -262,10 +265,13 @@ async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Durati
             }
             Op::Watch => {
                 let rev = seeded.watch_from.to_string();
-                let mut child = etcdctl(endpoint, &["watch", "--prefix", WATCH_PREFIX, "--rev", &rev])
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .expect("etcdctl watch");
+                let mut child = etcdctl(
+                    endpoint,
+                    &["watch", "--prefix", WATCH_PREFIX, "--rev", &rev],
+                )
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("etcdctl watch");
                 let mut stdout = child.stdout.take().expect("stdout");
                 // Three lines per event: PUT, the key, the value.
                 let want = 3 * seeded.watch_events;
@@ -284,7 +290,12 @@ async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Durati
     };
     tokio::time::timeout(TRANSFER_TIMEOUT, run)
         .await
-        .unwrap_or_else(|_| panic!("{} through {endpoint} took over {TRANSFER_TIMEOUT:?}", op.key()))
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} through {endpoint} took over {TRANSFER_TIMEOUT:?}",
+                op.key()
+            )
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -312,9 +323,15 @@ async fn seed(url: &str, s: &Settings) -> Seeded {
     let mut range_output = 0;
     for i in 0..total_keys.max(range_keys) {
         let (key, value) = if i < range_keys {
-            (format!("{RANGE_PREFIX}{i:04}"), random_value(&mut rng, VALUE_BYTES))
+            (
+                format!("{RANGE_PREFIX}{i:04}"),
+                random_value(&mut rng, VALUE_BYTES),
+            )
         } else {
-            (format!("{FILL_PREFIX}{i:04}"), random_value(&mut rng, VALUE_BYTES))
+            (
+                format!("{FILL_PREFIX}{i:04}"),
+                random_value(&mut rng, VALUE_BYTES),
+            )
         };
         if i < range_keys {
             range_output += key.len() + 1 + value.len() + 1;
@@ -479,7 +496,11 @@ async fn main() {
     println!(
         "* machine: nproc {cpus}, {} build; one real etcd member (simulated Kubernetes), \
          every process on the same machine",
-        if cfg!(debug_assertions) { "debug" } else { "release" }
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
     println!(
         "* `port-forward/conn` stands in for `kubectl port-forward`: one kube-rs WebSocket \
@@ -521,8 +542,8 @@ async fn main() {
 
     if s.wants_section("gateway") {
         eprintln!("gateway mode");
-        let gw = support::start_proxy_args(&["--endpoints", &direct, "--listen", "127.0.0.1:0"])
-            .await;
+        let gw =
+            support::start_proxy_args(&["--endpoints", &direct, "--listen", "127.0.0.1:0"]).await;
         support::ctl3(&gw.cluster_addr, &["get", "bulk/none"]).await;
         let gw_pid = gw.child.id();
         let targets = vec![
@@ -559,7 +580,10 @@ async fn main() {
             print!(" direct/{} (throughput) | peak RSS {} |", t.key, t.key);
         }
         println!();
-        println!("|{}", "---|".repeat(1 + targets.len() + 2 * (targets.len() - 1)));
+        println!(
+            "|{}",
+            "---|".repeat(1 + targets.len() + 2 * (targets.len() - 1))
+        );
         for &op in &ops {
             let r = cell(op, &targets, &seeded, s.repeat, dir.path()).await;
             print!("| {} |", op_title(op, &s, &seeded, db_bytes));

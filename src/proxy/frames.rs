@@ -46,7 +46,8 @@ impl Deframer {
         self.buf.extend_from_slice(chunk);
         if let Some(len) = self.pending_len() {
             if len <= self.limit {
-                self.buf.reserve((PREFIX + len).saturating_sub(self.buf.len()));
+                self.buf
+                    .reserve((PREFIX + len).saturating_sub(self.buf.len()));
             }
         }
     }
