@@ -57,26 +57,29 @@ async fn snapshot(endpoint: &str, file: &std::path::Path) -> Vec<u8> {
     std::fs::read(file).expect("read snapshot")
 }
 
+/// Writes the `KEYS` values directly to the member at `url`.
+async fn seed(url: &str) {
+    let mut c = timeout(
+        Duration::from_secs(10),
+        etcd_client::Client::connect([url], None),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    for i in 0..KEYS {
+        timeout(Duration::from_secs(10), c.put(key(i), value(i), None))
+            .await
+            .expect("put in time")
+            .expect("put");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_and_a_large_range_arrive_whole_over_a_slow_tunnel() {
     let sim = cluster(1).await;
     let pod = sim.pod_names()[0].clone();
     let direct = sim.member_client_url(&pod).expect("member url");
-    {
-        let mut c = timeout(
-            Duration::from_secs(10),
-            etcd_client::Client::connect([direct.as_str()], None),
-        )
-        .await
-        .expect("connect in time")
-        .expect("connect");
-        for i in 0..KEYS {
-            timeout(Duration::from_secs(10), c.put(key(i), value(i), None))
-                .await
-                .expect("put in time")
-                .expect("put");
-        }
-    }
+    seed(&direct).await;
     let proxy = start_proxy(&sim, &[]).await;
     let pid = proxy.child.id().expect("proxy pid");
     let member = proxy.members[0].1.clone();
@@ -97,7 +100,11 @@ async fn a_snapshot_and_a_large_range_arrive_whole_over_a_slow_tunnel() {
     );
     // Same revision, no writes in between: etcd writes the same bytes (bbolt pages and the
     // trailing SHA-256) both times.
-    assert_eq!(through.len(), direct_snapshot.len(), "snapshot sizes differ");
+    assert_eq!(
+        through.len(),
+        direct_snapshot.len(),
+        "snapshot sizes differ"
+    );
     assert!(
         through == direct_snapshot,
         "the snapshot through the proxy differs from the direct one"
@@ -131,4 +138,100 @@ async fn a_snapshot_and_a_large_range_arrive_whole_over_a_slow_tunnel() {
         (through.len() + got.len()) / 1_000_000
     );
     sim.set_latency(Duration::ZERO);
+}
+
+/// A gRPC `KV/Range` request for every key under `PREFIX`, framed.
+fn range_request() -> bytes::Bytes {
+    let mut end = PREFIX.as_bytes().to_vec();
+    *end.last_mut().expect("prefix") += 1;
+    // RangeRequest { key = 1, range_end = 2 }.
+    let mut msg = vec![0x0a, PREFIX.len() as u8];
+    msg.extend_from_slice(PREFIX.as_bytes());
+    msg.extend_from_slice(&[0x12, end.len() as u8]);
+    msg.extend_from_slice(&end);
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    framed.into()
+}
+
+/// A client that stops reading a large response makes the proxy hold at most a flow-control
+/// window of it, not the whole response; when it reads again, everything arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_a_window_not_the_response() {
+    let sim = cluster(1).await;
+    let pod = sim.pod_names()[0].clone();
+    seed(&sim.member_client_url(&pod).expect("member url")).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let pid = proxy.child.id().expect("proxy pid");
+    let member = proxy.members[0].1.clone();
+    timeout(TRANSFER, ctl3(&member, &["get", "warm"]))
+        .await
+        .expect("warm-up get in time");
+    let before_kib = status_kib(pid, "VmRSS:").expect("VmRSS");
+
+    let addr = member.trim_start_matches("http://").to_owned();
+    let tcp = timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    // h2's default windows (64 KiB): the client takes little and releases nothing yet.
+    let (client, conn) = timeout(Duration::from_secs(5), h2::client::handshake(tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut client = timeout(Duration::from_secs(5), client.ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/etcdserverpb.KV/Range"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut send) = client.send_request(req, false).expect("send request");
+    send.send_data(range_request(), true).expect("send body");
+    let response = timeout(Duration::from_secs(10), response)
+        .await
+        .expect("response in time")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+
+    // etcd has over 40 MB to send; the client reads nothing for a while.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stalled_kib = status_kib(pid, "VmRSS:").expect("VmRSS");
+    let held_mib = stalled_kib.saturating_sub(before_kib) / 1024;
+    assert!(
+        held_mib <= 24,
+        "the proxy grew by {held_mib} MiB ({before_kib} KiB before) for a client that reads \
+         nothing of a {} MB response",
+        KEYS * VALUE_BYTES / 1_000_000
+    );
+
+    let mut total = 0;
+    while let Some(data) = timeout(Duration::from_secs(10), body.data())
+        .await
+        .expect("data in time")
+    {
+        let data = data.expect("data");
+        total += data.len();
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    assert!(total > KEYS * VALUE_BYTES, "{total} bytes arrived");
+    let trailers = timeout(Duration::from_secs(5), body.trailers())
+        .await
+        .expect("trailers in time")
+        .expect("trailers")
+        .expect("some trailers");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
 }

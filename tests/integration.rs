@@ -6,10 +6,10 @@ mod support;
 
 /// Authentication: --auth-file users, proxy tokens, Basic auth, etcd auth passthrough.
 mod auth;
-/// The `etcd-client` crate, the JSON gateway and raw HTTP through the proxy.
-mod clients;
 /// Bulk transfers over a slow tunnel: a snapshot and a ~40 MB range arrive whole, memory flat.
 mod bulk;
+/// The `etcd-client` crate, the JSON gateway and raw HTTP through the proxy.
+mod clients;
 /// Bad input: one clear line, a non-zero exit, never a panic or a hang.
 mod errors;
 /// Gateway mode: --endpoints, straight to etcd, no Kubernetes.
