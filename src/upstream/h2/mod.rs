@@ -71,9 +71,9 @@ use stream::{pipe, send_ready, StreamGuard};
 
 use super::connect::{BoxIo, Connector};
 use super::{BoxError, UpstreamBody};
-use crate::coalesce::CoalesceWrites;
+use crate::coalesce::{CoalesceWrites, ReadAhead};
 
-type Io = CoalesceWrites<BoxIo>;
+type Io = CoalesceWrites<ReadAhead<BoxIo>>;
 type Connecting = Shared<BoxFuture<'static, Result<Conn, ConnectError>>>;
 
 /// Why a connection to a member could not be opened; shared by every request that waited.
@@ -295,7 +295,7 @@ impl H2Pool {
             let (sender, mut conn) = inner
                 .settings
                 .builder
-                .handshake::<_, Bytes>(CoalesceWrites::new(io))
+                .handshake::<_, Bytes>(CoalesceWrites::new(ReadAhead::new(io)))
                 .await
                 .map_err(ConnectError::new)?;
             let state = Arc::new(ConnState::default());
