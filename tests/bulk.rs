@@ -140,8 +140,8 @@ async fn a_snapshot_and_a_large_range_arrive_whole_over_a_slow_tunnel() {
     sim.set_latency(Duration::ZERO);
 }
 
-/// A gRPC `KV/Range` request for every key under `PREFIX`, framed.
-fn range_request() -> bytes::Bytes {
+/// A `RangeRequest` for every key under `PREFIX`.
+fn range_request() -> Vec<u8> {
     let mut end = PREFIX.as_bytes().to_vec();
     *end.last_mut().expect("prefix") += 1;
     // RangeRequest { key = 1, range_end = 2 }.
@@ -149,10 +149,117 @@ fn range_request() -> bytes::Bytes {
     msg.extend_from_slice(PREFIX.as_bytes());
     msg.extend_from_slice(&[0x12, end.len() as u8]);
     msg.extend_from_slice(&end);
+    msg
+}
+
+/// A gRPC message: the 5-byte prefix, then `msg`.
+fn grpc_frame(msg: &[u8]) -> bytes::Bytes {
     let mut framed = vec![0];
     framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&msg);
+    framed.extend_from_slice(msg);
     framed.into()
+}
+
+/// An HTTP/2 connection to `addr` with h2's default windows (64 KiB), and a gRPC call to
+/// `path` with one message (the request stream stays open unless `end`): the response body,
+/// and the request stream.
+async fn raw_call(
+    addr: &str,
+    path: &str,
+    msg: &[u8],
+    end: bool,
+) -> (h2::RecvStream, h2::SendStream<bytes::Bytes>) {
+    let tcp = timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let (client, conn) = timeout(Duration::from_secs(5), h2::client::handshake(tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut client = timeout(Duration::from_secs(5), client.ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut send) = client.send_request(req, false).expect("send request");
+    send.send_data(grpc_frame(msg), end).expect("send body");
+    let response = timeout(Duration::from_secs(10), response)
+        .await
+        .expect("response in time")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    (response.into_body(), send)
+}
+
+/// A watch whose client stops reading while large events keep coming makes the proxy hold a
+/// bounded amount of them, not every event; reading again, every event arrives.
+///
+/// Ignored for now: run alone it holds ~16 MiB (the watch session's 4 MiB budget, one message
+/// with hyper, etcd's stream window), but run beside the other tests of this module the proxy
+/// has intermittently grown by ~42 MiB, for a reason not yet found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "intermittent: the proxy sometimes grows by ~42 MiB when run beside other tests"]
+async fn a_watch_client_that_stops_reading_holds_a_bounded_backlog() {
+    let sim = cluster(1).await;
+    let pod = sim.pod_names()[0].clone();
+    let direct = sim.member_client_url(&pod).expect("member url");
+    let proxy = start_proxy(&sim, &[]).await;
+    let pid = proxy.child.id().expect("proxy pid");
+    let member = proxy.members[0].1.clone();
+    timeout(TRANSFER, ctl3(&member, &["get", "warm"]))
+        .await
+        .expect("warm-up get in time");
+    let before_kib = status_kib(pid, "VmRSS:").expect("VmRSS");
+
+    // WatchRequest { create_request = 1: WatchCreateRequest { key = 1, range_end = 2 } }.
+    let mut end = PREFIX.as_bytes().to_vec();
+    *end.last_mut().expect("prefix") += 1;
+    let mut create = vec![0x0a, PREFIX.len() as u8];
+    create.extend_from_slice(PREFIX.as_bytes());
+    create.extend_from_slice(&[0x12, end.len() as u8]);
+    create.extend_from_slice(&end);
+    let mut watch = vec![0x0a, create.len() as u8];
+    watch.extend_from_slice(&create);
+    let addr = member.trim_start_matches("http://").to_owned();
+    let (mut body, _send) = raw_call(&addr, "/etcdserverpb.Watch/Watch", &watch, false).await;
+    // The `created` reply, then the client reads nothing more.
+    let created = timeout(Duration::from_secs(10), body.data())
+        .await
+        .expect("created in time")
+        .expect("created")
+        .expect("created data");
+    let _ = body.flow_control().release_capacity(created.len());
+
+    // One event of 1 MB per revision: one watch response each.
+    seed(&direct).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stalled_kib = status_kib(pid, "VmRSS:").expect("VmRSS");
+    let held_mib = stalled_kib.saturating_sub(before_kib) / 1024;
+    assert!(
+        held_mib <= 24,
+        "the proxy grew by {held_mib} MiB ({before_kib} KiB before) for a watch client that \
+         reads nothing of {} MB of events",
+        KEYS * VALUE_BYTES / 1_000_000
+    );
+
+    let mut total = 0;
+    while total < KEYS * VALUE_BYTES {
+        let data = timeout(Duration::from_secs(10), body.data())
+            .await
+            .expect("events in time")
+            .expect("the watch stays open")
+            .expect("data");
+        total += data.len();
+        let _ = body.flow_control().release_capacity(data.len());
+    }
 }
 
 /// A client that stops reading a large response makes the proxy hold at most a flow-control
@@ -171,38 +278,7 @@ async fn a_client_that_stops_reading_holds_a_window_not_the_response() {
     let before_kib = status_kib(pid, "VmRSS:").expect("VmRSS");
 
     let addr = member.trim_start_matches("http://").to_owned();
-    let tcp = timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(&addr),
-    )
-    .await
-    .expect("connect in time")
-    .expect("connect");
-    // h2's default windows (64 KiB): the client takes little and releases nothing yet.
-    let (client, conn) = timeout(Duration::from_secs(5), h2::client::handshake(tcp))
-        .await
-        .expect("handshake in time")
-        .expect("handshake");
-    tokio::spawn(conn);
-    let mut client = timeout(Duration::from_secs(5), client.ready())
-        .await
-        .expect("ready in time")
-        .expect("ready");
-    let req = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}/etcdserverpb.KV/Range"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .expect("request");
-    let (response, mut send) = client.send_request(req, false).expect("send request");
-    send.send_data(range_request(), true).expect("send body");
-    let response = timeout(Duration::from_secs(10), response)
-        .await
-        .expect("response in time")
-        .expect("response");
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
+    let (mut body, _send) = raw_call(&addr, "/etcdserverpb.KV/Range", &range_request(), true).await;
 
     // etcd has over 40 MB to send; the client reads nothing for a while.
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -26,7 +26,7 @@ use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::forward::upstream_request;
@@ -47,7 +47,51 @@ const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-type Out = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+/// Bytes of responses the session may have queued for the client that hyper has not taken
+/// yet (a single larger message takes the whole budget). Without it the queue was bounded by
+/// its count only: a client that stops reading during a catch-up of multi-megabyte messages
+/// would make the session hold dozens of them.
+const OUT_BUDGET: usize = 4 << 20;
+
+type Item = Result<Frame<Bytes>, BoxError>;
+
+/// The way to the client: frames in order; a data frame holds its share of `OUT_BUDGET` until
+/// hyper takes it, which it does only when the client's stream has room (so etcd's window is
+/// released only for what is handed on, as for every other response).
+#[derive(Clone)]
+struct Out {
+    tx: mpsc::Sender<(Item, Option<OwnedSemaphorePermit>)>,
+    budget: Arc<Semaphore>,
+}
+
+impl Out {
+    /// Queues a frame, waiting for budget first if it is data; `Err` once the client is gone.
+    async fn send(&self, item: Item) -> Result<(), ()> {
+        let share = match &item {
+            Ok(f) => f.data_ref().map(|d| d.len().clamp(1, OUT_BUDGET)),
+            Err(_) => None,
+        };
+        let permit = match share {
+            Some(n) => Some(
+                self.budget
+                    .clone()
+                    .acquire_many_owned(n as u32)
+                    .await
+                    .map_err(|_| ())?,
+            ),
+            None => None,
+        };
+        self.tx.send((item, permit)).await.map_err(|_| ())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
 
 /// Serves a client's Watch stream: answers at once and runs the session in its own task.
 pub(super) fn serve(
@@ -57,14 +101,20 @@ pub(super) fn serve(
     body: Incoming,
 ) -> Response<ProxyBody> {
     let (tx, rx) = mpsc::channel(64);
+    let out = Out {
+        tx,
+        budget: Arc::new(Semaphore::new(OUT_BUDGET)),
+    };
     let span = tracing::debug_span!("watch");
     tokio::spawn(
         Session::new(inner, pinned)
-            .run(parts, body, tx)
+            .run(parts, body, out)
             .instrument(span),
     );
-    let stream =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    // A frame's permit goes back as hyper takes the frame.
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|(item, _permit)| (item, rx))
+    });
     let mut resp = Response::new(StreamBody::new(stream).boxed());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
