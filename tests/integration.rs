@@ -6,6 +6,8 @@ mod support;
 
 /// Authentication: --auth-file users, proxy tokens, Basic auth, etcd auth passthrough.
 mod auth;
+/// Bulk transfers over a slow tunnel: a snapshot and a ~40 MB range arrive whole, memory flat.
+mod bulk;
 /// The `etcd-client` crate, the JSON gateway and raw HTTP through the proxy.
 mod clients;
 /// Control-plane etcd (kubeadm): static pods in kube-system, TLS with client certificates.

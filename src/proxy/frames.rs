@@ -5,7 +5,6 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::grpc::{Prefix, PREFIX};
-
 /// The largest message accepted from etcd: its watch responses are not split unless the
 /// client asks for fragments, so this is generous.
 pub const MAX_FROM_ETCD: usize = 64 << 20;
@@ -39,16 +38,36 @@ impl Deframer {
         }
     }
 
-    /// Adds a chunk.
+    /// Adds a chunk. Once a message's prefix is in, room for the whole message is reserved at
+    /// once: a large message (a watch catching up) is then copied once, not once per doubling
+    /// of the buffer.
     pub fn push(&mut self, chunk: &[u8]) {
         self.buf.extend_from_slice(chunk);
+        if let Some(len) = self.pending_len() {
+            if len <= self.limit {
+                self.buf
+                    .reserve((PREFIX + len).saturating_sub(self.buf.len()));
+            }
+        }
+    }
+
+    /// The length of the message at the front, once its prefix is in.
+    fn pending_len(&self) -> Option<usize> {
+        Prefix::parse(&self.buf).map(|p| p.len)
     }
 
     /// The next whole message's payload, if one is buffered.
     pub fn next_message(&mut self) -> Result<Option<Bytes>, Error> {
-        if self.buf.len() < PREFIX {
+        let Some(mut framed) = self.next_framed()? else {
             return Ok(None);
-        }
+        };
+        framed.advance(PREFIX);
+        Ok(Some(framed))
+    }
+
+    /// The next whole message with its prefix, as it came: what passes through unchanged is
+    /// not copied again.
+    pub fn next_framed(&mut self) -> Result<Option<Bytes>, Error> {
         let Some(Prefix { compressed, len }) = Prefix::parse(&self.buf) else {
             return Ok(None);
         };
@@ -61,9 +80,13 @@ impl Deframer {
         if self.buf.len() < PREFIX + len {
             return Ok(None);
         }
-        self.buf.advance(PREFIX);
-        Ok(Some(self.buf.split_to(len).freeze()))
+        Ok(Some(self.buf.split_to(PREFIX + len).freeze()))
     }
+}
+
+/// The payload of a message returned by [`Deframer::next_framed`].
+pub fn payload(framed: &[u8]) -> &[u8] {
+    &framed[PREFIX..]
 }
 
 /// One message with its prefix.
@@ -100,6 +123,24 @@ mod tests {
                 Bytes::from_static(b"world")
             ]
         );
+    }
+
+    #[test]
+    fn a_framed_message_comes_back_as_it_arrived() {
+        let big = vec![7u8; 100_000];
+        let stream = frame(&big);
+        let mut d = Deframer::new(MAX_FROM_ETCD);
+        let mut got = None;
+        for chunk in stream.chunks(16 * 1024) {
+            d.push(chunk);
+            if let Some(m) = d.next_framed().unwrap() {
+                got = Some(m);
+            }
+        }
+        let got = got.expect("one message");
+        assert_eq!(got, stream);
+        assert_eq!(payload(&got), &big[..]);
+        assert_eq!(d.next_framed(), Ok(None));
     }
 
     #[test]

@@ -43,6 +43,17 @@ const ETCD_MIN_PING_INTERVAL: Duration = Duration::from_secs(5);
 /// Idle HTTP/1.1 connections (each one a tunnel) are closed after this.
 const H1_IDLE: Duration = Duration::from_secs(90);
 
+/// How many bytes of one response etcd may send ahead of what the proxy has handed on to the
+/// client (our receive window per upstream stream). A stream can move at most this much per
+/// round trip of the tunnel, so it must cover the bandwidth-delay product of the slowest
+/// tunnel we want to run at full speed; it is also what a stalled client can make the proxy
+/// hold for one stream (see `h2/mod.rs`, "Flow control").
+const STREAM_WINDOW: u32 = 8 << 20;
+/// The same for all the streams of one member connection together: the most a member's
+/// connection holds for clients that do not read. Four streams' worth, so that one or two
+/// stalled streams cannot close the window for everything else multiplexed on the tunnel.
+const CONNECTION_WINDOW: u32 = 4 * STREAM_WINDOW;
+
 /// An empty unary gRPC call to `path` on `pod:port`, for the proxy's own calls (warm-up,
 /// health and leader probes): one zero-length message, as protobuf encodes an empty request.
 pub fn grpc_call(pod: &str, port: u16, path: &str) -> Option<Request<UpstreamBody>> {
@@ -155,8 +166,8 @@ impl Upstream {
         let mut builder = ::h2::client::Builder::new();
         builder
             .enable_push(false)
-            .initial_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(1 << 16);
         let settings = h2::H2Settings {
             builder,

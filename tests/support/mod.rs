@@ -85,9 +85,12 @@ impl Drop for Proxy {
     }
 }
 
-/// The proxy binary with `args`, logging to the test's stderr.
+/// The proxy binary with `args`, logging to the test's stderr. `ETCD_PROXY_BIN` names another
+/// build to run instead (a benchmark's before and after).
 pub fn proxy_command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-proxy"));
+    let bin = std::env::var_os("ETCD_PROXY_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_etcd-proxy").into());
+    let mut cmd = Command::new(bin);
     cmd.args(args)
         .env_remove("KUBECONFIG")
         .env(

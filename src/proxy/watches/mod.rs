@@ -26,17 +26,19 @@ use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::forward::upstream_request;
-use super::frames::{frame, Deframer, Error as FrameError, MAX_FROM_CLIENT, MAX_FROM_ETCD};
+use super::frames::{
+    frame, payload, Deframer, Error as FrameError, MAX_FROM_CLIENT, MAX_FROM_ETCD,
+};
 use super::{Inner, ProxyBody};
 use crate::error::{one_line, BoxError};
 use crate::grpc::Code;
 use crate::router::Class;
 use crate::upstream::Body as UpstreamResponse;
-use table::Table;
+use table::{Table, Translated};
 
 /// The gRPC path of etcd's watch stream.
 pub(super) const PATH: &str = "/etcdserverpb.Watch/Watch";
@@ -47,7 +49,50 @@ const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-type Out = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+/// Bytes of responses the session may have queued for the client that hyper has not taken
+/// yet (a single larger message takes the whole budget): a client that stops reading during a
+/// catch-up of multi-megabyte messages makes the session hold at most this much.
+const OUT_BUDGET: usize = 4 << 20;
+
+type Item = Result<Frame<Bytes>, BoxError>;
+
+/// The way to the client: frames in order; a data frame holds its share of `OUT_BUDGET` until
+/// hyper takes it, which it does only when the client's stream has room (so etcd's window is
+/// released only for what is handed on, as for every other response).
+#[derive(Clone)]
+struct Out {
+    tx: mpsc::Sender<(Item, Option<OwnedSemaphorePermit>)>,
+    budget: Arc<Semaphore>,
+}
+
+impl Out {
+    /// Queues a frame, waiting for budget first if it is data; `Err` once the client is gone.
+    async fn send(&self, item: Item) -> Result<(), ()> {
+        let share = match &item {
+            Ok(f) => f.data_ref().map(|d| d.len().clamp(1, OUT_BUDGET)),
+            Err(_) => None,
+        };
+        let permit = match share {
+            Some(n) => Some(
+                self.budget
+                    .clone()
+                    .acquire_many_owned(n as u32)
+                    .await
+                    .map_err(|_| ())?,
+            ),
+            None => None,
+        };
+        self.tx.send((item, permit)).await.map_err(|_| ())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
 
 /// Serves a client's Watch stream: answers at once and runs the session in its own task.
 pub(super) fn serve(
@@ -57,14 +102,20 @@ pub(super) fn serve(
     body: Incoming,
 ) -> Response<ProxyBody> {
     let (tx, rx) = mpsc::channel(64);
+    let out = Out {
+        tx,
+        budget: Arc::new(Semaphore::new(OUT_BUDGET)),
+    };
     let span = tracing::debug_span!("watch");
     tokio::spawn(
         Session::new(inner, pinned)
-            .run(parts, body, tx)
+            .run(parts, body, out)
             .instrument(span),
     );
-    let stream =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    // A frame's permit goes back as hyper takes the frame.
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|(item, _permit)| (item, rx))
+    });
     let mut resp = Response::new(StreamBody::new(stream).boxed());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -282,12 +333,16 @@ impl Session {
                         Ok(data) => {
                             up_frames.push(&data);
                             loop {
-                                match up_frames.next_message() {
-                                    Ok(Some(msg)) => {
-                                        if let Some(resp) = self.table.on_upstream_message(&msg) {
-                                            if out.send(Ok(Frame::data(frame(&resp)))).await.is_err() {
-                                                return Ended::Done;
-                                            }
+                                match up_frames.next_framed() {
+                                    Ok(Some(framed)) => {
+                                        // Unchanged messages go on as they came, uncopied.
+                                        let resp = match self.table.on_upstream_message(payload(&framed)) {
+                                            Translated::Pass => framed,
+                                            Translated::Rewritten(m) => frame(&m),
+                                            Translated::Swallow => continue,
+                                        };
+                                        if out.send(Ok(Frame::data(resp))).await.is_err() {
+                                            return Ended::Done;
                                         }
                                     }
                                     Ok(None) => break,

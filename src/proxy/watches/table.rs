@@ -35,6 +35,17 @@ enum Pending {
     Resume { client_id: i64 },
 }
 
+/// What becomes of an upstream response.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Translated {
+    /// Goes to the client as it came.
+    Pass,
+    /// Goes to the client as this message (its watch ID translated).
+    Rewritten(Vec<u8>),
+    /// Is not for the client (a re-creation's `created` reply).
+    Swallow,
+}
+
 /// The watches of one client stream.
 #[derive(Default)]
 pub(super) struct Table {
@@ -112,10 +123,10 @@ impl Table {
         id
     }
 
-    /// An upstream response, translated for the client (`None`: swallow it).
-    pub fn on_upstream_message(&mut self, msg: &[u8]) -> Option<Vec<u8>> {
+    /// What becomes of an upstream response.
+    pub fn on_upstream_message(&mut self, msg: &[u8]) -> Translated {
         let Ok(r) = proto::parse_response(msg) else {
-            return Some(msg.to_vec());
+            return Translated::Pass;
         };
         if r.created {
             match self.pending.pop_front() {
@@ -133,17 +144,17 @@ impl Table {
                     if !r.canceled {
                         self.watches.insert(client_id, Watch { create, next_rev });
                     }
-                    return proto::with_watch_id(msg, client_id).ok();
+                    return rewritten(msg, client_id);
                 }
                 Some(Pending::Resume { client_id }) => {
                     self.ids.insert(r.watch_id, client_id);
                     if r.canceled {
                         self.watches.remove(&client_id);
-                        return proto::with_watch_id(msg, client_id).ok();
+                        return rewritten(msg, client_id);
                     }
-                    return None;
+                    return Translated::Swallow;
                 }
-                None => return Some(msg.to_vec()),
+                None => return Translated::Pass,
             }
         }
         let client_id = self.ids.get(&r.watch_id).copied().unwrap_or(r.watch_id);
@@ -161,10 +172,18 @@ impl Table {
             self.ids.remove(&r.watch_id);
         }
         if client_id == r.watch_id {
-            Some(msg.to_vec())
+            Translated::Pass
         } else {
-            proto::with_watch_id(msg, client_id).ok()
+            rewritten(msg, client_id)
         }
+    }
+}
+
+/// `msg` with `client_id` as its watch ID; as it came if it cannot be rewritten.
+fn rewritten(msg: &[u8], client_id: i64) -> Translated {
+    match proto::with_watch_id(msg, client_id) {
+        Ok(m) => Translated::Rewritten(m),
+        Err(_) => Translated::Pass,
     }
 }
 
@@ -190,6 +209,15 @@ mod tests {
         proto::parse_response(msg).unwrap().watch_id
     }
 
+    /// What the client gets for an upstream response (`None`: nothing).
+    fn through(t: &mut Table, msg: Vec<u8>) -> Option<Vec<u8>> {
+        match t.on_upstream_message(&msg) {
+            Translated::Pass => Some(msg),
+            Translated::Rewritten(m) => Some(m),
+            Translated::Swallow => None,
+        }
+    }
+
     /// `resp` with `canceled` (field 4) or `fragment` (field 7) set.
     fn with_flag(mut msg: Vec<u8>, field: u64) -> Vec<u8> {
         put_varint_field(&mut msg, field, 1);
@@ -202,13 +230,9 @@ mod tests {
         let mut t = Table::default();
         let req = t.on_client_message(&create_req(b"k", 0, 0)).unwrap();
         assert_eq!(create_of(&req), (0, 0));
-        let created = t
-            .on_upstream_message(&resp(upstream_id, true, 10, &[]))
-            .unwrap();
+        let created = through(&mut t, resp(upstream_id, true, 10, &[])).unwrap();
         assert_eq!(watch_id_of(&created), 0, "answered with the client's ID");
-        let events = t
-            .on_upstream_message(&resp(upstream_id, false, 12, &[11, 12]))
-            .unwrap();
+        let events = through(&mut t, resp(upstream_id, false, 12, &[11, 12])).unwrap();
         assert_eq!(watch_id_of(&events), 0);
         t
     }
@@ -219,8 +243,8 @@ mod tests {
         let resume = t.resume();
         assert_eq!(resume.len(), 1);
         assert_eq!(create_of(&resume[0]).0, 13, "next revision after event 12");
-        assert_eq!(t.on_upstream_message(&resp(3, true, 12, &[])), None);
-        let event = t.on_upstream_message(&resp(3, false, 14, &[14])).unwrap();
+        assert_eq!(through(&mut t, resp(3, true, 12, &[])), None);
+        let event = through(&mut t, resp(3, false, 14, &[14])).unwrap();
         assert_eq!(
             watch_id_of(&event),
             0,
@@ -233,12 +257,11 @@ mod tests {
     fn progress_notifications_advance_and_fragments_do_not() {
         let mut t = watching(1);
         // A progress notification: no events, header revision 20.
-        t.on_upstream_message(&resp(1, false, 20, &[])).unwrap();
+        through(&mut t, resp(1, false, 20, &[])).unwrap();
         assert_eq!(create_of(&t.resume()[0]).0, 21);
-        t.on_upstream_message(&resp(9, true, 20, &[])); // the re-creation's reply
-                                                        // A fragment's events are not whole: resuming must start at the fragment again.
-        t.on_upstream_message(&with_flag(resp(9, false, 30, &[25]), 7))
-            .unwrap();
+        through(&mut t, resp(9, true, 20, &[])); // the re-creation's reply
+                                                 // A fragment's events are not whole: resuming must start at the fragment again.
+        through(&mut t, with_flag(resp(9, false, 30, &[25]), 7)).unwrap();
         assert_eq!(create_of(&t.resume()[0]).0, 21);
     }
 
@@ -252,9 +275,7 @@ mod tests {
         crate::protowire::put_len_field(&mut req, 2, &cancel);
         let sent = t.on_client_message(&req).unwrap();
         assert_eq!(sent, proto::cancel(7), "the upstream ID");
-        let done = t
-            .on_upstream_message(&with_flag(resp(7, false, 12, &[]), 4))
-            .unwrap();
+        let done = through(&mut t, with_flag(resp(7, false, 12, &[]), 4)).unwrap();
         assert_eq!(watch_id_of(&done), 0);
         assert_eq!(t.len(), 0);
         assert!(t.resume().is_empty(), "nothing to re-create");
@@ -264,9 +285,7 @@ mod tests {
     fn a_watch_compacted_while_resuming_reaches_the_client_as_etcd_sent_it() {
         let mut t = watching(7);
         t.resume();
-        let compacted = t
-            .on_upstream_message(&with_flag(resp(4, true, 12, &[]), 4))
-            .expect("passed on");
+        let compacted = through(&mut t, with_flag(resp(4, true, 12, &[]), 4)).expect("passed on");
         assert_eq!(watch_id_of(&compacted), 0);
         assert_eq!(t.len(), 0);
     }
@@ -282,16 +301,16 @@ mod tests {
         );
         t.on_client_message(&create_req(b"b", 0, 0)).unwrap();
         assert_eq!(
-            watch_id_of(&t.on_upstream_message(&resp(100, true, 9, &[])).unwrap()),
+            watch_id_of(&through(&mut t, resp(100, true, 9, &[])).unwrap()),
             1
         );
         assert_eq!(
-            watch_id_of(&t.on_upstream_message(&resp(101, true, 9, &[])).unwrap()),
+            watch_id_of(&through(&mut t, resp(101, true, 9, &[])).unwrap()),
             0
         );
         t.on_client_message(&create_req(b"c", 0, 0)).unwrap();
         assert_eq!(
-            watch_id_of(&t.on_upstream_message(&resp(102, true, 9, &[])).unwrap()),
+            watch_id_of(&through(&mut t, resp(102, true, 9, &[])).unwrap()),
             2,
             "0 and 1 are taken"
         );

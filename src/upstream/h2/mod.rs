@@ -20,14 +20,35 @@
 //!   one, once. Such a request, like one etcd refused with `REFUSED_STREAM`, never reached
 //!   etcd ([`H2Error::is_connect`]), so the proxy may also send it to another member.
 //!
-//! While streams are open, each connection is pinged, and closed when an answer takes longer
-//! than `timeout` (`keepalive.rs`), so a dead tunnel under a silent watch is found in seconds.
+//! Flow control on responses (`stream.rs`), the part that decides bulk throughput:
+//! * etcd sends on a stream only as far as our receive window for it allows, and on the
+//!   connection only as far as the connection window allows. `h2` gives window back
+//!   (WINDOW_UPDATE) only for bytes we release, once the released bytes reach half of what is
+//!   left of the window. So a stream moves at most one stream window per round trip of the
+//!   tunnel: the window must cover the bandwidth-delay product. Through a port-forward the
+//!   round trip is the API server's and the kubelet's, tens of milliseconds, and a window
+//!   that is too small shows as a transfer whose time grows with the round trip while no CPU
+//!   is busy. etcd's own client (grpc-go) grows its windows up to 16 MiB by estimating the
+//!   bandwidth-delay product with pings; ours are fixed (`STREAM_WINDOW`,
+//!   `CONNECTION_WINDOW` in `upstream/mod.rs`): a member connection is shared and lives
+//!   for hours, a fixed window is at full size from the first byte of every transfer, and
+//!   it needs no pings, which etcd polices (`too_many_pings`).
+//! * Bytes are released only when handed on: `H2Body` releases a DATA frame's bytes when it
+//!   yields the frame to its reader. hyper's server asks for the next frame only when the
+//!   client's stream has send capacity, and buffers at most its send-buffer limit per
+//!   stream; the watch session asks only when its bounded channel to the client has room.
+//!   Whatever etcd sends beyond what the client reads stays in `h2`'s receive buffer,
+//!   counted against the windows. A client slower than etcd therefore makes the proxy hold
+//!   at most one stream window for its stream, and all of a member connection's slow
+//!   clients together at most one connection window: a response is never buffered whole
+//!   (except the few small ones that are rewritten, `proxy`).
+//! * The connection window is several stream windows, so that a stream whose client has
+//!   stopped reading cannot stop the others on the same tunnel.
 //!
-//! Why not hyper's client, which did this job before: per request it hands the request to the
-//! connection's task over a channel, spawns a task that waits for the response and, because a
-//! stream has no send window until its HEADERS are out, a second task that pipes the body.
-//! Both tasks cost instructions, and the second cost a write: a unary call's HEADERS left in
-//! one `write` and its DATA in the next, so etcd's reader woke twice per call.
+//! Kept from hyper's client: keepalive (`keepalive.rs`). While streams are open, each
+//! connection is pinged and closed when an answer takes longer than `timeout`, so a dead tunnel
+//! under a silent watch is found in seconds. Sending a request body and reading a response body
+//! are in `stream.rs`.
 
 mod keepalive;
 mod stream;
@@ -50,9 +71,9 @@ use stream::{pipe, send_ready, StreamGuard};
 
 use super::connect::{BoxIo, Connector};
 use super::{BoxError, UpstreamBody};
-use crate::coalesce::CoalesceWrites;
+use crate::coalesce::{CoalesceWrites, ReadAhead};
 
-type Io = CoalesceWrites<BoxIo>;
+type Io = CoalesceWrites<ReadAhead<BoxIo>>;
 type Connecting = Shared<BoxFuture<'static, Result<Conn, ConnectError>>>;
 
 /// Why a connection to a member could not be opened; shared by every request that waited.
@@ -274,7 +295,7 @@ impl H2Pool {
             let (sender, mut conn) = inner
                 .settings
                 .builder
-                .handshake::<_, Bytes>(CoalesceWrites::new(io))
+                .handshake::<_, Bytes>(CoalesceWrites::new(ReadAhead::new(io)))
                 .await
                 .map_err(ConnectError::new)?;
             let state = Arc::new(ConnState::default());

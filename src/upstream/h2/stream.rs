@@ -133,7 +133,9 @@ async fn wait_capacity(tx: &mut SendStream<Bytes>, len: usize) -> Result<(), ()>
     Ok(())
 }
 
-/// The body of a response from etcd: DATA frames, then trailers.
+/// The body of a response from etcd: DATA frames, then trailers. Each frame's bytes are
+/// released to etcd's window as the frame is yielded, that is, handed on (module docs of
+/// `h2/mod.rs`, "Flow control").
 #[derive(Debug)]
 pub struct H2Body {
     recv: RecvStream,

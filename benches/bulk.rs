@@ -1,0 +1,687 @@
+//! Bulk transfers over a tunnel with a real round trip: etcd-proxy against a port-forward per
+//! connection and against no tunnel at all.
+//!
+//! `cargo bench --bench bulk` — not a test: it prints markdown tables, it asserts only that
+//! each transfer completed whole.
+//!
+//! One real etcd 3.4 member in the simulated cluster, seeded with a database of about
+//! `BENCH_SNAPSHOT_MB` (of ~930 KB values), of which `BENCH_RANGE_MB` under one prefix, and
+//! `BENCH_WATCH_EVENTS` small events written 100 to a transaction (so that etcd's watch
+//! catch-up, which sends at most 1,000 revisions per 100 ms sync, is not what is measured).
+//! Each transfer is one `etcdctl` process, the way a user runs it:
+//!
+//! * **snapshot**: `etcdctl snapshot save` (into `/dev/shm` when there is one);
+//! * **range**: `etcdctl get --prefix` of the range prefix, its output counted;
+//! * **watch**: `etcdctl watch --prefix --rev` from before the events, until the last one is
+//!   printed.
+//!
+//! Targets, per round-trip time (the simulator delays every port-forward frame by half of it,
+//! each way):
+//!
+//! * **direct**: etcd-0's own client URL, no tunnel (the physical limit of this machine);
+//! * **port-forward per connection**: a forwarder in this process that opens one port-forward
+//!   (kube-rs, WebSocket) per accepted connection and copies bytes both ways. It stands in for
+//!   `kubectl port-forward`: the simulated API server does not serve SPDY, which kubectl 1.32
+//!   still needs for port-forward;
+//! * **etcd-proxy** through etcd-0's member endpoint and through its cluster endpoint, tunnels
+//!   warm (the proxy keeps them between client processes).
+//!
+//! Then, without tunnels, etcd-proxy in gateway mode (`--endpoints`) against direct.
+//!
+//! Each target's peak RSS during each transfer is its `VmHWM` after the transfer, reset before
+//! it through `/proc/PID/clear_refs`.
+//!
+//! Environment (defaults in brackets): `BENCH_RTTS` [0,10,20,50] in ms; `BENCH_SNAPSHOT_MB`
+//! [60]; `BENCH_RANGE_MB` [40]; `BENCH_WATCH_EVENTS` [50000]; `BENCH_REPEAT` [1] runs per
+//! target and cell (median reported; the targets take turns within a cell, so a ratio pairs
+//! runs made moments apart); `BENCH_SECTIONS` [all]: transfers `snapshot`, `range`,
+//! `watch` and modes `gateway`, `tunnel` (naming none of a kind keeps all of that kind);
+//! `BENCH_TARGETS` [all] of `naive`, `member`, `cluster` (direct always runs).
+//! `ETCD_PROXY_BIN` runs another etcd-proxy build (a before and after).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Txn, TxnOp};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+use tokio::process::Command;
+use tokio::task::{JoinHandle, JoinSet};
+
+const RANGE_PREFIX: &str = "bulk/range/";
+const FILL_PREFIX: &str = "bulk/fill/";
+const WATCH_PREFIX: &str = "bulk/watch/";
+/// The size of each value of the range and of the rest of the database.
+const VALUE_BYTES: usize = 930 * 1000;
+const EVENTS_PER_TXN: usize = 100;
+const EVENT_VALUE_BYTES: usize = 100;
+/// What one such event adds to the database file, measured with etcd 3.4.
+const EVENT_DB_BYTES: usize = 190;
+/// Bound on one transfer.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn env_list(name: &str) -> Option<Vec<String>> {
+    let v = std::env::var(name).ok()?;
+    Some(v.split(',').map(|k| k.trim().to_owned()).collect())
+}
+
+struct Settings {
+    rtts: Vec<u64>,
+    snapshot_mb: u64,
+    range_mb: u64,
+    watch_events: usize,
+    repeat: usize,
+    sections: Option<Vec<String>>,
+    targets: Option<Vec<String>>,
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        let rtts = env_list("BENCH_RTTS")
+            .map(|l| l.iter().filter_map(|v| v.parse().ok()).collect())
+            .unwrap_or_else(|| vec![0, 10, 20, 50]);
+        Settings {
+            rtts,
+            snapshot_mb: env_u64("BENCH_SNAPSHOT_MB", 60).max(1),
+            range_mb: env_u64("BENCH_RANGE_MB", 40).max(1),
+            watch_events: env_u64("BENCH_WATCH_EVENTS", 50_000) as usize,
+            repeat: env_u64("BENCH_REPEAT", 1).max(1) as usize,
+            sections: env_list("BENCH_SECTIONS"),
+            targets: env_list("BENCH_TARGETS"),
+        }
+    }
+
+    /// Transfers (`snapshot`, `range`, `watch`) and modes (`gateway`, `tunnel`) are selected
+    /// separately: naming none of a kind keeps all of it.
+    fn wants_section(&self, key: &str) -> bool {
+        const OPS: [&str; 3] = ["snapshot", "range", "watch"];
+        let Some(named) = &self.sections else {
+            return true;
+        };
+        let same_kind = |k: &String| OPS.contains(&k.as_str()) == OPS.contains(&key);
+        named.iter().any(|k| k == key) || !named.iter().any(same_kind)
+    }
+
+    fn wants_target(&self, key: &str) -> bool {
+        key == "direct"
+            || self
+                .targets
+                .as_ref()
+                .is_none_or(|t| t.iter().any(|k| k == key))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement
+
+/// Resets the peak RSS of `pid` (Linux ≥ 4.0: writing 5 to `clear_refs`).
+fn reset_peak(pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    }
+}
+
+/// `VmHWM` of `pid`, in KiB: its peak RSS since start or the last [`reset_peak`].
+fn peak_kib(pid: Option<u32>) -> Option<u64> {
+    status_kib(pid?, "VmHWM:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("–".into(), |k| format!("{:.0}", k as f64 / 1024.0))
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("–".into(), |d| format!("{:.2} s", d.as_secs_f64()))
+}
+
+fn ratio(a: Option<Duration>, b: Option<Duration>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if !b.is_zero() => format!("{:.2}", a.as_secs_f64() / b.as_secs_f64()),
+        _ => "–".into(),
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Option<Duration> {
+    v.sort();
+    v.get(v.len() / 2).copied()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Snapshot,
+    Range,
+    Watch,
+}
+
+impl Op {
+    fn key(self) -> &'static str {
+        match self {
+            Op::Snapshot => "snapshot",
+            Op::Range => "range",
+            Op::Watch => "watch",
+        }
+    }
+}
+
+/// What the seeding wrote: enough to check that a transfer arrived whole.
+struct Seeded {
+    range_keys: usize,
+    /// `etcdctl get` output of the range: key, newline, value, newline per pair.
+    range_output: usize,
+    watch_from: i64,
+    watch_events: usize,
+}
+
+fn etcdctl(endpoint: &str, args: &[&str]) -> Command {
+    let mut all = vec![
+        "--endpoints",
+        endpoint,
+        "--dial-timeout",
+        "10s",
+        "--command-timeout",
+        "170s",
+    ];
+    all.extend_from_slice(args);
+    let mut cmd = support::etcdctl(3, &all);
+    cmd.stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// One transfer through `endpoint`; its wall time.
+async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Duration {
+    let run = async {
+        let t = Instant::now();
+        match op {
+            Op::Snapshot => {
+                let file = dir.join("snapshot.db");
+                let _ = std::fs::remove_file(&file);
+                let out = etcdctl(
+                    endpoint,
+                    &["snapshot", "save", file.to_str().expect("utf-8")],
+                )
+                .stdout(Stdio::null())
+                .output()
+                .await
+                .expect("etcdctl snapshot save");
+                let took = t.elapsed();
+                assert!(
+                    out.status.success(),
+                    "snapshot save through {endpoint}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+                assert!(
+                    len as usize >= seeded.range_output,
+                    "snapshot through {endpoint} is {len} bytes"
+                );
+                let _ = std::fs::remove_file(&file);
+                took
+            }
+            Op::Range => {
+                let mut child = etcdctl(endpoint, &["get", "--prefix", RANGE_PREFIX])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("etcdctl get");
+                let mut stdout = child.stdout.take().expect("stdout");
+                let mut buf = vec![0u8; 1 << 16];
+                let mut total = 0;
+                loop {
+                    let n = stdout.read(&mut buf).await.expect("read etcdctl output");
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                }
+                let status = child.wait().await.expect("wait etcdctl");
+                let took = t.elapsed();
+                assert!(status.success(), "get --prefix through {endpoint} failed");
+                assert_eq!(
+                    total, seeded.range_output,
+                    "get --prefix through {endpoint}: output size ({} keys expected)",
+                    seeded.range_keys
+                );
+                took
+            }
+            Op::Watch => {
+                let rev = seeded.watch_from.to_string();
+                let mut child = etcdctl(
+                    endpoint,
+                    &["watch", "--prefix", WATCH_PREFIX, "--rev", &rev],
+                )
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("etcdctl watch");
+                let mut stdout = child.stdout.take().expect("stdout");
+                // Three lines per event: PUT, the key, the value.
+                let want = 3 * seeded.watch_events;
+                let mut lines = 0;
+                let mut buf = vec![0u8; 1 << 16];
+                while lines < want {
+                    let n = stdout.read(&mut buf).await.expect("read etcdctl output");
+                    assert!(n > 0, "watch through {endpoint} ended after {lines} lines");
+                    lines += buf[..n].iter().filter(|b| **b == b'\n').count();
+                }
+                let took = t.elapsed();
+                let _ = child.kill().await;
+                took
+            }
+        }
+    };
+    tokio::time::timeout(TRANSFER_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} through {endpoint} took over {TRANSFER_TIMEOUT:?}",
+                op.key()
+            )
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seeding
+
+fn random_value(rng: &mut fastrand::Rng, len: usize) -> Vec<u8> {
+    // Printable, so that `etcdctl get` prints it as it is; no newlines.
+    (0..len).map(|_| rng.alphanumeric() as u8).collect()
+}
+
+/// How many large values make a database of about `BENCH_SNAPSHOT_MB` with the events (each
+/// takes about `EVENT_DB_BYTES` in bbolt).
+fn values_for(s: &Settings) -> usize {
+    let events = s.watch_events * EVENT_DB_BYTES;
+    (s.snapshot_mb as usize * 1_000_000)
+        .saturating_sub(events)
+        .div_ceil(VALUE_BYTES)
+}
+
+async fn seed(url: &str, s: &Settings) -> Seeded {
+    let mut c = Client::connect([url], None).await.expect("connect");
+    let mut rng = fastrand::Rng::with_seed(13);
+    let range_keys = (s.range_mb as usize * 1_000_000).div_ceil(VALUE_BYTES);
+    let total_keys = values_for(s);
+    let mut range_output = 0;
+    for i in 0..total_keys.max(range_keys) {
+        let (key, value) = if i < range_keys {
+            (
+                format!("{RANGE_PREFIX}{i:04}"),
+                random_value(&mut rng, VALUE_BYTES),
+            )
+        } else {
+            (
+                format!("{FILL_PREFIX}{i:04}"),
+                random_value(&mut rng, VALUE_BYTES),
+            )
+        };
+        if i < range_keys {
+            range_output += key.len() + 1 + value.len() + 1;
+        }
+        c.put(key, value, None).await.expect("seed put");
+    }
+    let watch_from = c
+        .get("bulk/none", None)
+        .await
+        .expect("get")
+        .header()
+        .expect("header")
+        .revision()
+        + 1;
+    let value = vec![b'v'; EVENT_VALUE_BYTES];
+    let mut written = 0;
+    while written < s.watch_events {
+        let n = EVENTS_PER_TXN.min(s.watch_events - written);
+        let ops: Vec<TxnOp> = (written..written + n)
+            .map(|i| TxnOp::put(format!("{WATCH_PREFIX}{i:06}"), value.clone(), None))
+            .collect();
+        c.txn(Txn::new().and_then(ops)).await.expect("seed txn");
+        written += n;
+    }
+    Seeded {
+        range_keys,
+        range_output,
+        watch_from,
+        watch_events: s.watch_events,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stand-in for kubectl port-forward
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Listens on a free loopback port; every accepted connection gets its own port-forward to
+/// `pod`:2379 and is copied both ways until either side ends.
+async fn naive_forwarder(sim: &etcd_proxy_sim::SimCluster, pod: &str) -> (String, AbortOnDrop) {
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(sim.kubeconfig_path()).expect("read kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("kube config");
+    let client = kube::Client::try_from(config).expect("kube client");
+    let pods: Api<Pod> = Api::namespaced(client, sim.namespace());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let pod = pod.to_owned();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let _ = conn.set_nodelay(true);
+            let (pods, pod) = (pods.clone(), pod.clone());
+            conns.spawn(async move {
+                let Ok(mut forwarder) = pods.portforward(&pod, &[2379]).await else {
+                    return;
+                };
+                let Some(mut upstream) = forwarder.take_stream(2379) else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+                drop(upstream);
+                let _ = forwarder.join().await;
+            });
+            while conns.try_join_next().is_some() {}
+        }
+    });
+    (addr, AbortOnDrop(task))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Target {
+    key: &'static str,
+    name: &'static str,
+    endpoint: String,
+    /// The process whose peak RSS is reported.
+    pid: Option<u32>,
+}
+
+/// One cell: every target `repeat` times, taking turns; per target the median time and the
+/// highest peak RSS.
+async fn cell(
+    op: Op,
+    targets: &[Target],
+    seeded: &Seeded,
+    repeat: usize,
+    dir: &Path,
+) -> Vec<(Option<Duration>, Option<u64>)> {
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
+    let mut peaks: Vec<Option<u64>> = vec![None; targets.len()];
+    for round in 0..repeat {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let t = &targets[i];
+            reset_peak(t.pid);
+            let took = transfer(op, &t.endpoint, seeded, dir).await;
+            eprintln!("  {} {}: {:.2} s", op.key(), t.key, took.as_secs_f64());
+            times[i].push(took);
+            if let Some(p) = peak_kib(t.pid) {
+                peaks[i] = Some(peaks[i].map_or(p, |q: u64| q.max(p)));
+            }
+        }
+    }
+    times.into_iter().map(median).zip(peaks).collect()
+}
+
+fn command_line() -> String {
+    let mut vars: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("BENCH_") || k == "ETCD_PROXY_BIN")
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    vars.sort();
+    vars.push("cargo bench --bench bulk".into());
+    vars.join(" ")
+}
+
+fn scratch_dir() -> tempfile::TempDir {
+    let shm = PathBuf::from("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::tempdir_in(&shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().expect("tempdir")
+}
+
+fn op_title(op: Op, s: &Settings, seeded: &Seeded, db_bytes: u64) -> String {
+    match op {
+        Op::Snapshot => format!(
+            "`etcdctl snapshot save` ({:.1} MB database)",
+            db_bytes as f64 / 1e6
+        ),
+        Op::Range => format!(
+            "`etcdctl get --prefix` ({} keys, {:.1} MB)",
+            seeded.range_keys,
+            seeded.range_output as f64 / 1e6
+        ),
+        Op::Watch => format!(
+            "`etcdctl watch --rev` catching up on {} events ({} per revision)",
+            s.watch_events, EVENTS_PER_TXN
+        ),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let s = Settings::from_env();
+    let dir = scratch_dir();
+    println!("# Bulk transfers through a tunnel with a round trip");
+    println!();
+    println!("* command: `{}`", command_line());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "* machine: nproc {cpus}, {} build; one real etcd member (simulated Kubernetes), \
+         every process on the same machine",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    println!(
+        "* `port-forward/conn` stands in for `kubectl port-forward`: one kube-rs WebSocket \
+         port-forward per client connection, bytes copied both ways (the simulated API server \
+         does not serve SPDY, which kubectl 1.32 needs for port-forward)"
+    );
+    println!(
+        "* RTT: the simulator delays every port-forward frame by RTT/2 each way; time is one \
+         `etcdctl` process end to end, median of {} run(s), targets taking turns; peak RSS is \
+         the proxy's VmHWM during the transfer (MiB)",
+        s.repeat
+    );
+
+    let sim = support::cluster(1).await;
+    let pod = sim.pod_names()[0].clone();
+    let direct = sim.member_client_url(&pod).expect("member url");
+    eprintln!("seeding {direct}");
+    let seeded = seed(&direct, &s).await;
+    let db_bytes = {
+        let mut c = Client::connect([direct.as_str()], None)
+            .await
+            .expect("connect");
+        c.status().await.expect("status").db_size() as u64
+    };
+    println!(
+        "* database: {:.1} MB ({} values of {} KB, {} events of {} bytes)",
+        db_bytes as f64 / 1e6,
+        values_for(&s).max(seeded.range_keys),
+        VALUE_BYTES / 1000,
+        s.watch_events,
+        EVENT_VALUE_BYTES
+    );
+    println!();
+
+    let ops: Vec<Op> = [Op::Snapshot, Op::Range, Op::Watch]
+        .into_iter()
+        .filter(|o| s.wants_section(o.key()))
+        .collect();
+
+    if s.wants_section("gateway") {
+        eprintln!("gateway mode");
+        let gw =
+            support::start_proxy_args(&["--endpoints", &direct, "--listen", "127.0.0.1:0"]).await;
+        support::ctl3(&gw.cluster_addr, &["get", "bulk/none"]).await;
+        let gw_pid = gw.child.id();
+        let targets = vec![
+            Target {
+                key: "direct",
+                name: "direct",
+                endpoint: direct.clone(),
+                pid: None,
+            },
+            Target {
+                key: "member",
+                name: "gateway member",
+                endpoint: gw.members[0].1.clone(),
+                pid: gw_pid,
+            },
+            Target {
+                key: "cluster",
+                name: "gateway cluster",
+                endpoint: gw.cluster_addr.clone(),
+                pid: gw_pid,
+            },
+        ];
+        let targets: Vec<Target> = targets
+            .into_iter()
+            .filter(|t| s.wants_target(t.key))
+            .collect();
+        println!("## Gateway mode (`--endpoints`, no tunnel)");
+        println!();
+        print!("| transfer |");
+        for t in &targets {
+            print!(" {} |", t.name);
+        }
+        for t in &targets[1..] {
+            print!(" direct/{} (throughput) | peak RSS {} |", t.key, t.key);
+        }
+        println!();
+        println!(
+            "|{}",
+            "---|".repeat(1 + targets.len() + 2 * (targets.len() - 1))
+        );
+        for &op in &ops {
+            let r = cell(op, &targets, &seeded, s.repeat, dir.path()).await;
+            print!("| {} |", op_title(op, &s, &seeded, db_bytes));
+            for (t, _) in &r {
+                print!(" {} |", secs(*t));
+            }
+            for (t, p) in &r[1..] {
+                print!(" {} | {} |", ratio(r[0].0, *t), mib(*p));
+            }
+            println!();
+        }
+        println!();
+    }
+
+    if !s.wants_section("tunnel") {
+        return;
+    }
+    let proxy = support::start_proxy(&sim, &[]).await;
+    let proxy_pid = proxy.child.id();
+    let member = proxy.members[0].1.clone();
+    for ep in [&member, &proxy.cluster_addr] {
+        // Warm: the proxy's tunnel to the member is open before the first transfer.
+        support::ctl3(ep, &["get", "bulk/none"]).await;
+    }
+    let (naive, _naive) = naive_forwarder(&sim, &pod).await;
+    println!(
+        "* etcd-proxy RSS before the transfers: {} MiB",
+        mib(proxy_pid.and_then(|p| status_kib(p, "VmRSS:")))
+    );
+    println!();
+    let targets = vec![
+        Target {
+            key: "direct",
+            name: "direct",
+            endpoint: direct.clone(),
+            pid: None,
+        },
+        Target {
+            key: "naive",
+            name: "port-forward/conn",
+            endpoint: naive,
+            pid: None,
+        },
+        Target {
+            key: "member",
+            name: "etcd-proxy member",
+            endpoint: member,
+            pid: proxy_pid,
+        },
+        Target {
+            key: "cluster",
+            name: "etcd-proxy cluster",
+            endpoint: proxy.cluster_addr.clone(),
+            pid: proxy_pid,
+        },
+    ];
+    let targets: Vec<Target> = targets
+        .into_iter()
+        .filter(|t| s.wants_target(t.key))
+        .collect();
+    let naive_at = targets.iter().position(|t| t.key == "naive");
+    let proxies: Vec<usize> = (0..targets.len())
+        .filter(|&i| targets[i].pid.is_some())
+        .collect();
+    for &op in &ops {
+        println!("## {}", op_title(op, &s, &seeded, db_bytes));
+        println!();
+        print!("| RTT |");
+        for t in &targets {
+            print!(" {} |", t.name);
+        }
+        for &i in &proxies {
+            let k = targets[i].key;
+            if naive_at.is_some() {
+                print!(" {k}/port-forward |");
+            }
+            print!(" {k}/direct | peak RSS {k} |");
+        }
+        println!();
+        let cols = 1 + targets.len() + proxies.len() * (2 + usize::from(naive_at.is_some()));
+        println!("|{}", "---|".repeat(cols));
+        for &rtt in &s.rtts {
+            sim.set_latency(Duration::from_millis(rtt) / 2);
+            eprintln!("{} at {rtt} ms RTT", op.key());
+            let r = cell(op, &targets, &seeded, s.repeat, dir.path()).await;
+            print!("| {rtt} ms |");
+            for (t, _) in &r {
+                print!(" {} |", secs(*t));
+            }
+            for &i in &proxies {
+                if let Some(n) = naive_at {
+                    print!(" {} |", ratio(r[i].0, r[n].0));
+                }
+                print!(" {} | {} |", ratio(r[i].0, r[0].0), mib(r[i].1));
+            }
+            println!();
+        }
+        sim.set_latency(Duration::ZERO);
+        println!();
+    }
+}

@@ -1,0 +1,248 @@
+//! Bulk transfers through a tunnel with a round trip arrive whole, and the proxy does not
+//! hold them: a snapshot through etcd-0's member endpoint is byte for byte the one taken
+//! directly, a range of ~40 MB arrives with every key and value, and the proxy's peak RSS
+//! stays far below the size of what went through it. Not timed (`benches/bulk.rs` is).
+
+use std::time::Duration;
+
+use tokio::time::timeout;
+
+use crate::support::{cluster, ctl3, etcdctl, run, start_proxy, Output};
+
+const PREFIX: &str = "bulk/range/";
+const KEYS: usize = 40;
+const VALUE_BYTES: usize = 1_000_000;
+/// The proxy's peak RSS while ~90 MB pass through it.
+const MAX_PEAK_RSS_KIB: u64 = 64 * 1024;
+/// One snapshot or range of ~40 MB, even in a debug build on a busy machine.
+const TRANSFER: Duration = Duration::from_secs(60);
+
+fn key(i: usize) -> String {
+    format!("{PREFIX}{i:03}")
+}
+
+/// The value of key `i`: printable (so `etcdctl get` prints it as stored), no newlines, and
+/// different for every key, so a value delivered under the wrong key is caught.
+fn value(i: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(i as u64);
+    (0..VALUE_BYTES).map(|_| rng.alphanumeric() as u8).collect()
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn snapshot(endpoint: &str, file: &std::path::Path) -> Vec<u8> {
+    let path = file.to_str().expect("utf-8 path");
+    let save = etcdctl(
+        3,
+        &[
+            "--endpoints",
+            endpoint,
+            "--dial-timeout",
+            "5s",
+            "--command-timeout",
+            "60s",
+            "snapshot",
+            "save",
+            path,
+        ],
+    );
+    let out: Output = timeout(TRANSFER, run(save, ""))
+        .await
+        .unwrap_or_else(|_| panic!("snapshot save through {endpoint} took over {TRANSFER:?}"));
+    out.ok();
+    std::fs::read(file).expect("read snapshot")
+}
+
+/// Writes the `KEYS` values directly to the member at `url`.
+async fn seed(url: &str) {
+    let mut c = timeout(
+        Duration::from_secs(10),
+        etcd_client::Client::connect([url], None),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    for i in 0..KEYS {
+        timeout(Duration::from_secs(10), c.put(key(i), value(i), None))
+            .await
+            .expect("put in time")
+            .expect("put");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_and_a_large_range_arrive_whole_over_a_slow_tunnel() {
+    let sim = cluster(1).await;
+    let pod = sim.pod_names()[0].clone();
+    let direct = sim.member_client_url(&pod).expect("member url");
+    seed(&direct).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let pid = proxy.child.id().expect("proxy pid");
+    let member = proxy.members[0].1.clone();
+    // A real round trip on the tunnel: windows and their updates take turns.
+    sim.set_latency(Duration::from_millis(5));
+    timeout(TRANSFER, ctl3(&member, &["get", "warm"]))
+        .await
+        .expect("warm-up get in time");
+    let before_kib = status_kib(pid, "VmHWM:").expect("VmHWM");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let through = snapshot(&member, &dir.path().join("proxy.db")).await;
+    let direct_snapshot = snapshot(&direct, &dir.path().join("direct.db")).await;
+    assert!(
+        through.len() > KEYS * VALUE_BYTES,
+        "snapshot through the proxy: {} bytes",
+        through.len()
+    );
+    // Same revision, no writes in between: etcd writes the same bytes (bbolt pages and the
+    // trailing SHA-256) both times.
+    assert_eq!(
+        through.len(),
+        direct_snapshot.len(),
+        "snapshot sizes differ"
+    );
+    assert!(
+        through == direct_snapshot,
+        "the snapshot through the proxy differs from the direct one"
+    );
+
+    let got = timeout(
+        TRANSFER,
+        ctl3(&proxy.cluster_addr, &["get", "--prefix", PREFIX]),
+    )
+    .await
+    .expect("range in time")
+    .stdout;
+    // Plain output: key, newline, value, newline per pair.
+    let lines: Vec<&str> = got.split_terminator('\n').collect();
+    assert_eq!(lines.len(), 2 * KEYS, "keys and values in the range");
+    for (i, pair) in lines.chunks(2).enumerate() {
+        assert_eq!(pair[0], key(i));
+        assert_eq!(pair[1].len(), VALUE_BYTES, "value of {}", key(i));
+        assert!(
+            pair[1].as_bytes() == value(i).as_slice(),
+            "value of {} differs",
+            key(i)
+        );
+    }
+
+    let peak_kib = status_kib(pid, "VmHWM:").expect("VmHWM");
+    assert!(
+        peak_kib <= MAX_PEAK_RSS_KIB,
+        "proxy peak RSS {peak_kib} KiB (before the transfers: {before_kib} KiB) after passing \
+         {} MB through",
+        (through.len() + got.len()) / 1_000_000
+    );
+    sim.set_latency(Duration::ZERO);
+}
+
+/// A `RangeRequest` for every key under `PREFIX`.
+fn range_request() -> Vec<u8> {
+    let mut end = PREFIX.as_bytes().to_vec();
+    *end.last_mut().expect("prefix") += 1;
+    // RangeRequest { key = 1, range_end = 2 }.
+    let mut msg = vec![0x0a, PREFIX.len() as u8];
+    msg.extend_from_slice(PREFIX.as_bytes());
+    msg.extend_from_slice(&[0x12, end.len() as u8]);
+    msg.extend_from_slice(&end);
+    msg
+}
+
+/// A gRPC message: the 5-byte prefix, then `msg`.
+fn grpc_frame(msg: &[u8]) -> bytes::Bytes {
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(msg);
+    framed.into()
+}
+
+/// An HTTP/2 connection to `addr` with h2's default windows (64 KiB), and a gRPC call to
+/// `path` with one message (the request stream stays open unless `end`): the response body,
+/// and the request stream.
+async fn raw_call(
+    addr: &str,
+    path: &str,
+    msg: &[u8],
+    end: bool,
+) -> (h2::RecvStream, h2::SendStream<bytes::Bytes>) {
+    let tcp = timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let (client, conn) = timeout(Duration::from_secs(5), h2::client::handshake(tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut client = timeout(Duration::from_secs(5), client.ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut send) = client.send_request(req, false).expect("send request");
+    send.send_data(grpc_frame(msg), end).expect("send body");
+    let response = timeout(Duration::from_secs(10), response)
+        .await
+        .expect("response in time")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    (response.into_body(), send)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_a_window_not_the_response() {
+    let sim = cluster(1).await;
+    let pod = sim.pod_names()[0].clone();
+    seed(&sim.member_client_url(&pod).expect("member url")).await;
+    let proxy = start_proxy(&sim, &[]).await;
+    let pid = proxy.child.id().expect("proxy pid");
+    let member = proxy.members[0].1.clone();
+    timeout(TRANSFER, ctl3(&member, &["get", "warm"]))
+        .await
+        .expect("warm-up get in time");
+    let before_kib = status_kib(pid, "VmRSS:").expect("VmRSS");
+
+    let addr = member.trim_start_matches("http://").to_owned();
+    let (mut body, _send) = raw_call(&addr, "/etcdserverpb.KV/Range", &range_request(), true).await;
+
+    // etcd has over 40 MB to send; the client reads nothing for a while.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stalled_kib = status_kib(pid, "VmRSS:").expect("VmRSS");
+    let held_mib = stalled_kib.saturating_sub(before_kib) / 1024;
+    assert!(
+        held_mib <= 24,
+        "the proxy grew by {held_mib} MiB ({before_kib} KiB before) for a client that reads \
+         nothing of a {} MB response",
+        KEYS * VALUE_BYTES / 1_000_000
+    );
+
+    let mut total = 0;
+    while let Some(data) = timeout(Duration::from_secs(10), body.data())
+        .await
+        .expect("data in time")
+    {
+        let data = data.expect("data");
+        total += data.len();
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    assert!(total > KEYS * VALUE_BYTES, "{total} bytes arrived");
+    let trailers = timeout(Duration::from_secs(5), body.trailers())
+        .await
+        .expect("trailers in time")
+        .expect("trailers")
+        .expect("some trailers");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+}
