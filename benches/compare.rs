@@ -700,19 +700,41 @@ async fn main() {
     let gateway = start_go_proxy("gateway", &members, work.path()).await;
     let grpc_proxy = start_go_proxy("grpc-proxy", &members, work.path()).await;
     let endpoints_arg = members.join(",");
-    let ep_gateway =
-        support::start_proxy_args(&["--endpoints", &endpoints_arg, "--listen", "127.0.0.1:0"])
-            .await;
-    let ep_spread = support::start_proxy_args(&[
-        "--endpoints",
-        &endpoints_arg,
-        "--listen",
-        "127.0.0.1:0",
-        "--reads",
-        "spread",
-    ])
+    // Every client of this bench comes from 127.0.0.1, and the memory section holds its
+    // connections idle for seconds: lift the per-address limits and the untrusted-idle
+    // timeout, which are there for strangers, so that every target serves the same load.
+    let unlimited = [
+        "--max-connections-per-address",
+        "100000",
+        "--max-connection-rate-per-address",
+        "100000",
+        "--header-timeout",
+        "10m",
+    ];
+    let ep_gateway = support::start_proxy_args(
+        &[
+            &["--endpoints", &endpoints_arg, "--listen", "127.0.0.1:0"][..],
+            &unlimited,
+        ]
+        .concat(),
+    )
     .await;
-    let ep_tunnel = support::start_proxy(&sim, &[]).await;
+    let ep_spread = support::start_proxy_args(
+        &[
+            &[
+                "--endpoints",
+                &endpoints_arg,
+                "--listen",
+                "127.0.0.1:0",
+                "--reads",
+                "spread",
+            ][..],
+            &unlimited,
+        ]
+        .concat(),
+    )
+    .await;
+    let ep_tunnel = support::start_proxy(&sim, &unlimited).await;
     let pod = sim.pod_names()[0].clone();
     let (naive_addr, _naive) = naive_forwarder(&sim, &pod).await;
     for addr in [
