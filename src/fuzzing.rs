@@ -8,7 +8,7 @@
 //! anywhere reassembles the same) and panics if one is broken, so that a fuzzer reports it.
 //!
 //! The real modules stay private; these wrappers are thin so that the fuzz targets follow the
-//! code they exercise. [`TARGETS`] names them all, for the fuzz crate and for the regression
+//! code they exercise. [`TARGETS`](crate::fuzzing::TARGETS) names them all, for the fuzz crate and for the regression
 //! test that replays `fuzz/regressions/<target>/*`.
 
 use std::path::Path;
