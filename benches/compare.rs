@@ -45,12 +45,10 @@ use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 const GET_KEY: &str = "bench/get";
 const VALUE_BYTES: usize = 256;
@@ -508,52 +506,6 @@ async fn rss_with_connections(
     (established, open, rss)
 }
 
-// ---------------------------------------------------------------------------------------------
-// A naive port-forward per connection, as kube-rs' example and kftray do
-
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Listens on a free loopback port; every accepted connection gets its own port-forward to
-/// `pod`:2379 and is copied both ways until either side ends.
-async fn naive_forwarder(sim: &etcd_proxy_sim::SimCluster, pod: &str) -> (String, AbortOnDrop) {
-    let kubeconfig =
-        kube::config::Kubeconfig::read_from(sim.kubeconfig_path()).expect("read kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .expect("kube config");
-    let client = kube::Client::try_from(config).expect("kube client");
-    let pods: Api<Pod> = Api::namespaced(client, sim.namespace());
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let pod = pod.to_owned();
-    let task = tokio::spawn(async move {
-        // Dropping the set (when this task is aborted) aborts every connection's task.
-        let mut conns = JoinSet::new();
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let (pods, pod) = (pods.clone(), pod.clone());
-            conns.spawn(async move {
-                let Ok(mut forwarder) = pods.portforward(&pod, &[2379]).await else {
-                    return;
-                };
-                let Some(mut upstream) = forwarder.take_stream(2379) else {
-                    return;
-                };
-                let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
-                drop(upstream);
-                let _ = forwarder.join().await;
-            });
-            while conns.try_join_next().is_some() {}
-        }
-    });
-    (addr, AbortOnDrop(task))
-}
-
 /// Median wall time of `n` cold `etcdctl get` processes against `endpoint`, and how many
 /// port-forwards they opened.
 async fn cold_through_tunnels(
@@ -736,7 +688,7 @@ async fn main() {
     .await;
     let ep_tunnel = support::start_proxy(&sim, &unlimited).await;
     let pod = sim.pod_names()[0].clone();
-    let (naive_addr, _naive) = naive_forwarder(&sim, &pod).await;
+    let (naive_addr, _naive) = support::forwarder::naive_forwarder(&sim, &pod).await;
     for addr in [
         &ep_gateway.cluster_addr,
         &ep_spread.cluster_addr,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use etcd_proxy_sim::{SimCluster, SimConfig};
 
 pub mod attack;
+pub mod forwarder;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
