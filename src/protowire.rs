@@ -56,6 +56,11 @@ impl<'a> Fields<'a> {
         Self { buf, pos: 0 }
     }
 
+    /// Bytes walked so far: where the next field starts (the end once a field failed).
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
     fn next_field(&mut self) -> Result<Field<'a>, Error> {
         let start = self.pos;
         let key = read_varint(self.buf, &mut self.pos)?;

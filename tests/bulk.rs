@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::timeout;
 
-use crate::support::{cluster, ctl3, etcdctl, run, start_proxy, Output};
+use crate::support::{cluster, ctl3, etcdctl, run, start_proxy, within_for, Output};
 
 const PREFIX: &str = "bulk/range/";
 const KEYS: usize = 40;
@@ -245,4 +245,96 @@ async fn a_client_that_stops_reading_holds_a_window_not_the_response() {
         trailers.get("grpc-status").map(|v| v.as_bytes()),
         Some(&b"0"[..])
     );
+}
+
+/// A watch catching up from an old revision gets its backlog as one response of several
+/// megabytes, which the proxy passes on while it is still arriving. Its bookkeeping must still
+/// see every event: a tunnel cut right after the catch-up resumes from the revision after the
+/// last one delivered, so every event arrives exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_watch_catch_up_resumes_after_a_cut_with_every_event_once() {
+    use etcd_client::{Client, Txn, TxnOp, WatchOptions};
+
+    // About 2.5 MB in one response: under etcd-client's 4 MiB message limit.
+    const TXNS: usize = 150;
+    const PUTS_PER_TXN: usize = 100;
+    let sim = cluster(1).await;
+    let pod = sim.pod_names()[0].clone();
+    let direct = sim.member_client_url(&pod).expect("member url");
+    let mut writer = timeout(Duration::from_secs(10), Client::connect([&direct], None))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let value = "v".repeat(100);
+    let mut first = 0;
+    for t in 0..TXNS {
+        let ops: Vec<TxnOp> = (0..PUTS_PER_TXN)
+            .map(|i| TxnOp::put(format!("bulk/watch/{t:03}/{i:03}"), value.as_str(), None))
+            .collect();
+        let r = timeout(
+            Duration::from_secs(10),
+            writer.txn(Txn::new().and_then(ops)),
+        )
+        .await
+        .expect("txn in time")
+        .expect("txn");
+        if t == 0 {
+            first = r.header().expect("header").revision();
+        }
+    }
+    let proxy = start_proxy(&sim, &[]).await;
+    let mut client = timeout(
+        Duration::from_secs(10),
+        Client::connect([proxy.cluster_addr.as_str()], None),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    let options = WatchOptions::new().with_prefix().with_start_revision(first);
+    let mut stream = timeout(
+        Duration::from_secs(10),
+        client.watch("bulk/watch/", Some(options)),
+    )
+    .await
+    .expect("watch in time")
+    .expect("watch");
+
+    let mut revisions: Vec<i64> = Vec::new();
+    let mut cut = false;
+    let mut last = first + TXNS as i64 - 1;
+    while revisions.last().is_none_or(|r| *r < last) {
+        let msg = timeout(TRANSFER, stream.message())
+            .await
+            .expect("watch response in time")
+            .expect("watch stream")
+            .expect("watch stream open");
+        let events = msg.events();
+        // Each transaction is one revision with PUTS_PER_TXN events.
+        for e in events.iter().step_by(PUTS_PER_TXN) {
+            revisions.push(e.kv().expect("kv").mod_revision());
+        }
+        if !events.is_empty() && !cut {
+            assert!(
+                events.len() > 10 * PUTS_PER_TXN,
+                "the catch-up came as one large response: {} events",
+                events.len()
+            );
+            // Cut every tunnel, then write one more transaction: the resumed watch must
+            // start after what was delivered.
+            sim.cut_tunnels();
+            cut = true;
+            let r = timeout(
+                Duration::from_secs(10),
+                writer.put("bulk/watch/after", "x", None),
+            )
+            .await
+            .expect("put in time")
+            .expect("put");
+            last = r.header().expect("header").revision();
+        }
+    }
+    let expected: Vec<i64> = (first..=last).collect();
+    assert_eq!(revisions, expected, "every revision once, in order");
+    drop(proxy);
+    within_for(Duration::from_secs(30), "sim.shutdown", sim.shutdown()).await;
 }

@@ -242,6 +242,122 @@ proptest! {
         }
     }
 
+    /// etcd's responses in chunks cut anywhere, large ones passed on before they end: the
+    /// client gets exactly the bytes etcd sent, and the table learns of every response once,
+    /// what a whole parse of it says.
+    #[test]
+    fn watch_responses_relay_unchanged_in_any_chunks(
+        responses in prop::collection::vec((watch_response(), any::<bool>()), 0..5),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..16),
+        held in watch_id(),
+    ) {
+        use super::watches::relay::{Relay, Step};
+        // Half are plain event responses, the kind passed on early.
+        let encoded: Vec<Vec<u8>> = responses
+            .into_iter()
+            .map(|(r, plain)| match plain {
+                true => PbWatchResponse { created: false, canceled: false, ..r },
+                false => r,
+            })
+            .map(|r| r.encode_to_vec())
+            .collect();
+        let stream: Vec<u8> = encoded.iter().flat_map(|m| frame(m).to_vec()).collect();
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+        cuts.push(0);
+        cuts.push(stream.len());
+        cuts.sort_unstable();
+        let mut relay = Relay::new();
+        let mut steps = Vec::new();
+        for w in cuts.windows(2) {
+            let chunk = bytes::Bytes::copy_from_slice(&stream[w[0]..w[1]]);
+            relay.push(chunk, |h| h.watch_id != held, &mut steps).unwrap();
+        }
+        let mut sent = Vec::new();
+        let mut learned = Vec::new();
+        for s in steps {
+            match s {
+                Step::Whole(b) => {
+                    learned.push(watch::parse_response(super::frames::payload(&b)).ok());
+                    sent.extend_from_slice(&b);
+                }
+                Step::Pass(b) => sent.extend_from_slice(&b),
+                Step::Passed(summary) => learned.push(summary),
+            }
+        }
+        prop_assert_eq!(sent, stream);
+        let expected: Vec<_> = encoded.iter().map(|m| watch::parse_response(m).ok()).collect();
+        prop_assert_eq!(learned, expected);
+    }
+
+    /// The upstream breaks at any point: what the client got, padded, is whole messages, and
+    /// the cut one holds whole revisions of the original with the table told the last of them.
+    #[test]
+    fn watch_responses_cut_anywhere_leave_the_client_whole_revisions(
+        responses in prop::collection::vec(watch_response(), 1..4),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        stop in any::<prop::sample::Index>(),
+    ) {
+        use super::watches::relay::{Abort, Relay, Step};
+        let encoded: Vec<Vec<u8>> = responses
+            .into_iter()
+            .map(|r| PbWatchResponse { created: false, canceled: false, fragment: false, ..r })
+            .map(|r| r.encode_to_vec())
+            .collect();
+        let stream: Vec<u8> = encoded.iter().flat_map(|m| frame(m).to_vec()).collect();
+        let stop = stop.index(stream.len() + 1);
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(stop + 1)).collect();
+        cuts.push(0);
+        cuts.push(stop);
+        cuts.sort_unstable();
+        let mut relay = Relay::new();
+        let mut steps = Vec::new();
+        for w in cuts.windows(2) {
+            let chunk = bytes::Bytes::copy_from_slice(&stream[w[0]..w[1]]);
+            relay.push(chunk, |_| true, &mut steps).unwrap();
+        }
+        let mut client = Vec::new();
+        for s in &steps {
+            if let Step::Whole(b) | Step::Pass(b) = s {
+                client.extend_from_slice(b);
+            }
+        }
+        let delivered = match relay.abort() {
+            Some(Abort::Pad(pad, delivered)) => {
+                client.extend_from_slice(&pad);
+                delivered
+            }
+            Some(Abort::Impossible) => return Ok(()),
+            None => None,
+        };
+        // The client's bytes are whole messages: the originals, then maybe one cut short.
+        let mut d = Deframer::new(super::frames::MAX_FROM_ETCD);
+        d.push(&client);
+        let mut got = Vec::new();
+        while let Some(m) = d.next_message().unwrap() {
+            got.push(m);
+        }
+        prop_assert_eq!(d.next_message(), Ok(None));
+        let n = got.len();
+        prop_assert!(n <= encoded.len());
+        for (g, e) in got.iter().zip(&encoded).take(n.saturating_sub(1)) {
+            prop_assert_eq!(&g[..], &e[..]);
+        }
+        if let Some(last) = got.last() {
+            let original = PbWatchResponse::decode(&encoded[n - 1][..]).unwrap();
+            let seen = PbWatchResponse::decode(&last[..]).unwrap();
+            if seen != original {
+                // Cut: a non-empty prefix of the events, ending at a revision boundary.
+                let k = seen.events.len();
+                prop_assert!(k > 0 && k < original.events.len());
+                prop_assert_eq!(&seen.events[..], &original.events[..k]);
+                let rev = |e: &PbEvent| e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                prop_assert_ne!(rev(&original.events[k - 1]), rev(&original.events[k]));
+                let told = delivered.expect("the table learns what was delivered");
+                prop_assert_eq!(told.last_event, seen.events.iter().map(rev).max());
+            }
+        }
+    }
+
     /// Any bytes as a client's request or etcd's response: parsed or refused, never a panic.
     #[test]
     fn watch_messages_take_any_bytes(data in prop::collection::vec(any::<u8>(), 0..256)) {

@@ -14,6 +14,7 @@
 //! the message size limit) that is cut in the middle is re-delivered from its revision.
 
 pub(crate) mod proto;
+pub(crate) mod relay;
 mod table;
 
 use std::future::Future;
@@ -30,15 +31,14 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::forward::upstream_request;
-use super::frames::{
-    frame, payload, Deframer, Error as FrameError, MAX_FROM_CLIENT, MAX_FROM_ETCD,
-};
+use super::frames::{frame, payload, Deframer, Error as FrameError, MAX_FROM_CLIENT};
 use super::{Inner, ProxyBody};
 use crate::error::{one_line, BoxError};
 use crate::grpc::Code;
 use crate::router::Class;
 use crate::upstream::Body as UpstreamResponse;
-use table::{Table, Translated};
+use relay::{Abort, Relay, Step};
+use table::{Table, Translated, Verdict};
 
 /// The gRPC path of etcd's watch stream.
 pub(super) const PATH: &str = "/etcdserverpb.Watch/Watch";
@@ -174,6 +174,7 @@ impl Session {
         let mut failing_since: Option<Instant> = None;
         let mut backoff = BACKOFF_START;
         let mut last_error = String::from("no attempt made");
+        let mut relay = Relay::new();
         while !out.is_closed() {
             if failing_since.is_some_and(|t| t.elapsed() > GIVE_UP_AFTER) {
                 let msg = format!(
@@ -191,6 +192,7 @@ impl Session {
                         &mut client_frames,
                         &mut client_done,
                         attempt,
+                        &mut relay,
                         &out,
                     )
                     .await
@@ -200,6 +202,9 @@ impl Session {
                     established: false,
                 },
             };
+            if matches!(ended, Ended::Lost { .. }) && !self.finish_cut(&mut relay, &out).await {
+                return;
+            }
             match ended {
                 Ended::Done => return,
                 Ended::Lost {
@@ -267,6 +272,7 @@ impl Session {
         client_frames: &mut Deframer,
         client_done: &mut bool,
         attempt: Attempt,
+        relay: &mut Relay,
         out: &Out,
     ) -> Ended {
         let Attempt {
@@ -277,7 +283,7 @@ impl Session {
         // Once the client has half-closed, the upstream request ends after the re-creations.
         let mut up_tx = (!*client_done).then_some(tx);
         let mut upstream: Option<UpstreamResponse> = None;
-        let mut up_frames = Deframer::new(MAX_FROM_ETCD);
+        let mut steps = Vec::new();
         let lost = |why: String, established: bool| Ended::Lost { why, established };
         let mut stopping = self.inner.stopping.clone();
         loop {
@@ -331,27 +337,40 @@ impl Session {
                 f = next_frame(&mut upstream) => match f {
                     Some(Ok(f)) => match f.into_data() {
                         Ok(data) => {
-                            up_frames.push(&data);
-                            loop {
-                                match up_frames.next_framed() {
-                                    Ok(Some(framed)) => {
-                                        // Unchanged messages go on as they came, uncopied.
-                                        let resp = match self.table.on_upstream_message(payload(&framed)) {
-                                            Translated::Pass => framed,
-                                            Translated::Rewritten(m) => frame(&m),
-                                            Translated::Swallow => continue,
-                                        };
-                                        if out.send(Ok(Frame::data(resp))).await.is_err() {
-                                            return Ended::Done;
+                            steps.clear();
+                            let table = &self.table;
+                            if let Err(e) = relay.push(data, |head| table.passes(head), &mut steps) {
+                                return lost(e.to_string(), true);
+                            }
+                            for step in steps.drain(..) {
+                                let resp = match step {
+                                    // Unchanged messages go on as they came, uncopied.
+                                    Step::Whole(framed) => match self.table.on_upstream_message(payload(&framed)) {
+                                        Translated::Pass => framed,
+                                        Translated::Rewritten(m) => frame(&m),
+                                        Translated::Swallow => continue,
+                                    },
+                                    Step::Pass(bytes) => bytes,
+                                    Step::Passed(summary) => {
+                                        let verdict = summary.map(|r| self.table.on_response(&r));
+                                        if verdict.is_some_and(|v| v != Verdict::Pass) {
+                                            // Only a field after the events could do this;
+                                            // etcd writes none there.
+                                            tracing::warn!("a watch response passed on as it came should have been translated");
                                         }
+                                        continue;
                                     }
-                                    Ok(None) => break,
-                                    Err(e) => return lost(e.to_string(), true),
+                                };
+                                if out.send(Ok(Frame::data(resp))).await.is_err() {
+                                    return Ended::Done;
                                 }
                             }
                         }
                         Err(f) => {
                             let trailers = f.into_trailers().unwrap_or_default();
+                            if !self.finish_cut(relay, out).await {
+                                return Ended::Done;
+                            }
                             return self.trailers(trailers, *client_done, out).await;
                         }
                     },
@@ -364,6 +383,27 @@ impl Session {
                     let _ = out.send(Ok(Frame::trailers(grpc_trailers(Code::Unavailable, msg)))).await;
                     return Ended::Done;
                 }
+            }
+        }
+    }
+
+    /// Completes a response the upstream cut in the middle of, after part of it went to the
+    /// client (see [`relay`]); `false` if it could not be, and the client's stream has ended.
+    async fn finish_cut(&mut self, relay: &mut Relay, out: &Out) -> bool {
+        match relay.abort() {
+            None => true,
+            Some(Abort::Pad(pad, delivered)) => {
+                if let Some(r) = delivered {
+                    self.table.on_response(&r);
+                }
+                out.send(Ok(Frame::data(pad))).await.is_ok()
+            }
+            Some(Abort::Impossible) => {
+                let msg = "the watch stream to etcd broke in the middle of a response";
+                let _ = out
+                    .send(Ok(Frame::trailers(grpc_trailers(Code::Unavailable, msg))))
+                    .await;
+                false
             }
         }
     }

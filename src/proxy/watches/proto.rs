@@ -10,7 +10,9 @@
 //! cancel_reason = 6; fragment = 7; events = 11 }`, `ResponseHeader { revision = 3 }`,
 //! `Event { kv = 2 }`, `KeyValue { mod_revision = 3 }`.
 
-use crate::protowire::{put_len_field, put_varint_field, varint_value, Error, Fields, LEN};
+use crate::protowire::{
+    put_len_field, put_varint_field, read_varint, varint_value, Error, Field, Fields, LEN,
+};
 
 /// What a client's `WatchRequest` asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,32 +121,60 @@ pub struct Response {
 pub fn parse_response(msg: &[u8]) -> Result<Response, Error> {
     let mut r = Response::default();
     for field in Fields::new(msg) {
-        let field = field?;
+        r.learn(&field?)?;
+    }
+    Ok(r)
+}
+
+/// The field number of `WatchResponse.events`.
+pub const EVENTS: u64 = 11;
+
+/// What the fields before the first event of a response still arriving say, once they are all
+/// in (`None`: not yet, or not an event-carrying response). etcd marshals fields in number
+/// order, so everything but the events precedes them: a response can be judged by its head
+/// and its events passed on as they arrive.
+pub fn parse_head(partial: &[u8]) -> Option<Response> {
+    let mut r = Response::default();
+    let mut fields = Fields::new(partial);
+    loop {
+        let mut at = fields.position();
+        // The first event may still be arriving: its key is enough.
+        if read_varint(partial, &mut at).ok()? >> 3 == EVENTS {
+            return Some(r);
+        }
+        // An error here is most likely a field cut by the chunk boundary: wait for more.
+        r.learn(&fields.next()?.ok()?).ok()?;
+    }
+}
+
+impl Response {
+    /// Takes in one top-level field of the response.
+    pub(crate) fn learn(&mut self, field: &Field<'_>) -> Result<(), Error> {
         match (field.number, field.wire_type) {
             (1, LEN) => {
                 for f in Fields::new(field.payload) {
                     let f = f?;
                     if (f.number, f.wire_type) == (3, 0) {
-                        r.revision = varint_value(f.raw)? as i64;
+                        self.revision = varint_value(f.raw)? as i64;
                     }
                 }
             }
-            (2, 0) => r.watch_id = varint_value(field.raw)? as i64,
-            (3, 0) => r.created = varint_value(field.raw)? != 0,
-            (4, 0) => r.canceled = varint_value(field.raw)? != 0,
-            (7, 0) => r.fragment = varint_value(field.raw)? != 0,
-            (11, LEN) => {
+            (2, 0) => self.watch_id = varint_value(field.raw)? as i64,
+            (3, 0) => self.created = varint_value(field.raw)? != 0,
+            (4, 0) => self.canceled = varint_value(field.raw)? != 0,
+            (7, 0) => self.fragment = varint_value(field.raw)? != 0,
+            (EVENTS, LEN) => {
                 let rev = event_revision(field.payload)?;
-                r.last_event = Some(r.last_event.map_or(rev, |l| l.max(rev)));
+                self.last_event = Some(self.last_event.map_or(rev, |l| l.max(rev)));
             }
             _ => {}
         }
+        Ok(())
     }
-    Ok(r)
 }
 
 /// `event.kv.mod_revision`.
-fn event_revision(event: &[u8]) -> Result<i64, Error> {
+pub(crate) fn event_revision(event: &[u8]) -> Result<i64, Error> {
     for f in Fields::new(event) {
         let f = f?;
         if (f.number, f.wire_type) == (2, LEN) {

@@ -46,6 +46,17 @@ pub(super) enum Translated {
     Swallow,
 }
 
+/// What becomes of an upstream response, before its bytes are looked at again.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Goes to the client as it came.
+    Pass,
+    /// Goes to the client with this (client) watch ID.
+    As(i64),
+    /// Is not for the client.
+    Swallow,
+}
+
 /// The watches of one client stream.
 #[derive(Default)]
 pub(super) struct Table {
@@ -128,6 +139,28 @@ impl Table {
         let Ok(r) = proto::parse_response(msg) else {
             return Translated::Pass;
         };
+        match self.on_response(&r) {
+            Verdict::Pass => Translated::Pass,
+            Verdict::Swallow => Translated::Swallow,
+            Verdict::As(client_id) => rewritten(msg, client_id),
+        }
+    }
+
+    /// Whether a response with this head (its fields before the events) goes to the client
+    /// as it came, judged before its events arrive: [`Self::on_response`] then says `Pass`
+    /// for it too. Creates and cancels are not judged early (they are small and change the
+    /// table).
+    pub fn passes(&self, head: &proto::Response) -> bool {
+        !head.created
+            && !head.canceled
+            && self
+                .ids
+                .get(&head.watch_id)
+                .is_none_or(|&c| c == head.watch_id)
+    }
+
+    /// Learns from an upstream response and says what becomes of it.
+    pub fn on_response(&mut self, r: &proto::Response) -> Verdict {
         if r.created {
             match self.pending.pop_front() {
                 Some(Pending::New {
@@ -144,17 +177,17 @@ impl Table {
                     if !r.canceled {
                         self.watches.insert(client_id, Watch { create, next_rev });
                     }
-                    return rewritten(msg, client_id);
+                    return Verdict::As(client_id);
                 }
                 Some(Pending::Resume { client_id }) => {
                     self.ids.insert(r.watch_id, client_id);
                     if r.canceled {
                         self.watches.remove(&client_id);
-                        return rewritten(msg, client_id);
+                        return Verdict::As(client_id);
                     }
-                    return Translated::Swallow;
+                    return Verdict::Swallow;
                 }
-                None => return Translated::Pass,
+                None => return Verdict::Pass,
             }
         }
         let client_id = self.ids.get(&r.watch_id).copied().unwrap_or(r.watch_id);
@@ -172,9 +205,9 @@ impl Table {
             self.ids.remove(&r.watch_id);
         }
         if client_id == r.watch_id {
-            Translated::Pass
+            Verdict::Pass
         } else {
-            rewritten(msg, client_id)
+            Verdict::As(client_id)
         }
     }
 }
