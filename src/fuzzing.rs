@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("grpc_deframe", grpc_deframe),
     ("watch_request", watch_request),
     ("watch_response", watch_response),
+    ("watch_relay", watch_relay),
     ("authenticate", authenticate),
     ("v2_rewrite", v2_rewrite),
     ("gateway_rewrite", gateway_rewrite),
@@ -186,6 +187,58 @@ pub fn grpc_deframe(data: &[u8]) {
         again.push(&frames::frame(&m));
         assert_eq!(again.next_message(), Ok(Some(m)), "frame() round trips");
     }
+}
+
+/// The relay of etcd's Watch responses to the client. Byte 0 sets the chunk size, byte 1 the
+/// watch ID that must be translated (responses for it are held whole); the rest is etcd's
+/// stream, cut where it ends. What goes to the client is the stream's bytes in order, and,
+/// with the padding of a cut response, whole messages.
+pub fn watch_relay(data: &[u8]) {
+    use crate::proxy::watches::relay::{Abort, Relay, Step};
+    let [chunk, held, stream @ ..] = data else {
+        return;
+    };
+    let mut relay = Relay::new();
+    let mut steps = Vec::new();
+    for piece in stream.chunks(usize::from(*chunk) + 1) {
+        let piece = bytes::Bytes::copy_from_slice(piece);
+        if relay
+            .push(piece, |h| h.watch_id != i64::from(*held), &mut steps)
+            .is_err()
+        {
+            return;
+        }
+    }
+    let mut client = Vec::new();
+    for s in &steps {
+        if let Step::Whole(b) | Step::Pass(b) = s {
+            client.extend_from_slice(b);
+        }
+    }
+    assert!(
+        stream.starts_with(&client),
+        "the client gets etcd's bytes, in order"
+    );
+    match relay.abort() {
+        Some(Abort::Pad(pad, _)) => client.extend_from_slice(&pad),
+        // The client's stream ends with an error instead.
+        Some(Abort::Impossible) => return,
+        None => {}
+    }
+    let mut at = 0;
+    while let Some(p) = crate::grpc::Prefix::parse(&client[at..]) {
+        assert!(!p.compressed);
+        at += crate::grpc::PREFIX + p.len;
+        assert!(
+            at <= client.len(),
+            "the client's bytes end at a message boundary"
+        );
+    }
+    assert_eq!(
+        at,
+        client.len(),
+        "the client's bytes end at a message boundary"
+    );
 }
 
 /// A client's `WatchRequest`, and the re-creation the proxy builds from it after a failover.

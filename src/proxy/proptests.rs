@@ -363,5 +363,6 @@ proptest! {
     fn watch_messages_take_any_bytes(data in prop::collection::vec(any::<u8>(), 0..256)) {
         crate::fuzzing::watch_request(&data);
         crate::fuzzing::watch_response(&data);
+        crate::fuzzing::watch_relay(&data);
     }
 }
