@@ -1,7 +1,8 @@
 //! Bulk transfers through a tunnel with a round trip arrive whole, and the proxy does not
 //! hold them: a snapshot through etcd-0's member endpoint is byte for byte the one taken
 //! directly, a range of ~40 MB arrives with every key and value, and the proxy's peak RSS
-//! stays far below the size of what went through it. Not timed (`benches/bulk.rs` is).
+//! stays far below the size of what went through it, also for a client that stops reading a
+//! range or a watch catch-up of ~40 MB. Not timed (`benches/bulk.rs` is).
 
 use std::time::Duration;
 
@@ -335,6 +336,107 @@ async fn a_large_watch_catch_up_resumes_after_a_cut_with_every_event_once() {
     }
     let expected: Vec<i64> = (first..=last).collect();
     assert_eq!(revisions, expected, "every revision once, in order");
+    drop(proxy);
+    within_for(Duration::from_secs(30), "sim.shutdown", sim.shutdown()).await;
+}
+
+/// A `WatchRequest` creating a watch on every key under `prefix` from revision `start`.
+fn watch_create_request(prefix: &str, start: i64) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().expect("prefix") += 1;
+    // WatchCreateRequest { key = 1, range_end = 2, start_revision = 3 }.
+    let mut create = vec![0x0a, prefix.len() as u8];
+    create.extend_from_slice(prefix.as_bytes());
+    create.extend_from_slice(&[0x12, end.len() as u8]);
+    create.extend_from_slice(&end);
+    create.push(0x18);
+    let mut v = start as u64;
+    while v >= 0x80 {
+        create.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    create.push(v as u8);
+    // WatchRequest { create_request = 1 }.
+    let mut msg = vec![0x0a, create.len() as u8];
+    msg.extend_from_slice(&create);
+    msg
+}
+
+/// A watch catching up from an old revision gets one response of ~40 MB. A client that reads
+/// none of it makes the proxy hold its budget toward the client and a window toward etcd, not
+/// the response (which it used to reassemble whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_watch_catch_up_holds_a_window_not_the_response() {
+    use etcd_client::{Client, Txn, TxnOp};
+
+    const WATCHED: &str = "bulk/watched/";
+    const TXNS: usize = 400;
+    const PUTS_PER_TXN: usize = 100;
+    const EVENT_VALUE: usize = 1000;
+    let sim = cluster(1).await;
+    let pod = sim.pod_names()[0].clone();
+    let direct = sim.member_client_url(&pod).expect("member url");
+    let mut writer = timeout(Duration::from_secs(10), Client::connect([&direct], None))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let value = "w".repeat(EVENT_VALUE);
+    let mut first = 0;
+    for t in 0..TXNS {
+        let ops: Vec<TxnOp> = (0..PUTS_PER_TXN)
+            .map(|i| TxnOp::put(format!("{WATCHED}{t:03}/{i:03}"), value.as_str(), None))
+            .collect();
+        let r = timeout(
+            Duration::from_secs(10),
+            writer.txn(Txn::new().and_then(ops)),
+        )
+        .await
+        .expect("txn in time")
+        .expect("txn");
+        if t == 0 {
+            first = r.header().expect("header").revision();
+        }
+    }
+    let proxy = start_proxy(&sim, &[]).await;
+    let pid = proxy.child.id().expect("proxy pid");
+    let member = proxy.members[0].1.clone();
+    timeout(TRANSFER, ctl3(&member, &["get", "warm"]))
+        .await
+        .expect("warm-up get in time");
+    let before_kib = status_kib(pid, "VmRSS:").expect("VmRSS");
+
+    let addr = member.trim_start_matches("http://").to_owned();
+    let (mut body, _send) = raw_call(
+        &addr,
+        "/etcdserverpb.Watch/Watch",
+        &watch_create_request(WATCHED, first),
+        false,
+    )
+    .await;
+    let backlog = TXNS * PUTS_PER_TXN * EVENT_VALUE;
+    // etcd has over 40 MB of events to send at its next sync (every 100 ms); the client
+    // reads nothing for a while.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stalled_kib = status_kib(pid, "VmRSS:").expect("VmRSS");
+    let held_mib = stalled_kib.saturating_sub(before_kib) / 1024;
+    eprintln!("stalled watch catch-up: the proxy grew by {held_mib} MiB");
+    assert!(
+        held_mib <= 24,
+        "the proxy grew by {held_mib} MiB ({before_kib} KiB before) for a client that reads \
+         nothing of a {} MB watch catch-up",
+        backlog / 1_000_000
+    );
+
+    let mut total = 0;
+    while total < backlog {
+        let data = timeout(Duration::from_secs(10), body.data())
+            .await
+            .expect("data in time")
+            .expect("the watch stream stays open")
+            .expect("data");
+        total += data.len();
+        let _ = body.flow_control().release_capacity(data.len());
+    }
     drop(proxy);
     within_for(Duration::from_secs(30), "sim.shutdown", sim.shutdown()).await;
 }
