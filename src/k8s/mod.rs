@@ -3,17 +3,15 @@
 //!
 //! Named `k8s`, not `kube`: a root module named `kube` would shadow the crate.
 
+pub mod client;
 pub mod discovery;
+pub mod proxy;
 pub mod spdy;
 pub mod tunnel;
 
 use std::path::PathBuf;
 
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use kube::client::ConfigExt;
 use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
-use tower::ServiceBuilder;
 
 /// Why no Kubernetes client could be made.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +51,37 @@ pub enum Error {
         dir: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// The proxy-url (or `HTTPS_PROXY`) cannot be used.
+    #[error("cannot use context \"{context}\": {source}")]
+    Proxy {
+        /// The context.
+        context: String,
+        /// What is wrong with the proxy.
+        #[source]
+        source: proxy::Error,
+    },
+    /// The user's exec credential plugin is not installed (client-go's message adds the
+    /// kubeconfig's `installHint`: `plugin/pkg/client/auth/exec/exec.go`).
+    #[error("cannot use context \"{context}\": its exec credential plugin \"{command}\" was not found; {hint}")]
+    ExecPluginMissing {
+        /// The context.
+        context: String,
+        /// `users[].user.exec.command`.
+        command: String,
+        /// The kubeconfig's `installHint` on one line, or what to do.
+        hint: String,
+    },
+    /// The exec plugin exists but could not be started.
+    #[error("cannot use context \"{context}\": cannot run its exec credential plugin \"{command}\": {source}")]
+    ExecPluginStart {
+        /// The context.
+        context: String,
+        /// `users[].user.exec.command`.
+        command: String,
+        /// Why it did not start.
+        #[source]
+        source: std::io::Error,
     },
     /// kube could not build a client from the context.
     #[error("cannot use context \"{context}\": {source}")]
@@ -124,6 +153,15 @@ pub async fn connect(
         }
         None => return Err(Error::NoContext { available }),
     };
+    // Read before kube's loader, which drops a proxy-url when NO_PROXY matches the proxy.
+    let proxy_url = file
+        .contexts
+        .iter()
+        .find(|c| c.name == context)
+        .and_then(|c| c.context.as_ref())
+        .and_then(|c| file.clusters.iter().find(|n| n.name == c.cluster))
+        .and_then(|n| n.cluster.as_ref())
+        .and_then(|c| c.proxy_url.clone());
     let options = KubeConfigOptions {
         context: Some(context.clone()),
         ..Default::default()
@@ -131,7 +169,7 @@ pub async fn connect(
     let config = kube::Config::from_custom_kubeconfig(file, &options)
         .await
         .map_err(Error::Kubeconfig)?;
-    kube_for(config, namespace, context)
+    kube_for(config, proxy_url.as_deref(), namespace, context)
 }
 
 /// Where the kubelet mounts a pod's service account (token, CA, namespace).
@@ -175,18 +213,29 @@ fn in_cluster(namespace: Option<&str>) -> Result<Kube, Error> {
     config.root_cert = Some(roots.into_iter().map(|c| c.to_vec()).collect());
     config.root_cert_file = Some(ca);
     config.auth_info.token_file = Some(token.to_string_lossy().into_owned());
-    kube_for(config, namespace, "in-cluster".to_owned())
+    kube_for(config, None, namespace, "in-cluster".to_owned())
 }
 
-/// The client for `config` in `namespace` (default: the config's), named `context` in messages.
-fn kube_for(config: kube::Config, namespace: Option<&str>, context: String) -> Result<Kube, Error> {
+/// The client for `config` (through the kubeconfig's `proxy_url`, else the environment's
+/// proxy) in `namespace` (default: the config's), named `context` in messages.
+fn kube_for(
+    config: kube::Config,
+    proxy_url: Option<&str>,
+    namespace: Option<&str>,
+    context: String,
+) -> Result<Kube, Error> {
     let namespace = namespace
         .map(str::to_owned)
         .unwrap_or_else(|| config.default_namespace.clone());
-    let client = build_client(config, &namespace).map_err(|source| Error::Client {
+    let proxy = proxy::select(proxy_url, &config.cluster_url).map_err(|source| Error::Proxy {
         context: context.clone(),
         source,
     })?;
+    if let Some(proxy) = &proxy {
+        tracing::debug!(%proxy, "reaching the API server through a proxy");
+    }
+    let client = client::build(&config, &namespace, proxy.as_ref())
+        .map_err(|source| client_error(&config, context.clone(), source))?;
     Ok(Kube {
         client,
         namespace,
@@ -194,28 +243,39 @@ fn kube_for(config: kube::Config, namespace: Option<&str>, context: String) -> R
     })
 }
 
-/// kube's default stack, but with `TCP_NODELAY` on the API-server connection.
-///
-/// Every tunnel byte crosses that connection as a small WebSocket frame; with Nagle on, about
-/// half of the small requests measured here waited ~40 ms for a delayed ACK
-/// (`docs/portforward.md` §5). kube's `ClientBuilder` offers no switch for it.
-fn build_client(config: kube::Config, namespace: &str) -> Result<kube::Client, kube::Error> {
-    if config.proxy_url.is_some() {
-        tracing::warn!("the kubeconfig's proxy-url is not supported yet; connecting directly");
+/// Where client-go sends users whose credential plugin is missing (its `installHintVerboseHelp`).
+const CREDENTIAL_PLUGINS_DOC: &str =
+    "https://kubernetes.io/docs/reference/access-authn-authz/authentication/#client-go-credential-plugins";
+
+/// `source` in context: a missing or unstartable exec plugin is named with its install hint.
+fn client_error(config: &kube::Config, context: String, source: kube::Error) -> Error {
+    let kube::Error::Auth(kube::client::AuthError::AuthExecStart(io)) = source else {
+        return Error::Client { context, source };
+    };
+    let exec = config.auth_info.exec.as_ref();
+    let command = exec.and_then(|e| e.command.clone()).unwrap_or_default();
+    if io.kind() != std::io::ErrorKind::NotFound {
+        return Error::ExecPluginStart {
+            context,
+            command,
+            source: io,
+        };
     }
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    let https = config.rustls_https_connector_with_connector(http)?;
-    let hyper_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .build::<_, kube::client::Body>(https);
-    let service = ServiceBuilder::new()
-        .layer(config.base_uri_layer())
-        .option_layer(config.auth_layer()?)
-        .layer(config.extra_headers_layer()?)
-        .map_err(crate::error::BoxError::from)
-        .service(hyper_client);
-    Ok(kube::Client::new(service, namespace.to_owned()))
+    let hint = exec
+        .and_then(|e| e.install_hint.as_deref())
+        .map(|h| h.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| {
+            format!(
+                "install it (on PATH) or fix users[].user.exec.command in the kubeconfig \
+                 (client-go credential plugins: {CREDENTIAL_PLUGINS_DOC})"
+            )
+        });
+    Error::ExecPluginMissing {
+        context,
+        command,
+        hint,
+    }
 }
 
 fn kubeconfig_error(e: KubeconfigError) -> Error {
