@@ -83,6 +83,18 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The first request failed below HTTP: the network, the proxy or TLS.
+    #[error("cannot reach the API server {server}{via} (context \"{context}\"): {reason}")]
+    Unreachable {
+        /// The context.
+        context: String,
+        /// The API server's URL.
+        server: String,
+        /// ` through the proxy scheme://host:port`, or nothing.
+        via: String,
+        /// Why, on one line.
+        reason: String,
+    },
     /// kube could not build a client from the context.
     #[error("cannot use context \"{context}\": {source}")]
     Client {
@@ -103,6 +115,31 @@ pub struct Kube {
     pub namespace: String,
     /// The context name, for messages.
     pub context: String,
+    /// The API server's URL, for messages.
+    pub server: String,
+    /// The proxy (`scheme://host:port`, no credentials), for messages.
+    pub proxy: Option<String>,
+}
+
+impl Kube {
+    /// [`Error::Unreachable`] if `e` failed below HTTP (no connection, proxy or TLS failure).
+    pub fn unreachable(&self, e: &kube::Error) -> Option<Error> {
+        let reason = match e {
+            kube::Error::Service(inner) => crate::error::one_line(inner.as_ref()),
+            kube::Error::HyperError(inner) => crate::error::one_line(inner),
+            _ => return None,
+        };
+        Some(Error::Unreachable {
+            context: self.context.clone(),
+            server: self.server.clone(),
+            via: self
+                .proxy
+                .as_ref()
+                .map(|p| format!(" through the proxy {p}"))
+                .unwrap_or_default(),
+            reason,
+        })
+    }
 }
 
 /// Loads the kubeconfig like kubectl (`--kubeconfig`, else `KUBECONFIG` merged, else
@@ -240,6 +277,12 @@ fn kube_for(
         client,
         namespace,
         context,
+        server: config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_owned(),
+        proxy: proxy.map(|p| p.to_string()),
     })
 }
 
