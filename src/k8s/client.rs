@@ -148,4 +148,56 @@ mod tests {
         );
         held.abort();
     }
+
+    /// kube's default retry is kept: a 503 is retried (after kube's short backoff, on a paused
+    /// clock) and the caller sees the 200 that follows; `default_retry: false` turns it off.
+    #[tokio::test(start_paused = true)]
+    async fn a_503_is_retried_as_kube_does() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::new(AtomicUsize::new(0));
+        let count = served.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        let n = count.fetch_add(1, Ordering::SeqCst);
+                        let status = if n == 0 { 503 } else { 200 };
+                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"ok"));
+                        let mut res = http::Response::new(body);
+                        *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        async move { Ok::<_, std::convert::Infallible>(res) }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        let mut config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client = build(&config, "default", None).unwrap();
+        let req = http::Request::get("/version").body(Vec::new()).unwrap();
+        let text = tokio::time::timeout(Duration::from_secs(10), client.request_text(req))
+            .await
+            .expect("answered")
+            .expect("the retry got the 200");
+        assert_eq!(text, "ok");
+        assert_eq!(served.load(Ordering::SeqCst), 2, "one 503, one retry");
+
+        served.store(0, Ordering::SeqCst);
+        config.default_retry = false;
+        let client = build(&config, "default", None).unwrap();
+        let req = http::Request::get("/version").body(Vec::new()).unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), client.request_text(req))
+            .await
+            .expect("answered");
+        assert!(outcome.is_err(), "the 503 reaches the caller");
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+        server.abort();
+    }
 }
