@@ -391,3 +391,38 @@ async fn missing_exec_plugin_names_the_program_and_its_install_hint() {
     assert!(err.contains("client-go-credential-plugins"), "{err}");
     within("sim.shutdown", sim.shutdown()).await;
 }
+
+/// An exec plugin that fails: one line with its exit status and stderr, and nothing of its
+/// environment (kubelogin's service-principal mode passes a client secret there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_exec_plugin_shows_its_stderr_and_no_secrets() {
+    let sim = sim().await;
+    let stderr =
+        "error: AADSTS7000215: Invalid client secret provided.\nrun kubelogin convert-kubeconfig";
+    let kc = sim
+        .write_kubeconfig_variant(
+            "failing-plugin",
+            &KubeconfigVariant {
+                user: UserAuth::FailingExecPlugin {
+                    stderr: stderr.into(),
+                    env: vec![(
+                        "AAD_SERVICE_PRINCIPAL_CLIENT_SECRET".into(),
+                        "do-not-print-me".into(),
+                    )],
+                },
+                ..KubeconfigVariant::default()
+            },
+        )
+        .unwrap();
+    let err = fails(&kc, &[]).await;
+    assert!(
+        err.contains("failing-plugin-credential-plugin\" failed (exit status: 3)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("Invalid client secret provided. run kubelogin convert-kubeconfig"),
+        "{err}"
+    );
+    assert!(!err.contains("do-not-print-me"), "{err}");
+    within("sim.shutdown", sim.shutdown()).await;
+}

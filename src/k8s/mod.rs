@@ -72,6 +72,21 @@ pub enum Error {
         /// The kubeconfig's `installHint` on one line, or what to do.
         hint: String,
     },
+    /// The exec plugin ran and failed. Only its exit status and stderr are shown: kube's own
+    /// message quotes the command with its environment (the kubeconfig's `exec.env` may hold
+    /// a client secret) and the plugin's stdout.
+    #[error("cannot use context \"{context}\": its exec credential plugin \"{command}\" failed ({status}){stderr}")]
+    ExecPluginFailed {
+        /// The context.
+        context: String,
+        /// `users[].user.exec.command`.
+        command: String,
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// `: ` and its stderr on one line, or nothing when it wrote none (or wrote it to the
+        /// terminal, in interactive mode).
+        stderr: String,
+    },
     /// The exec plugin exists but could not be started.
     #[error("cannot use context \"{context}\": cannot run its exec credential plugin \"{command}\": {source}")]
     ExecPluginStart {
@@ -292,11 +307,26 @@ const CREDENTIAL_PLUGINS_DOC: &str =
 
 /// `source` in context: a missing or unstartable exec plugin is named with its install hint.
 fn client_error(config: &kube::Config, context: String, source: kube::Error) -> Error {
-    let kube::Error::Auth(kube::client::AuthError::AuthExecStart(io)) = source else {
-        return Error::Client { context, source };
-    };
     let exec = config.auth_info.exec.as_ref();
     let command = exec.and_then(|e| e.command.clone()).unwrap_or_default();
+    let io = match source {
+        kube::Error::Auth(kube::client::AuthError::AuthExecStart(io)) => io,
+        kube::Error::Auth(kube::client::AuthError::AuthExecRun { out, .. }) => {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            return Error::ExecPluginFailed {
+                context,
+                command,
+                status: out.status,
+                stderr: if line.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {line}")
+                },
+            };
+        }
+        source => return Error::Client { context, source },
+    };
     if io.kind() != std::io::ErrorKind::NotFound {
         return Error::ExecPluginStart {
             context,

@@ -47,6 +47,14 @@ pub enum UserAuth {
         /// `installHint`.
         install_hint: Option<String>,
     },
+    /// `exec:` a plugin that writes `stderr` and exits 3, with `env` set for it (as
+    /// kubelogin's service-principal mode passes a client secret).
+    FailingExecPlugin {
+        /// What it writes to stderr.
+        stderr: String,
+        /// `exec.env`.
+        env: Vec<(String, String)>,
+    },
     /// `client-certificate-data`/`client-key-data`: kubeadm's `kubernetes-admin`, signed by the
     /// cluster CA (see [`SimCluster::admin_client_cert`]).
     ClientCertificate,
@@ -198,6 +206,22 @@ impl SimCluster {
                     exec["installHint"] = hint.clone().into();
                 }
                 serde_json::json!({ "exec": exec })
+            }
+            UserAuth::FailingExecPlugin { stderr, env } => {
+                let script = format!("#!/bin/sh\ncat >&2 <<'EOF'\n{stderr}\nEOF\nexit 3\n");
+                let path = write(format!("{name}-credential-plugin"), &script)?;
+                make_executable(&path)?;
+                let env: Vec<_> = env
+                    .iter()
+                    .map(|(k, v)| serde_json::json!({ "name": k, "value": v }))
+                    .collect();
+                serde_json::json!({ "exec": {
+                    "apiVersion": "client.authentication.k8s.io/v1",
+                    "command": path,
+                    "args": ["get-token"],
+                    "env": env,
+                    "interactiveMode": "Never",
+                }})
             }
             UserAuth::ClientCertificate => {
                 let (cert, key) = self.admin_client_cert()?;
