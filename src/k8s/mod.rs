@@ -140,8 +140,8 @@ impl Kube {
     /// [`Error::Unreachable`] if `e` failed below HTTP (no connection, proxy or TLS failure).
     pub fn unreachable(&self, e: &kube::Error) -> Option<Error> {
         let reason = match e {
-            kube::Error::Service(inner) => crate::error::one_line(inner.as_ref()),
-            kube::Error::HyperError(inner) => crate::error::one_line(inner),
+            kube::Error::Service(inner) => safe_one_line(inner.as_ref()),
+            kube::Error::HyperError(inner) => safe_one_line(inner),
             _ => return None,
         };
         Some(Error::Unreachable {
@@ -312,17 +312,11 @@ fn client_error(config: &kube::Config, context: String, source: kube::Error) -> 
     let io = match source {
         kube::Error::Auth(kube::client::AuthError::AuthExecStart(io)) => io,
         kube::Error::Auth(kube::client::AuthError::AuthExecRun { out, .. }) => {
-            let text = String::from_utf8_lossy(&out.stderr);
-            let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
             return Error::ExecPluginFailed {
                 context,
                 command,
                 status: out.status,
-                stderr: if line.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {line}")
-                },
+                stderr: stderr_line(&out.stderr),
             };
         }
         source => return Error::Client { context, source },
@@ -361,10 +355,77 @@ fn kubeconfig_error(e: KubeconfigError) -> Error {
     }
 }
 
+/// `: ` and a plugin's stderr on one line, or nothing if it wrote none.
+fn stderr_line(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.is_empty() {
+        line
+    } else {
+        format!(": {line}")
+    }
+}
+
+/// `err` on one line ([`crate::error::one_line`]), except that a failed exec plugin is only
+/// its exit status and stderr: kube's message for it quotes the command's environment (where
+/// kubeconfigs may keep a client secret) and the plugin's stdout. For every kube error that
+/// may be shown after start-up (a credential refresh runs the plugin again).
+pub(crate) fn safe_one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    match crate::error::find_cause::<kube::client::AuthError>(err) {
+        Some(kube::client::AuthError::AuthExecRun { out, .. }) => format!(
+            "the exec credential plugin failed ({}){}",
+            out.status,
+            stderr_line(&out.stderr)
+        ),
+        _ => crate::error::one_line(err),
+    }
+}
+
 /// `kube::Error::Api` with this HTTP status, if that is what `e` is.
 pub(crate) fn api_status(e: &kube::Error) -> Option<(u16, &str)> {
     match e {
         kube::Error::Api(s) => Some((s.code, s.message.as_str())),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt as _;
+
+    use super::*;
+
+    fn failed_plugin() -> kube::client::AuthError {
+        kube::client::AuthError::AuthExecRun {
+            cmd: "AAD_SERVICE_PRINCIPAL_CLIENT_SECRET=\"s3cret\" \"kubelogin\"".into(),
+            out: Box::new(std::process::Output {
+                status: std::process::ExitStatus::from_raw(3 << 8),
+                stdout: b"{\"status\":{\"token\":\"half-a-t0ken\"}}".to_vec(),
+                stderr: b"error: AADSTS7000215\n  invalid client secret\n".to_vec(),
+            }),
+        }
+    }
+
+    /// A failed exec plugin, directly or inside the service error of a later request, is its
+    /// status and stderr only.
+    #[test]
+    fn a_failed_exec_plugin_never_shows_its_environment_or_stdout() {
+        for err in [
+            kube::Error::Auth(failed_plugin()),
+            kube::Error::Service(Box::new(failed_plugin())),
+        ] {
+            let line = safe_one_line(&err);
+            assert_eq!(
+                line,
+                "the exec credential plugin failed (exit status: 3): \
+                 error: AADSTS7000215 invalid client secret"
+            );
+            assert!(
+                crate::error::one_line(&err).contains("s3cret"),
+                "kube's own text"
+            );
+        }
+        let other = kube::Error::LinesCodecMaxLineLengthExceeded;
+        assert_eq!(safe_one_line(&other), crate::error::one_line(&other));
     }
 }
