@@ -205,7 +205,9 @@ pub async fn connect(
         }
         None => return Err(Error::NoContext { available }),
     };
-    // Read before kube's loader, which drops a proxy-url when NO_PROXY matches the proxy.
+    // Read here and hidden from kube's loader, which drops a proxy-url when NO_PROXY matches
+    // the proxy, and fails on a NO_PROXY that kubectl accepts (an empty entry, `a,b,`).
+    let mut file = file;
     let proxy_url = file
         .contexts
         .iter()
@@ -214,6 +216,9 @@ pub async fn connect(
         .and_then(|c| file.clusters.iter().find(|n| n.name == c.cluster))
         .and_then(|n| n.cluster.as_ref())
         .and_then(|c| c.proxy_url.clone());
+    for cluster in file.clusters.iter_mut().filter_map(|n| n.cluster.as_mut()) {
+        cluster.proxy_url = None;
+    }
     let options = KubeConfigOptions {
         context: Some(context.clone()),
         ..Default::default()

@@ -7,8 +7,9 @@
 //!   (`golang.org/x/net/http/httpproxy`): `HTTPS_PROXY` for an `https://` server, `HTTP_PROXY`
 //!   for `http://` (upper case first), skipped when `NO_PROXY` matches the server's host and
 //!   never used for `localhost` or a loopback address. A scheme-less value means `http://`.
-//!   (kube's own loader reads only `HTTPS_PROXY` and matches `NO_PROXY` against the proxy
-//!   rather than the server, so it is not used.)
+//!   (kube's own loader reads only `HTTPS_PROXY`, matches `NO_PROXY` against the proxy
+//!   rather than the server and rejects an empty `NO_PROXY` entry, so it is not used:
+//!   `k8s::connect` hides `proxy-url` from it.)
 //!
 //! Credentials in the URL (`http://user:pass@proxy:3128`) become a Basic `Proxy-Authorization`
 //! for http(s) proxies and the SOCKS5 username/password, percent-decoded. They never appear in
