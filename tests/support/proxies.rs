@@ -32,7 +32,7 @@ pub struct ProxyLog {
     pub refused: Vec<String>,
 }
 
-/// A running proxy; stops (with every tunnel it carries) when dropped.
+/// A running proxy; stops accepting when dropped (tunnels already open end with the test).
 pub struct TestProxy {
     /// Where it listens.
     pub addr: SocketAddr,
