@@ -1,12 +1,15 @@
 //! Logging: `tracing` to stderr, so stdout carries only the startup summary a user (or a
 //! script) reads. The filter comes from `--log` (or `ETCD_PROXY_LOG`, which clap reads for
 //! it), else `RUST_LOG`, else
-//! `etcd_proxy=info,error`: other crates only speak up for errors (kube-client logs an API
-//! server going away as a debug-formatted warning; our own watch logs say it plainly).
+//! `etcd_proxy=info,rustls_platform_verifier=off,error`: other crates only speak up for errors
+//! (kube-client logs an API server going away as a debug-formatted warning; our own watch logs
+//! say it plainly), and the platform verifier (used when a kubeconfig has no CA) not even then:
+//! the certificate it rejects is already the reason in etcd-proxy's own one-line error.
 
 use tracing_subscriber::EnvFilter;
 
-const DEFAULT_FILTER: &str = "etcd_proxy=info,error";
+/// The filter when neither `--log`, `ETCD_PROXY_LOG` nor `RUST_LOG` gives one.
+pub const DEFAULT_FILTER: &str = "etcd_proxy=info,rustls_platform_verifier=off,error";
 
 /// Installs the global subscriber.
 pub fn init(filter: Option<&str>) {

@@ -20,6 +20,9 @@ mod errors;
 mod gateway;
 /// Hostile, unauthenticated clients: header bombs, oversized frames, slowloris, login floods.
 mod hostile;
+/// Kubeconfig parity with kubectl: proxy-url (http, https, socks5), HTTPS_PROXY/NO_PROXY,
+/// tls-server-name, insecure-skip-tls-verify, token files, exec plugins, client certificates.
+mod kubeconfig;
 /// Shutdown on SIGTERM/SIGINT and resuming after SIGSTOP/SIGCONT (a laptop sleeping).
 mod lifecycle;
 /// Scaling, API server outages, kubelet idle timeouts and restarted pods.

@@ -72,7 +72,12 @@ impl Source {
         )
         .await?;
         let discovery = Discovery::new(kube.client.clone(), &kube.namespace, cfg.remote_port);
-        let (resolved, pods) = discovery.find(&cfg.target).await?;
+        let (resolved, pods) = discovery.find(&cfg.target).await.map_err(|e| match &e {
+            k8s::discovery::Error::Api { source, .. } => kube
+                .unreachable(source)
+                .map_or_else(|| Error::from(e), Error::from),
+            _ => Error::from(e),
+        })?;
         let (connect, how) = if cfg.direct {
             (Connect::Direct, "at their pod IPs")
         } else {

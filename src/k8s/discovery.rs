@@ -270,7 +270,7 @@ impl Discovery {
                     .is_some(),
                 Err(e) => {
                     // Open tunnels keep working meanwhile; the watch relists when it is back.
-                    let error = crate::error::one_line(&e);
+                    let error = super::safe_one_line(&e);
                     tracing::warn!(%error, "lost the pod watch (is the API server reachable?); retrying");
                     false
                 }

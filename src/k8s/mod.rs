@@ -3,17 +3,18 @@
 //!
 //! Named `k8s`, not `kube`: a root module named `kube` would shadow the crate.
 
+pub mod client;
 pub mod discovery;
+mod exec;
+pub mod proxy;
 pub mod spdy;
 pub mod tunnel;
 
+pub(crate) use exec::safe_one_line;
+
 use std::path::PathBuf;
 
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use kube::client::ConfigExt;
 use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
-use tower::ServiceBuilder;
 
 /// Why no Kubernetes client could be made.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,64 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The proxy-url (or `HTTPS_PROXY`) cannot be used.
+    #[error("cannot use context \"{context}\": {source}")]
+    Proxy {
+        /// The context.
+        context: String,
+        /// What is wrong with the proxy.
+        #[source]
+        source: proxy::Error,
+    },
+    /// The user's exec credential plugin is not installed (client-go's message adds the
+    /// kubeconfig's `installHint`: `plugin/pkg/client/auth/exec/exec.go`).
+    #[error("cannot use context \"{context}\": its exec credential plugin \"{command}\" was not found; {hint}")]
+    ExecPluginMissing {
+        /// The context.
+        context: String,
+        /// `users[].user.exec.command`.
+        command: String,
+        /// The kubeconfig's `installHint` on one line, or what to do.
+        hint: String,
+    },
+    /// The exec plugin ran and failed. Only its exit status and stderr are shown: kube's own
+    /// message quotes the command with its environment (the kubeconfig's `exec.env` may hold
+    /// a client secret) and the plugin's stdout.
+    #[error("cannot use context \"{context}\": its exec credential plugin \"{command}\" failed ({status}){stderr}")]
+    ExecPluginFailed {
+        /// The context.
+        context: String,
+        /// `users[].user.exec.command`.
+        command: String,
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// `: ` and its stderr on one line, or nothing when it wrote none (or wrote it to the
+        /// terminal, in interactive mode).
+        stderr: String,
+    },
+    /// The exec plugin exists but could not be started.
+    #[error("cannot use context \"{context}\": cannot run its exec credential plugin \"{command}\": {source}")]
+    ExecPluginStart {
+        /// The context.
+        context: String,
+        /// `users[].user.exec.command`.
+        command: String,
+        /// Why it did not start.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The first request failed below HTTP: the network, the proxy or TLS.
+    #[error("cannot reach the API server {server}{via} (context \"{context}\"): {reason}")]
+    Unreachable {
+        /// The context.
+        context: String,
+        /// The API server's URL.
+        server: String,
+        /// ` through the proxy scheme://host:port`, or nothing.
+        via: String,
+        /// Why, on one line.
+        reason: String,
+    },
     /// kube could not build a client from the context.
     #[error("cannot use context \"{context}\": {source}")]
     Client {
@@ -74,6 +133,31 @@ pub struct Kube {
     pub namespace: String,
     /// The context name, for messages.
     pub context: String,
+    /// The API server's URL, for messages.
+    pub server: String,
+    /// The proxy (`scheme://host:port`, no credentials), for messages.
+    pub proxy: Option<String>,
+}
+
+impl Kube {
+    /// [`Error::Unreachable`] if `e` failed below HTTP (no connection, proxy or TLS failure).
+    pub fn unreachable(&self, e: &kube::Error) -> Option<Error> {
+        let reason = match e {
+            kube::Error::Service(inner) => exec::safe_one_line(inner.as_ref()),
+            kube::Error::HyperError(inner) => exec::safe_one_line(inner),
+            _ => return None,
+        };
+        Some(Error::Unreachable {
+            context: self.context.clone(),
+            server: self.server.clone(),
+            via: self
+                .proxy
+                .as_ref()
+                .map(|p| format!(" through the proxy {p}"))
+                .unwrap_or_default(),
+            reason,
+        })
+    }
 }
 
 /// Loads the kubeconfig like kubectl (`--kubeconfig`, else `KUBECONFIG` merged, else
@@ -124,6 +208,20 @@ pub async fn connect(
         }
         None => return Err(Error::NoContext { available }),
     };
+    // Read here and hidden from kube's loader, which drops a proxy-url when NO_PROXY matches
+    // the proxy, and fails on a NO_PROXY that kubectl accepts (an empty entry, `a,b,`).
+    let mut file = file;
+    let proxy_url = file
+        .contexts
+        .iter()
+        .find(|c| c.name == context)
+        .and_then(|c| c.context.as_ref())
+        .and_then(|c| file.clusters.iter().find(|n| n.name == c.cluster))
+        .and_then(|n| n.cluster.as_ref())
+        .and_then(|c| c.proxy_url.clone());
+    for cluster in file.clusters.iter_mut().filter_map(|n| n.cluster.as_mut()) {
+        cluster.proxy_url = None;
+    }
     let options = KubeConfigOptions {
         context: Some(context.clone()),
         ..Default::default()
@@ -131,7 +229,7 @@ pub async fn connect(
     let config = kube::Config::from_custom_kubeconfig(file, &options)
         .await
         .map_err(Error::Kubeconfig)?;
-    kube_for(config, namespace, context)
+    kube_for(config, proxy_url.as_deref(), namespace, context)
 }
 
 /// Where the kubelet mounts a pod's service account (token, CA, namespace).
@@ -175,47 +273,40 @@ fn in_cluster(namespace: Option<&str>) -> Result<Kube, Error> {
     config.root_cert = Some(roots.into_iter().map(|c| c.to_vec()).collect());
     config.root_cert_file = Some(ca);
     config.auth_info.token_file = Some(token.to_string_lossy().into_owned());
-    kube_for(config, namespace, "in-cluster".to_owned())
+    kube_for(config, None, namespace, "in-cluster".to_owned())
 }
 
-/// The client for `config` in `namespace` (default: the config's), named `context` in messages.
-fn kube_for(config: kube::Config, namespace: Option<&str>, context: String) -> Result<Kube, Error> {
+/// The client for `config` (through the kubeconfig's `proxy_url`, else the environment's
+/// proxy) in `namespace` (default: the config's), named `context` in messages.
+fn kube_for(
+    config: kube::Config,
+    proxy_url: Option<&str>,
+    namespace: Option<&str>,
+    context: String,
+) -> Result<Kube, Error> {
     let namespace = namespace
         .map(str::to_owned)
         .unwrap_or_else(|| config.default_namespace.clone());
-    let client = build_client(config, &namespace).map_err(|source| Error::Client {
+    let proxy = proxy::select(proxy_url, &config.cluster_url).map_err(|source| Error::Proxy {
         context: context.clone(),
         source,
     })?;
+    if let Some(proxy) = &proxy {
+        tracing::debug!(%proxy, "reaching the API server through a proxy");
+    }
+    let client = client::build(&config, &namespace, proxy.as_ref())
+        .map_err(|source| exec::client_error(&config, context.clone(), source))?;
     Ok(Kube {
         client,
         namespace,
         context,
+        server: config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_owned(),
+        proxy: proxy.map(|p| p.to_string()),
     })
-}
-
-/// kube's default stack, but with `TCP_NODELAY` on the API-server connection.
-///
-/// Every tunnel byte crosses that connection as a small WebSocket frame; with Nagle on, about
-/// half of the small requests measured here waited ~40 ms for a delayed ACK
-/// (`docs/portforward.md` §5). kube's `ClientBuilder` offers no switch for it.
-fn build_client(config: kube::Config, namespace: &str) -> Result<kube::Client, kube::Error> {
-    if config.proxy_url.is_some() {
-        tracing::warn!("the kubeconfig's proxy-url is not supported yet; connecting directly");
-    }
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    let https = config.rustls_https_connector_with_connector(http)?;
-    let hyper_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .build::<_, kube::client::Body>(https);
-    let service = ServiceBuilder::new()
-        .layer(config.base_uri_layer())
-        .option_layer(config.auth_layer()?)
-        .layer(config.extra_headers_layer()?)
-        .map_err(crate::error::BoxError::from)
-        .service(hyper_client);
-    Ok(kube::Client::new(service, namespace.to_owned()))
 }
 
 fn kubeconfig_error(e: KubeconfigError) -> Error {

@@ -11,6 +11,7 @@ use etcd_proxy_sim::{SimCluster, SimConfig};
 
 pub mod attack;
 pub mod forwarder;
+pub mod proxies;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
@@ -92,14 +93,24 @@ pub fn proxy_command(args: &[&str]) -> Command {
     let bin = std::env::var_os("ETCD_PROXY_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_etcd-proxy").into());
     let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .env_remove("KUBECONFIG")
-        .env(
-            "ETCD_PROXY_LOG",
-            std::env::var("ETCD_PROXY_TEST_LOG").unwrap_or_else(|_| "etcd_proxy=warn,error".into()),
-        )
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    cmd.args(args).env_remove("KUBECONFIG");
+    // Proxies come from the kubeconfig (or a test's own environment), never the runner's.
+    for var in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env(
+        "ETCD_PROXY_LOG",
+        std::env::var("ETCD_PROXY_TEST_LOG").unwrap_or_else(|_| "etcd_proxy=warn,error".into()),
+    )
+    .stdin(Stdio::null())
+    .kill_on_drop(true);
     cmd
 }
 
@@ -110,11 +121,12 @@ pub async fn start_proxy(sim: &SimCluster, extra: &[&str]) -> Proxy {
 
 /// [`start_proxy`] with extra environment variables.
 pub async fn start_proxy_env(sim: &SimCluster, extra: &[&str], env: &[(&str, &str)]) -> Proxy {
-    let kubeconfig = sim
-        .kubeconfig_path()
-        .to_str()
-        .expect("utf-8 path")
-        .to_owned();
+    start_proxy_with(sim.kubeconfig_path(), extra, env).await
+}
+
+/// [`start_proxy_env`] with another kubeconfig.
+pub async fn start_proxy_with(kubeconfig: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proxy {
+    let kubeconfig = kubeconfig.to_str().expect("utf-8 path").to_owned();
     let mut args = vec!["--kubeconfig", kubeconfig.as_str()];
     if !extra.contains(&"--listen") {
         args.extend(["--listen", "127.0.0.1:0"]);
@@ -259,8 +271,14 @@ pub async fn ctl2(endpoints: &str, args: &[&str]) -> Output {
 
 /// Runs the proxy with `args` where it must fail: its exit status and stderr.
 pub async fn proxy_fails(args: &[&str]) -> (ExitStatus, String) {
+    proxy_fails_env(args, &[]).await
+}
+
+/// [`proxy_fails`] with extra environment variables.
+pub async fn proxy_fails_env(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
     let mut cmd = proxy_command(args);
     cmd.env("ETCD_PROXY_LOG", "error")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn etcd-proxy");

@@ -1,5 +1,5 @@
 //! The HTTP upgrade that turns an API-server connection into a SPDY/3.1 port-forward
-//! connection, through kube's client (so its TLS, client certificates, bearer tokens and
+//! connection, through kube's client (so its proxy, TLS, client certificates, bearer tokens and
 //! exec plugins apply unchanged).
 //!
 //! kube 5 upgrades only to WebSocket (`Client::connect`), but its `Client::send` hands back

@@ -83,9 +83,17 @@ pub(crate) async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: 
                     return;
                 }
             };
+            // A verified client certificate authenticates every request on the connection.
+            let cert_user = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| crate::tls::cert_admin(leaf));
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                let cert_user = cert_user.clone();
+                async move { Ok::<_, Infallible>(handle(shared, req, cert_user).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
@@ -178,8 +186,13 @@ fn forbidden(user: &User, a: &Attributes<'_>) -> Response<Body> {
     ))
 }
 
-/// Handles one request (after the injected latency).
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+/// Handles one request (after the injected latency). `cert_user`: the admin a verified client
+/// certificate on the connection names.
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    cert_user: Option<String>,
+) -> Response<Body> {
     let latency = shared.latency();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -188,7 +201,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let Some(user) = shared.auth.authenticate(auth_header).cloned() else {
+    // kube-apiserver's authenticator union tries x509 client certificates before bearer
+    // tokens (`pkg/kubeapiserver/authenticator/config.go`); the first that succeeds wins.
+    let user = match cert_user {
+        Some(_) => shared.auth.admin(),
+        None => shared.auth.authenticate(auth_header),
+    };
+    let Some(user) = user.cloned() else {
         return status_response(status::unauthorized());
     };
     let path = req.uri().path().to_string();

@@ -94,6 +94,11 @@ impl Auth {
         })
     }
 
+    /// The cluster admin (what an admin client certificate authenticates as).
+    pub fn admin(&self) -> Option<&User> {
+        self.users.iter().find(|u| u.role == Role::Admin)
+    }
+
     /// The user a `Authorization` header value authenticates, if any.
     pub fn authenticate(&self, header: Option<&str>) -> Option<&User> {
         let token = header?.strip_prefix("Bearer ")?.trim();

@@ -41,6 +41,7 @@ mod spdy;
 mod status;
 mod store;
 mod tls;
+mod variant;
 mod watch;
 
 use std::future::{Future, IntoFuture};
@@ -59,6 +60,8 @@ pub use pki::EtcdPki;
 /// here too), for tests that speak SPDY to the simulator by hand.
 #[doc(hidden)]
 pub use spdy::frame as spdy_frame;
+pub use tls::EXTRA_SAN;
+pub use variant::{CaData, KubeconfigVariant, UserAuth};
 
 use auth::Auth;
 use etcd::{Member, MemberSpec, MemberTls};
@@ -320,6 +323,7 @@ impl SimCluster {
             .find(|u| u.context == "sim-gateway")
             .map(|u| u.token.clone())
             .unwrap_or_default();
+        tls::write_admin_client(dir.path(), &tls)?;
         tls::write_service_account(
             &dir.path().join("serviceaccount"),
             &gateway,
