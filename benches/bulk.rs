@@ -111,12 +111,13 @@ impl Settings {
         named.iter().any(|k| k == key) || !named.iter().any(same_kind)
     }
 
+    /// `direct` always runs; `spdy` only when named.
     fn wants_target(&self, key: &str) -> bool {
-        key == "direct"
-            || self
-                .targets
-                .as_ref()
-                .is_none_or(|t| t.iter().any(|k| k == key))
+        match &self.targets {
+            _ if key == "direct" => true,
+            Some(t) => t.iter().any(|k| k == key),
+            None => key != "spdy",
+        }
     }
 }
 
@@ -370,6 +371,13 @@ struct Target {
     pid: Option<u32>,
 }
 
+/// One target's outcome in one cell: median time and highest peak RSS (KiB).
+#[derive(Clone, Copy)]
+struct Outcome {
+    time: Option<Duration>,
+    peak: Option<u64>,
+}
+
 /// One cell: every target `repeat` times, taking turns; per target the median time and the
 /// highest peak RSS.
 async fn cell(
@@ -378,7 +386,7 @@ async fn cell(
     seeded: &Seeded,
     repeat: usize,
     dir: &Path,
-) -> Vec<(Option<Duration>, Option<u64>)> {
+) -> Vec<Outcome> {
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
     let mut peaks: Vec<Option<u64>> = vec![None; targets.len()];
     for round in 0..repeat {
@@ -394,7 +402,12 @@ async fn cell(
             }
         }
     }
-    times.into_iter().map(median).zip(peaks).collect()
+    times
+        .into_iter()
+        .map(median)
+        .zip(peaks)
+        .map(|(time, peak)| Outcome { time, peak })
+        .collect()
 }
 
 fn command_line() -> String {
@@ -435,6 +448,47 @@ fn op_title(op: Op, s: &Settings, seeded: &Seeded, db_bytes: u64) -> String {
     }
 }
 
+/// The port-forward counters of the simulator: WebSocket v4 upgrades, SPDY connections,
+/// and of those the ones tunnelled through a WebSocket.
+fn forward_counts(sim: &etcd_proxy_sim::SimCluster) -> [u64; 3] {
+    [
+        sim.portforward_count(),
+        sim.spdy_upgrade_count(),
+        sim.spdy_tunnel_count(),
+    ]
+}
+
+/// Which port-forward protocol a client used, from the counters before and after.
+fn protocol(before: [u64; 3], after: [u64; 3]) -> &'static str {
+    let [ws, spdy, tunnelled] = [0, 1, 2].map(|i| after[i] - before[i]);
+    match (ws, spdy, tunnelled) {
+        (_, _, t) if t > 0 => {
+            "SPDY/3.1 tunnelled through a WebSocket (`SPDY/3.1+portforward.k8s.io`)"
+        }
+        (_, s, _) if s > 0 => "SPDY/3.1 (`POST`, `portforward.k8s.io`)",
+        (w, _, _) if w > 0 => "WebSocket (`v4.channel.k8s.io`)",
+        _ => "none seen",
+    }
+}
+
+/// `time / reference`: below 1 is faster than the reference.
+fn time_ratio(r: &[Outcome], i: usize, reference: Option<usize>) -> String {
+    match reference {
+        Some(j) if j != i => ratio(r[i].time, r[j].time),
+        Some(_) => "1.00".into(),
+        None => "–".into(),
+    }
+}
+
+/// What the figures of issue 13 ask of etcd-proxy against kubectl at `rtt`.
+fn goal(rtt: u64) -> f64 {
+    if rtt == 20 {
+        0.5
+    } else {
+        1.0
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let s = Settings::from_env();
@@ -453,14 +507,10 @@ async fn main() {
         }
     );
     println!(
-        "* `port-forward/conn` stands in for `kubectl port-forward`: one kube-rs WebSocket \
-         port-forward per client connection, bytes copied both ways (the simulated API server \
-         does not serve SPDY, which kubectl 1.32 needs for port-forward)"
-    );
-    println!(
         "* RTT: the simulator delays every port-forward frame by RTT/2 each way; time is one \
-         `etcdctl` process end to end, median of {} run(s), targets taking turns; peak RSS is \
-         the proxy's VmHWM during the transfer (MiB)",
+         `etcdctl` process end to end, median of {} run(s), targets taking turns; `× kubectl` \
+         and `× direct` are that time over kubectl's and direct's in the same cell (below 1 \
+         is faster); peak RSS is the target process's VmHWM during the transfer (MiB)",
         s.repeat
     );
 
@@ -483,7 +533,6 @@ async fn main() {
         s.watch_events,
         EVENT_VALUE_BYTES
     );
-    println!();
 
     let ops: Vec<Op> = [Op::Snapshot, Op::Range, Op::Watch]
         .into_iter()
@@ -491,147 +540,238 @@ async fn main() {
         .collect();
 
     if s.wants_section("gateway") {
-        eprintln!("gateway mode");
-        let gw =
-            support::start_proxy_args(&["--endpoints", &direct, "--listen", "127.0.0.1:0"]).await;
-        support::ctl3(&gw.cluster_addr, &["get", "bulk/none"]).await;
-        let gw_pid = gw.child.id();
-        let targets = vec![
-            Target {
-                key: "direct",
-                name: "direct",
-                endpoint: direct.clone(),
-                pid: None,
-            },
-            Target {
-                key: "member",
-                name: "gateway member",
-                endpoint: gw.members[0].1.clone(),
-                pid: gw_pid,
-            },
-            Target {
-                key: "cluster",
-                name: "gateway cluster",
-                endpoint: gw.cluster_addr.clone(),
-                pid: gw_pid,
-            },
-        ];
-        let targets: Vec<Target> = targets
-            .into_iter()
-            .filter(|t| s.wants_target(t.key))
-            .collect();
-        println!("## Gateway mode (`--endpoints`, no tunnel)");
-        println!();
-        print!("| transfer |");
-        for t in &targets {
-            print!(" {} |", t.name);
-        }
-        for t in &targets[1..] {
-            print!(" direct/{} (throughput) | peak RSS {} |", t.key, t.key);
-        }
-        println!();
-        println!(
-            "|{}",
-            "---|".repeat(1 + targets.len() + 2 * (targets.len() - 1))
-        );
-        for &op in &ops {
-            let r = cell(op, &targets, &seeded, s.repeat, dir.path()).await;
-            print!("| {} |", op_title(op, &s, &seeded, db_bytes));
-            for (t, _) in &r {
-                print!(" {} |", secs(*t));
-            }
-            for (t, p) in &r[1..] {
-                print!(" {} | {} |", ratio(r[0].0, *t), mib(*p));
-            }
-            println!();
-        }
-        println!();
+        gateway(&s, &ops, &direct, &seeded, db_bytes, dir.path()).await;
     }
+    if s.wants_section("tunnel") {
+        tunnel(&s, &ops, &sim, &pod, &direct, &seeded, db_bytes, dir.path()).await;
+    }
+}
 
-    if !s.wants_section("tunnel") {
-        return;
-    }
-    let proxy = support::start_proxy(&sim, &[]).await;
-    let proxy_pid = proxy.child.id();
-    let member = proxy.members[0].1.clone();
-    for ep in [&member, &proxy.cluster_addr] {
-        // Warm: the proxy's tunnel to the member is open before the first transfer.
-        support::ctl3(ep, &["get", "bulk/none"]).await;
-    }
-    let (naive, _naive) = support::forwarder::naive_forwarder(&sim, &pod).await;
-    println!(
-        "* etcd-proxy RSS before the transfers: {} MiB",
-        mib(proxy_pid.and_then(|p| status_kib(p, "VmRSS:")))
-    );
-    println!();
+/// etcd-proxy in gateway mode (`--endpoints`, no tunnel) against direct.
+async fn gateway(
+    s: &Settings,
+    ops: &[Op],
+    direct: &str,
+    seeded: &Seeded,
+    db_bytes: u64,
+    dir: &Path,
+) {
+    eprintln!("gateway mode");
+    let gw = support::start_proxy_args(&["--endpoints", direct, "--listen", "127.0.0.1:0"]).await;
+    support::ctl3(&gw.cluster_addr, &["get", "bulk/none"]).await;
+    let gw_pid = gw.child.id();
     let targets = vec![
         Target {
             key: "direct",
             name: "direct",
-            endpoint: direct.clone(),
-            pid: None,
-        },
-        Target {
-            key: "naive",
-            name: "port-forward/conn",
-            endpoint: naive,
+            endpoint: direct.to_owned(),
             pid: None,
         },
         Target {
             key: "member",
             name: "etcd-proxy member",
-            endpoint: member,
-            pid: proxy_pid,
+            endpoint: gw.members[0].1.clone(),
+            pid: gw_pid,
         },
         Target {
             key: "cluster",
             name: "etcd-proxy cluster",
-            endpoint: proxy.cluster_addr.clone(),
-            pid: proxy_pid,
+            endpoint: gw.cluster_addr.clone(),
+            pid: gw_pid,
         },
     ];
     let targets: Vec<Target> = targets
         .into_iter()
         .filter(|t| s.wants_target(t.key))
         .collect();
-    let naive_at = targets.iter().position(|t| t.key == "naive");
-    let proxies: Vec<usize> = (0..targets.len())
-        .filter(|&i| targets[i].pid.is_some())
-        .collect();
-    for &op in &ops {
-        println!("## {}", op_title(op, &s, &seeded, db_bytes));
-        println!();
-        print!("| RTT |");
-        for t in &targets {
-            print!(" {} |", t.name);
+    println!();
+    println!("## Gateway mode (`--endpoints`, no tunnel)");
+    println!();
+    println!("| transfer | target | time | × direct | throughput / direct | peak RSS |");
+    println!("|---|---|---|---|---|---|");
+    for &op in ops {
+        let r = cell(op, &targets, seeded, s.repeat, dir).await;
+        for (i, t) in targets.iter().enumerate() {
+            println!(
+                "| {} | {} | {} | {} | {} | {} |",
+                op_title(op, s, seeded, db_bytes),
+                t.name,
+                secs(r[i].time),
+                time_ratio(&r, i, Some(0)),
+                ratio(r[0].time, r[i].time),
+                mib(r[i].peak)
+            );
         }
-        for &i in &proxies {
-            let k = targets[i].key;
-            if naive_at.is_some() {
-                print!(" {k}/port-forward |");
-            }
-            print!(" {k}/direct | peak RSS {k} |");
+    }
+}
+
+/// Through tunnels with a round trip: direct, kubectl, the per-connection forwarder and
+/// etcd-proxy, per transfer and RTT.
+#[allow(clippy::too_many_arguments)]
+async fn tunnel(
+    s: &Settings,
+    ops: &[Op],
+    sim: &etcd_proxy_sim::SimCluster,
+    pod: &str,
+    direct: &str,
+    seeded: &Seeded,
+    db_bytes: u64,
+    dir: &Path,
+) {
+    println!();
+    println!("## Through port-forward tunnels");
+    println!();
+    // kubectl first, alone, so that the simulator's counters tell which protocol it uses.
+    let kubectl = if !s.wants_target("kubectl") {
+        None
+    } else if !support::kubectl::installed() {
+        println!("* kubectl is not installed: no `kubectl port-forward` rows");
+        None
+    } else {
+        let before = forward_counts(sim);
+        let websockets = std::env::var("BENCH_KUBECTL_WEBSOCKETS").ok();
+        let pf = support::kubectl::port_forward(
+            sim.kubeconfig_path(),
+            "sim",
+            sim.namespace(),
+            pod,
+            2379,
+            websockets.as_deref(),
+        )
+        .await;
+        support::ctl3(&pf.addr, &["get", "bulk/none"]).await;
+        let version = std::process::Command::new("kubectl")
+            .args(["version", "--client"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        println!(
+            "* `kubectl port-forward pod/{pod}` ({version}, KUBECTL_PORT_FORWARD_WEBSOCKETS {}) \
+             used {}",
+            websockets.as_deref().unwrap_or("unset"),
+            protocol(before, forward_counts(sim))
+        );
+        Some(pf)
+    };
+    let before = forward_counts(sim);
+    let proxy = support::start_proxy(sim, &[]).await;
+    let proxy_pid = proxy.child.id();
+    let member = proxy.members[0].1.clone();
+    for ep in [&member, &proxy.cluster_addr] {
+        // Warm: the proxy's tunnel to the member is open before the first transfer.
+        support::ctl3(ep, &["get", "bulk/none"]).await;
+    }
+    println!(
+        "* etcd-proxy (`--portforward auto`) used {}; its RSS before the transfers: {} MiB",
+        protocol(before, forward_counts(sim)),
+        mib(proxy_pid.and_then(|p| status_kib(p, "VmRSS:")))
+    );
+    let spdy = if s.wants_target("spdy") {
+        let p = support::start_proxy(sim, &["--portforward", "spdy"]).await;
+        support::ctl3(&p.members[0].1, &["get", "bulk/none"]).await;
+        Some(p)
+    } else {
+        None
+    };
+    let naive = if s.wants_target("naive") {
+        Some(support::forwarder::naive_forwarder(sim, pod).await)
+    } else {
+        None
+    };
+    let mut targets = vec![Target {
+        key: "direct",
+        name: "direct",
+        endpoint: direct.to_owned(),
+        pid: None,
+    }];
+    if let Some(k) = &kubectl {
+        targets.push(Target {
+            key: "kubectl",
+            name: "kubectl port-forward",
+            endpoint: k.addr.clone(),
+            pid: k.pid,
+        });
+    }
+    if let Some((addr, _)) = &naive {
+        targets.push(Target {
+            key: "naive",
+            name: "port-forward/conn (kube-rs)",
+            endpoint: addr.clone(),
+            pid: None,
+        });
+    }
+    for (key, name, endpoint) in [
+        ("member", "etcd-proxy member", member),
+        ("cluster", "etcd-proxy cluster", proxy.cluster_addr.clone()),
+    ] {
+        if s.wants_target(key) {
+            targets.push(Target {
+                key,
+                name,
+                endpoint,
+                pid: proxy_pid,
+            });
         }
+    }
+    if let Some(p) = &spdy {
+        targets.push(Target {
+            key: "spdy",
+            name: "etcd-proxy member, `--portforward spdy`",
+            endpoint: p.members[0].1.clone(),
+            pid: p.child.id(),
+        });
+    }
+    let kubectl_at = targets.iter().position(|t| t.key == "kubectl");
+    // (transfer, RTT, etcd-proxy target, ratio to kubectl) for the summary.
+    let mut figures: Vec<(Op, u64, &'static str, String)> = Vec::new();
+    for &op in ops {
         println!();
-        let cols = 1 + targets.len() + proxies.len() * (2 + usize::from(naive_at.is_some()));
-        println!("|{}", "---|".repeat(cols));
+        println!("### {}", op_title(op, s, seeded, db_bytes));
+        println!();
+        println!("| RTT | target | time | × kubectl | × direct | peak RSS |");
+        println!("|---|---|---|---|---|---|");
         for &rtt in &s.rtts {
             sim.set_latency(Duration::from_millis(rtt) / 2);
             eprintln!("{} at {rtt} ms RTT", op.key());
-            let r = cell(op, &targets, &seeded, s.repeat, dir.path()).await;
-            print!("| {rtt} ms |");
-            for (t, _) in &r {
-                print!(" {} |", secs(*t));
-            }
-            for &i in &proxies {
-                if let Some(n) = naive_at {
-                    print!(" {} |", ratio(r[i].0, r[n].0));
+            let r = cell(op, &targets, seeded, s.repeat, dir).await;
+            for (i, t) in targets.iter().enumerate() {
+                println!(
+                    "| {rtt} ms | {} | {} | {} | {} | {} |",
+                    t.name,
+                    secs(r[i].time),
+                    time_ratio(&r, i, kubectl_at),
+                    time_ratio(&r, i, Some(0)),
+                    mib(r[i].peak)
+                );
+                if t.key == "member" || t.key == "cluster" {
+                    figures.push((op, rtt, t.key, time_ratio(&r, i, kubectl_at)));
                 }
-                print!(" {} | {} |", ratio(r[i].0, r[0].0), mib(r[i].1));
             }
-            println!();
         }
         sim.set_latency(Duration::ZERO);
-        println!();
+    }
+    if kubectl_at.is_none() || figures.is_empty() {
+        return;
+    }
+    println!();
+    println!("## etcd-proxy against kubectl");
+    println!();
+    println!("| transfer | RTT | endpoint | × kubectl | goal | met |");
+    println!("|---|---|---|---|---|---|");
+    for (op, rtt, key, r) in figures {
+        let met = r
+            .parse::<f64>()
+            .map_or("–", |v| if v <= goal(rtt) { "yes" } else { "no" });
+        println!(
+            "| {} | {rtt} ms | {key} | {r} | ≤ {:.1} | {met} |",
+            op.key(),
+            goal(rtt)
+        );
     }
 }

@@ -11,6 +11,7 @@ use etcd_proxy_sim::{SimCluster, SimConfig};
 
 pub mod attack;
 pub mod forwarder;
+pub mod kubectl;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
