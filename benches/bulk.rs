@@ -136,6 +136,27 @@ fn peak_kib(pid: Option<u32>) -> Option<u64> {
     status_kib(pid?, "VmHWM:")
 }
 
+/// CPU time `pid` has run so far: the sum over its threads of the first field of
+/// `/proc/PID/task/TID/schedstat` (nanoseconds on a CPU). Threads that exit take their time
+/// with them, so a difference can undercount for a process that ends threads mid-transfer.
+fn cpu_time(pid: Option<u32>) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", pid?)).ok()?;
+    let mut ns = 0u64;
+    for t in tasks.flatten() {
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(Duration::from_nanos(ns))
+}
+
+fn millis(d: Option<Duration>) -> String {
+    d.map_or("–".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3))
+}
+
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
@@ -274,12 +295,19 @@ async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Durati
                 let want = 3 * seeded.watch_events;
                 let mut lines = 0;
                 let mut buf = vec![0u8; 1 << 16];
+                let mut first = None;
                 while lines < want {
                     let n = stdout.read(&mut buf).await.expect("read etcdctl output");
                     assert!(n > 0, "watch through {endpoint} ended after {lines} lines");
+                    first.get_or_insert_with(|| t.elapsed());
                     lines += buf[..n].iter().filter(|b| **b == b'\n').count();
                 }
                 let took = t.elapsed();
+                // etcd starts a catch-up at its next unsynced-watcher sync, every 100 ms: the
+                // wait for the first event varies by up to that much from run to run.
+                if let Some(f) = first {
+                    eprintln!("    first event after {:.3} s", f.as_secs_f64());
+                }
                 let _ = child.kill().await;
                 took
             }
@@ -376,6 +404,8 @@ struct Target {
 struct Outcome {
     time: Option<Duration>,
     peak: Option<u64>,
+    /// Median CPU time of the target's process during the transfer.
+    cpu: Option<Duration>,
 }
 
 /// One cell: every target `repeat` times, taking turns; per target the median time and the
@@ -389,12 +419,17 @@ async fn cell(
 ) -> Vec<Outcome> {
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
     let mut peaks: Vec<Option<u64>> = vec![None; targets.len()];
+    let mut cpus: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
     for round in 0..repeat {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
             let t = &targets[i];
             reset_peak(t.pid);
+            let cpu_before = cpu_time(t.pid);
             let took = transfer(op, &t.endpoint, seeded, dir).await;
+            if let (Some(a), Some(b)) = (cpu_before, cpu_time(t.pid)) {
+                cpus[i].push(b.saturating_sub(a));
+            }
             eprintln!("  {} {}: {:.2} s", op.key(), t.key, took.as_secs_f64());
             times[i].push(took);
             if let Some(p) = peak_kib(t.pid) {
@@ -404,9 +439,13 @@ async fn cell(
     }
     times
         .into_iter()
-        .map(median)
         .zip(peaks)
-        .map(|(time, peak)| Outcome { time, peak })
+        .zip(cpus)
+        .map(|((time, peak), cpu)| Outcome {
+            time: median(time),
+            peak,
+            cpu: median(cpu),
+        })
         .collect()
 }
 
@@ -510,7 +549,8 @@ async fn main() {
         "* RTT: the simulator delays every port-forward frame by RTT/2 each way; time is one \
          `etcdctl` process end to end, median of {} run(s), targets taking turns; `× kubectl` \
          and `× direct` are that time over kubectl's and direct's in the same cell (below 1 \
-         is faster); peak RSS is the target process's VmHWM during the transfer (MiB)",
+         is faster); CPU is the target process's CPU time during the transfer (median), peak \
+         RSS its VmHWM during the transfer (MiB)",
         s.repeat
     );
 
@@ -587,18 +627,19 @@ async fn gateway(
     println!();
     println!("## Gateway mode (`--endpoints`, no tunnel)");
     println!();
-    println!("| transfer | target | time | × direct | throughput / direct | peak RSS |");
-    println!("|---|---|---|---|---|---|");
+    println!("| transfer | target | time | × direct | throughput / direct | CPU | peak RSS |");
+    println!("|---|---|---|---|---|---|---|");
     for &op in ops {
         let r = cell(op, &targets, seeded, s.repeat, dir).await;
         for (i, t) in targets.iter().enumerate() {
             println!(
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 op_title(op, s, seeded, db_bytes),
                 t.name,
                 secs(r[i].time),
                 time_ratio(&r, i, Some(0)),
                 ratio(r[0].time, r[i].time),
+                millis(r[i].cpu),
                 mib(r[i].peak)
             );
         }
@@ -734,19 +775,20 @@ async fn tunnel(
         println!();
         println!("### {}", op_title(op, s, seeded, db_bytes));
         println!();
-        println!("| RTT | target | time | × kubectl | × direct | peak RSS |");
-        println!("|---|---|---|---|---|---|");
+        println!("| RTT | target | time | × kubectl | × direct | CPU | peak RSS |");
+        println!("|---|---|---|---|---|---|---|");
         for &rtt in &s.rtts {
             sim.set_latency(Duration::from_millis(rtt) / 2);
             eprintln!("{} at {rtt} ms RTT", op.key());
             let r = cell(op, &targets, seeded, s.repeat, dir).await;
             for (i, t) in targets.iter().enumerate() {
                 println!(
-                    "| {rtt} ms | {} | {} | {} | {} | {} |",
+                    "| {rtt} ms | {} | {} | {} | {} | {} | {} |",
                     t.name,
                     secs(r[i].time),
                     time_ratio(&r, i, kubectl_at),
                     time_ratio(&r, i, Some(0)),
+                    millis(r[i].cpu),
                     mib(r[i].peak)
                 );
                 if t.key == "member" || t.key == "cluster" {
