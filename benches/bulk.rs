@@ -1,10 +1,10 @@
-//! Bulk transfers over a tunnel with a real round trip: etcd-proxy against a port-forward per
-//! connection and against no tunnel at all.
+//! Bulk transfers over a tunnel with a real round trip: etcd-proxy against the real
+//! `kubectl port-forward` and against no tunnel at all.
 //!
 //! `cargo bench --bench bulk` — not a test: it prints markdown tables, it asserts only that
 //! each transfer completed whole.
 //!
-//! One real etcd 3.4 member in the simulated cluster, seeded with a database of about
+//! One real etcd member in the simulated cluster, seeded with a database of about
 //! `BENCH_SNAPSHOT_MB` (of ~930 KB values), of which `BENCH_RANGE_MB` under one prefix, and
 //! `BENCH_WATCH_EVENTS` small events written 100 to a transaction (so that etcd's watch
 //! catch-up, which sends at most 1,000 revisions per 100 ms sync, is not what is measured).
@@ -19,25 +19,48 @@
 //! each way):
 //!
 //! * **direct**: etcd-0's own client URL, no tunnel (the physical limit of this machine);
-//! * **port-forward per connection**: a forwarder in this process that opens one port-forward
-//!   (kube-rs, WebSocket) per accepted connection and copies bytes both ways. It stands in for
-//!   `kubectl port-forward`: the simulated API server does not serve SPDY, which kubectl 1.32
-//!   still needs for port-forward;
-//! * **etcd-proxy** through etcd-0's member endpoint and through its cluster endpoint, tunnels
-//!   warm (the proxy keeps them between client processes).
+//! * **kubectl port-forward**: the real kubectl (from the `PATH`; its rows are left out, with
+//!   a note, when it is not installed), started once as a user starts it,
+//!   `kubectl --kubeconfig … --context sim -n … port-forward pod/etcd-0 PORT:2379` on a free
+//!   port, ready when it prints its `Forwarding from` line. It keeps one connection to the
+//!   API server and opens a stream pair on it per accepted connection. Its protocol is its
+//!   default (`KUBECTL_PORT_FORWARD_WEBSOCKETS` removed from its environment;
+//!   `BENCH_KUBECTL_WEBSOCKETS` sets it): the bench reads which one it used from the
+//!   simulator's counters and prints it;
+//! * **port-forward/conn (kube-rs)**: a forwarder in this process that opens one
+//!   port-forward (kube-rs, WebSocket) per accepted connection, what kube-rs' example and
+//!   kftray do;
+//! * **etcd-proxy** through etcd-0's member endpoint and through its cluster endpoint
+//!   (`--portforward auto`), tunnels warm (the proxy keeps them between client processes);
+//! * only when named in `BENCH_TARGETS`, **spdy**: a second etcd-proxy with
+//!   `--portforward spdy`, member endpoint. The simulator's SPDY connections queue more
+//!   frames in flight than its WebSocket ones, so at large round trips this row separates
+//!   what the tunnel protocol costs from what the proxy costs.
 //!
 //! Then, without tunnels, etcd-proxy in gateway mode (`--endpoints`) against direct.
 //!
-//! Each target's peak RSS during each transfer is its `VmHWM` after the transfer, reset before
-//! it through `/proc/PID/clear_refs`.
+//! Per target and transfer the tables give the median wall time, that time over kubectl's
+//! and over direct's in the same cell (below 1 is faster), the target process's CPU time
+//! during the transfer (the `schedstat` of its threads) and its peak RSS (`VmHWM` after the
+//! transfer, reset before it through `/proc/PID/clear_refs`). A last table compares
+//! etcd-proxy with kubectl against the goals of issue 13: at most 1.0× kubectl's time at
+//! every round trip, 0.5× at 20 ms.
+//!
+//! Noise: every process (etcd, etcdctl, kubectl, the proxy and the simulator, which runs in
+//! this process) shares the machine's cores, so cells without a round trip measure CPU more
+//! than tunnels. etcd starts a watch catch-up at its next sync of unsynced watchers, every
+//! 100 ms, so a watch waits 0–100 ms for its first event whatever the target (the bench logs
+//! when it arrived).
 //!
 //! Environment (defaults in brackets): `BENCH_RTTS` [0,10,20,50] in ms; `BENCH_SNAPSHOT_MB`
 //! [60]; `BENCH_RANGE_MB` [40]; `BENCH_WATCH_EVENTS` [50000]; `BENCH_REPEAT` [1] runs per
 //! target and cell (median reported; the targets take turns within a cell, so a ratio pairs
 //! runs made moments apart); `BENCH_SECTIONS` [all]: transfers `snapshot`, `range`,
 //! `watch` and modes `gateway`, `tunnel` (naming none of a kind keeps all of that kind);
-//! `BENCH_TARGETS` [all] of `naive`, `member`, `cluster` (direct always runs).
-//! `ETCD_PROXY_BIN` runs another etcd-proxy build (a before and after).
+//! `BENCH_TARGETS` [all but `spdy`] of `kubectl`, `naive`, `member`, `cluster`, `spdy`
+//! (direct always runs); `BENCH_KUBECTL_WEBSOCKETS` [unset] is passed to kubectl as
+//! `KUBECTL_PORT_FORWARD_WEBSOCKETS`. `ETCD_PROXY_BIN` runs another etcd-proxy build (a
+//! before and after).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -537,13 +560,14 @@ async fn main() {
     println!("* command: `{}`", command_line());
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "* machine: nproc {cpus}, {} build; one real etcd member (simulated Kubernetes), \
+        "* machine: nproc {cpus}, {} build; one real etcd {} member (simulated Kubernetes), \
          every process on the same machine",
         if cfg!(debug_assertions) {
             "debug"
         } else {
             "release"
-        }
+        },
+        support::etcd_version()
     );
     println!(
         "* RTT: the simulator delays every port-forward frame by RTT/2 each way; time is one \

@@ -43,7 +43,8 @@ impl Drop for PortForward {
 }
 
 /// Starts `kubectl --kubeconfig K --context C -n NS port-forward pod/POD PORT:remote` on a
-/// free port and waits until it listens. `websockets`: the value of
+/// free port and waits until it listens on 127.0.0.1 (it also listens on `[::1]` where it
+/// can, as it does by default). `websockets`: the value of
 /// `KUBECTL_PORT_FORWARD_WEBSOCKETS`, or `None` for kubectl's default.
 pub async fn port_forward(
     kubeconfig: &Path,
@@ -58,7 +59,6 @@ pub async fn port_forward(
     cmd.arg("--kubeconfig")
         .arg(kubeconfig)
         .args(["--context", context, "-n", namespace, "port-forward"])
-        .args(["--address", "127.0.0.1"])
         .arg(format!("pod/{pod}"))
         .arg(format!("{port}:{remote}"))
         .env_remove("KUBECTL_PORT_FORWARD_WEBSOCKETS")
