@@ -49,8 +49,10 @@
 //! Noise: every process (etcd, etcdctl, kubectl, the proxy and the simulator, which runs in
 //! this process) shares the machine's cores, so cells without a round trip measure CPU more
 //! than tunnels. etcd starts a watch catch-up at its next sync of unsynced watchers, every
-//! 100 ms, so a watch waits 0–100 ms for its first event whatever the target (the bench logs
-//! when it arrived).
+//! 100 ms, so a watch waits 0–100 ms for its first event whatever the target; the watch
+//! tables give the median time to the first event, which also holds the tunnel's set-up and
+//! the catch-up response (etcd sends it as one message, and etcdctl prints none of it before
+//! the whole has arrived), apart from the printing that follows.
 //!
 //! Environment (defaults in brackets): `BENCH_RTTS` [0,10,20,50] in ms; `BENCH_SNAPSHOT_MB`
 //! [60]; `BENCH_RANGE_MB` [40]; `BENCH_WATCH_EVENTS` [50000]; `BENCH_REPEAT` [1] runs per
@@ -249,8 +251,18 @@ fn etcdctl(endpoint: &str, args: &[&str]) -> Command {
     cmd
 }
 
-/// One transfer through `endpoint`; its wall time.
-async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Duration {
+/// What one transfer took.
+struct Took {
+    /// Wall time, from starting `etcdctl` to its last byte.
+    total: Duration,
+    /// For the watch: until its first event was printed. etcd starts a catch-up at its next
+    /// sync of unsynced watchers, every 100 ms, so this varies by up to that much from run
+    /// to run whatever the target.
+    first: Option<Duration>,
+}
+
+/// One transfer through `endpoint`.
+async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Took {
     let run = async {
         let t = Instant::now();
         match op {
@@ -277,7 +289,10 @@ async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Durati
                     "snapshot through {endpoint} is {len} bytes"
                 );
                 let _ = std::fs::remove_file(&file);
-                took
+                Took {
+                    total: took,
+                    first: None,
+                }
             }
             Op::Range => {
                 let mut child = etcdctl(endpoint, &["get", "--prefix", RANGE_PREFIX])
@@ -302,7 +317,10 @@ async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Durati
                     "get --prefix through {endpoint}: output size ({} keys expected)",
                     seeded.range_keys
                 );
-                took
+                Took {
+                    total: took,
+                    first: None,
+                }
             }
             Op::Watch => {
                 let rev = seeded.watch_from.to_string();
@@ -326,13 +344,8 @@ async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Durati
                     lines += buf[..n].iter().filter(|b| **b == b'\n').count();
                 }
                 let took = t.elapsed();
-                // etcd starts a catch-up at its next unsynced-watcher sync, every 100 ms: the
-                // wait for the first event varies by up to that much from run to run.
-                if let Some(f) = first {
-                    eprintln!("    first event after {:.3} s", f.as_secs_f64());
-                }
                 let _ = child.kill().await;
-                took
+                Took { total: took, first }
             }
         }
     };
@@ -429,6 +442,8 @@ struct Outcome {
     peak: Option<u64>,
     /// Median CPU time of the target's process during the transfer.
     cpu: Option<Duration>,
+    /// Median time to the watch's first event.
+    first: Option<Duration>,
 }
 
 /// One cell: every target `repeat` times, taking turns; per target the median time and the
@@ -443,6 +458,7 @@ async fn cell(
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
     let mut peaks: Vec<Option<u64>> = vec![None; targets.len()];
     let mut cpus: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
+    let mut firsts: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
     for round in 0..repeat {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
@@ -453,8 +469,23 @@ async fn cell(
             if let (Some(a), Some(b)) = (cpu_before, cpu_time(t.pid)) {
                 cpus[i].push(b.saturating_sub(a));
             }
-            eprintln!("  {} {}: {:.2} s", op.key(), t.key, took.as_secs_f64());
-            times[i].push(took);
+            match took.first {
+                Some(f) => eprintln!(
+                    "  {} {}: {:.2} s (first event after {:.3} s)",
+                    op.key(),
+                    t.key,
+                    took.total.as_secs_f64(),
+                    f.as_secs_f64()
+                ),
+                None => eprintln!(
+                    "  {} {}: {:.2} s",
+                    op.key(),
+                    t.key,
+                    took.total.as_secs_f64()
+                ),
+            }
+            times[i].push(took.total);
+            firsts[i].extend(took.first);
             if let Some(p) = peak_kib(t.pid) {
                 peaks[i] = Some(peaks[i].map_or(p, |q: u64| q.max(p)));
             }
@@ -464,10 +495,12 @@ async fn cell(
         .into_iter()
         .zip(peaks)
         .zip(cpus)
-        .map(|((time, peak), cpu)| Outcome {
+        .zip(firsts)
+        .map(|(((time, peak), cpu), first)| Outcome {
             time: median(time),
             peak,
             cpu: median(cpu),
+            first: median(first),
         })
         .collect()
 }
@@ -799,15 +832,27 @@ async fn tunnel(
         println!();
         println!("### {}", op_title(op, s, seeded, db_bytes));
         println!();
-        println!("| RTT | target | time | × kubectl | × direct | CPU | peak RSS |");
-        println!("|---|---|---|---|---|---|---|");
+        let watch = op == Op::Watch;
+        println!(
+            "| RTT | target | time |{} × kubectl | × direct | CPU | peak RSS |",
+            if watch { " first event |" } else { "" }
+        );
+        println!(
+            "|---|---|---|{}---|---|---|---|",
+            if watch { "---|" } else { "" }
+        );
         for &rtt in &s.rtts {
             sim.set_latency(Duration::from_millis(rtt) / 2);
             eprintln!("{} at {rtt} ms RTT", op.key());
             let r = cell(op, &targets, seeded, s.repeat, dir).await;
             for (i, t) in targets.iter().enumerate() {
+                let first = if watch {
+                    format!(" {} |", secs(r[i].first))
+                } else {
+                    String::new()
+                };
                 println!(
-                    "| {rtt} ms | {} | {} | {} | {} | {} | {} |",
+                    "| {rtt} ms | {} | {} |{first} {} | {} | {} | {} |",
                     t.name,
                     secs(r[i].time),
                     time_ratio(&r, i, kubectl_at),
