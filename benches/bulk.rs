@@ -1,10 +1,10 @@
-//! Bulk transfers over a tunnel with a real round trip: etcd-proxy against a port-forward per
-//! connection and against no tunnel at all.
+//! Bulk transfers over a tunnel with a real round trip: etcd-proxy against the real
+//! `kubectl port-forward` and against no tunnel at all.
 //!
 //! `cargo bench --bench bulk` — not a test: it prints markdown tables, it asserts only that
 //! each transfer completed whole.
 //!
-//! One real etcd 3.4 member in the simulated cluster, seeded with a database of about
+//! One real etcd member in the simulated cluster, seeded with a database of about
 //! `BENCH_SNAPSHOT_MB` (of ~930 KB values), of which `BENCH_RANGE_MB` under one prefix, and
 //! `BENCH_WATCH_EVENTS` small events written 100 to a transaction (so that etcd's watch
 //! catch-up, which sends at most 1,000 revisions per 100 ms sync, is not what is measured).
@@ -19,25 +19,50 @@
 //! each way):
 //!
 //! * **direct**: etcd-0's own client URL, no tunnel (the physical limit of this machine);
-//! * **port-forward per connection**: a forwarder in this process that opens one port-forward
-//!   (kube-rs, WebSocket) per accepted connection and copies bytes both ways. It stands in for
-//!   `kubectl port-forward`: the simulated API server does not serve SPDY, which kubectl 1.32
-//!   still needs for port-forward;
-//! * **etcd-proxy** through etcd-0's member endpoint and through its cluster endpoint, tunnels
-//!   warm (the proxy keeps them between client processes).
+//! * **kubectl port-forward**: the real kubectl (from the `PATH`; its rows are left out, with
+//!   a note, when it is not installed), started once as a user starts it,
+//!   `kubectl --kubeconfig … --context sim -n … port-forward pod/etcd-0 PORT:2379` on a free
+//!   port, ready when it prints its `Forwarding from` line. It keeps one connection to the
+//!   API server and opens a stream pair on it per accepted connection. Its protocol is its
+//!   default (`KUBECTL_PORT_FORWARD_WEBSOCKETS` removed from its environment;
+//!   `BENCH_KUBECTL_WEBSOCKETS` sets it): the bench reads which one it used from the
+//!   simulator's counters and prints it;
+//! * **port-forward/conn (kube-rs)**: a forwarder in this process that opens one
+//!   port-forward (kube-rs, WebSocket) per accepted connection, what kube-rs' example and
+//!   kftray do;
+//! * **etcd-proxy** through etcd-0's member endpoint and through its cluster endpoint
+//!   (`--portforward auto`), tunnels warm (the proxy keeps them between client processes);
+//! * only when named in `BENCH_TARGETS`, **spdy**: a second etcd-proxy with
+//!   `--portforward spdy`, member endpoint. The simulator's SPDY connections queue more
+//!   frames in flight than its WebSocket ones, so at large round trips this row separates
+//!   what the tunnel protocol costs from what the proxy costs.
 //!
 //! Then, without tunnels, etcd-proxy in gateway mode (`--endpoints`) against direct.
 //!
-//! Each target's peak RSS during each transfer is its `VmHWM` after the transfer, reset before
-//! it through `/proc/PID/clear_refs`.
+//! Per target and transfer the tables give the median wall time, that time over kubectl's
+//! and over direct's in the same cell (below 1 is faster), the target process's CPU time
+//! during the transfer (the `schedstat` of its threads) and its peak RSS (`VmHWM` after the
+//! transfer, reset before it through `/proc/PID/clear_refs`). A last table compares
+//! etcd-proxy with kubectl against the goals of issue 13: at most 1.0× kubectl's time at
+//! every round trip, 0.5× at 20 ms.
+//!
+//! Noise: every process (etcd, etcdctl, kubectl, the proxy and the simulator, which runs in
+//! this process) shares the machine's cores, so cells without a round trip measure CPU more
+//! than tunnels. etcd starts a watch catch-up at its next sync of unsynced watchers, every
+//! 100 ms, so a watch waits 0–100 ms for its first event whatever the target; the watch
+//! tables give the median time to the first event, which also holds the tunnel's set-up and
+//! the catch-up response (etcd sends it as one message, and etcdctl prints none of it before
+//! the whole has arrived), apart from the printing that follows.
 //!
 //! Environment (defaults in brackets): `BENCH_RTTS` [0,10,20,50] in ms; `BENCH_SNAPSHOT_MB`
 //! [60]; `BENCH_RANGE_MB` [40]; `BENCH_WATCH_EVENTS` [50000]; `BENCH_REPEAT` [1] runs per
 //! target and cell (median reported; the targets take turns within a cell, so a ratio pairs
 //! runs made moments apart); `BENCH_SECTIONS` [all]: transfers `snapshot`, `range`,
 //! `watch` and modes `gateway`, `tunnel` (naming none of a kind keeps all of that kind);
-//! `BENCH_TARGETS` [all] of `naive`, `member`, `cluster` (direct always runs).
-//! `ETCD_PROXY_BIN` runs another etcd-proxy build (a before and after).
+//! `BENCH_TARGETS` [all but `spdy`] of `kubectl`, `naive`, `member`, `cluster`, `spdy`
+//! (direct always runs); `BENCH_KUBECTL_WEBSOCKETS` [unset] is passed to kubectl as
+//! `KUBECTL_PORT_FORWARD_WEBSOCKETS`. `ETCD_PROXY_BIN` runs another etcd-proxy build (a
+//! before and after).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -111,12 +136,13 @@ impl Settings {
         named.iter().any(|k| k == key) || !named.iter().any(same_kind)
     }
 
+    /// `direct` always runs; `spdy` only when named.
     fn wants_target(&self, key: &str) -> bool {
-        key == "direct"
-            || self
-                .targets
-                .as_ref()
-                .is_none_or(|t| t.iter().any(|k| k == key))
+        match &self.targets {
+            _ if key == "direct" => true,
+            Some(t) => t.iter().any(|k| k == key),
+            None => key != "spdy",
+        }
     }
 }
 
@@ -133,6 +159,27 @@ fn reset_peak(pid: Option<u32>) {
 /// `VmHWM` of `pid`, in KiB: its peak RSS since start or the last [`reset_peak`].
 fn peak_kib(pid: Option<u32>) -> Option<u64> {
     status_kib(pid?, "VmHWM:")
+}
+
+/// CPU time `pid` has run so far: the sum over its threads of the first field of
+/// `/proc/PID/task/TID/schedstat` (nanoseconds on a CPU). Threads that exit take their time
+/// with them, so a difference can undercount for a process that ends threads mid-transfer.
+fn cpu_time(pid: Option<u32>) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", pid?)).ok()?;
+    let mut ns = 0u64;
+    for t in tasks.flatten() {
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(Duration::from_nanos(ns))
+}
+
+fn millis(d: Option<Duration>) -> String {
+    d.map_or("–".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3))
 }
 
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
@@ -204,8 +251,18 @@ fn etcdctl(endpoint: &str, args: &[&str]) -> Command {
     cmd
 }
 
-/// One transfer through `endpoint`; its wall time.
-async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Duration {
+/// What one transfer took.
+struct Took {
+    /// Wall time, from starting `etcdctl` to its last byte.
+    total: Duration,
+    /// For the watch: until its first event was printed. etcd starts a catch-up at its next
+    /// sync of unsynced watchers, every 100 ms, so this varies by up to that much from run
+    /// to run whatever the target.
+    first: Option<Duration>,
+}
+
+/// One transfer through `endpoint`.
+async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Took {
     let run = async {
         let t = Instant::now();
         match op {
@@ -232,7 +289,10 @@ async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Durati
                     "snapshot through {endpoint} is {len} bytes"
                 );
                 let _ = std::fs::remove_file(&file);
-                took
+                Took {
+                    total: took,
+                    first: None,
+                }
             }
             Op::Range => {
                 let mut child = etcdctl(endpoint, &["get", "--prefix", RANGE_PREFIX])
@@ -257,7 +317,10 @@ async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Durati
                     "get --prefix through {endpoint}: output size ({} keys expected)",
                     seeded.range_keys
                 );
-                took
+                Took {
+                    total: took,
+                    first: None,
+                }
             }
             Op::Watch => {
                 let rev = seeded.watch_from.to_string();
@@ -273,14 +336,16 @@ async fn transfer(op: Op, endpoint: &str, seeded: &Seeded, dir: &Path) -> Durati
                 let want = 3 * seeded.watch_events;
                 let mut lines = 0;
                 let mut buf = vec![0u8; 1 << 16];
+                let mut first = None;
                 while lines < want {
                     let n = stdout.read(&mut buf).await.expect("read etcdctl output");
                     assert!(n > 0, "watch through {endpoint} ended after {lines} lines");
+                    first.get_or_insert_with(|| t.elapsed());
                     lines += buf[..n].iter().filter(|b| **b == b'\n').count();
                 }
                 let took = t.elapsed();
                 let _ = child.kill().await;
-                took
+                Took { total: took, first }
             }
         }
     };
@@ -370,6 +435,17 @@ struct Target {
     pid: Option<u32>,
 }
 
+/// One target's outcome in one cell: median time and highest peak RSS (KiB).
+#[derive(Clone, Copy)]
+struct Outcome {
+    time: Option<Duration>,
+    peak: Option<u64>,
+    /// Median CPU time of the target's process during the transfer.
+    cpu: Option<Duration>,
+    /// Median time to the watch's first event.
+    first: Option<Duration>,
+}
+
 /// One cell: every target `repeat` times, taking turns; per target the median time and the
 /// highest peak RSS.
 async fn cell(
@@ -378,23 +454,55 @@ async fn cell(
     seeded: &Seeded,
     repeat: usize,
     dir: &Path,
-) -> Vec<(Option<Duration>, Option<u64>)> {
+) -> Vec<Outcome> {
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
     let mut peaks: Vec<Option<u64>> = vec![None; targets.len()];
+    let mut cpus: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
+    let mut firsts: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
     for round in 0..repeat {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
             let t = &targets[i];
             reset_peak(t.pid);
+            let cpu_before = cpu_time(t.pid);
             let took = transfer(op, &t.endpoint, seeded, dir).await;
-            eprintln!("  {} {}: {:.2} s", op.key(), t.key, took.as_secs_f64());
-            times[i].push(took);
+            if let (Some(a), Some(b)) = (cpu_before, cpu_time(t.pid)) {
+                cpus[i].push(b.saturating_sub(a));
+            }
+            match took.first {
+                Some(f) => eprintln!(
+                    "  {} {}: {:.2} s (first event after {:.3} s)",
+                    op.key(),
+                    t.key,
+                    took.total.as_secs_f64(),
+                    f.as_secs_f64()
+                ),
+                None => eprintln!(
+                    "  {} {}: {:.2} s",
+                    op.key(),
+                    t.key,
+                    took.total.as_secs_f64()
+                ),
+            }
+            times[i].push(took.total);
+            firsts[i].extend(took.first);
             if let Some(p) = peak_kib(t.pid) {
                 peaks[i] = Some(peaks[i].map_or(p, |q: u64| q.max(p)));
             }
         }
     }
-    times.into_iter().map(median).zip(peaks).collect()
+    times
+        .into_iter()
+        .zip(peaks)
+        .zip(cpus)
+        .zip(firsts)
+        .map(|(((time, peak), cpu), first)| Outcome {
+            time: median(time),
+            peak,
+            cpu: median(cpu),
+            first: median(first),
+        })
+        .collect()
 }
 
 fn command_line() -> String {
@@ -435,6 +543,47 @@ fn op_title(op: Op, s: &Settings, seeded: &Seeded, db_bytes: u64) -> String {
     }
 }
 
+/// The port-forward counters of the simulator: WebSocket v4 upgrades, SPDY connections,
+/// and of those the ones tunnelled through a WebSocket.
+fn forward_counts(sim: &etcd_proxy_sim::SimCluster) -> [u64; 3] {
+    [
+        sim.portforward_count(),
+        sim.spdy_upgrade_count(),
+        sim.spdy_tunnel_count(),
+    ]
+}
+
+/// Which port-forward protocol a client used, from the counters before and after.
+fn protocol(before: [u64; 3], after: [u64; 3]) -> &'static str {
+    let [ws, spdy, tunnelled] = [0, 1, 2].map(|i| after[i] - before[i]);
+    match (ws, spdy, tunnelled) {
+        (_, _, t) if t > 0 => {
+            "SPDY/3.1 tunnelled through a WebSocket (`SPDY/3.1+portforward.k8s.io`)"
+        }
+        (_, s, _) if s > 0 => "SPDY/3.1 (`POST`, `portforward.k8s.io`)",
+        (w, _, _) if w > 0 => "WebSocket (`v4.channel.k8s.io`)",
+        _ => "none seen",
+    }
+}
+
+/// `time / reference`: below 1 is faster than the reference.
+fn time_ratio(r: &[Outcome], i: usize, reference: Option<usize>) -> String {
+    match reference {
+        Some(j) if j != i => ratio(r[i].time, r[j].time),
+        Some(_) => "1.00".into(),
+        None => "–".into(),
+    }
+}
+
+/// What the figures of issue 13 ask of etcd-proxy against kubectl at `rtt`.
+fn goal(rtt: u64) -> f64 {
+    if rtt == 20 {
+        0.5
+    } else {
+        1.0
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let s = Settings::from_env();
@@ -444,23 +593,21 @@ async fn main() {
     println!("* command: `{}`", command_line());
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "* machine: nproc {cpus}, {} build; one real etcd member (simulated Kubernetes), \
+        "* machine: nproc {cpus}, {} build; one real etcd {} member (simulated Kubernetes), \
          every process on the same machine",
         if cfg!(debug_assertions) {
             "debug"
         } else {
             "release"
-        }
-    );
-    println!(
-        "* `port-forward/conn` stands in for `kubectl port-forward`: one kube-rs WebSocket \
-         port-forward per client connection, bytes copied both ways (the simulated API server \
-         does not serve SPDY, which kubectl 1.32 needs for port-forward)"
+        },
+        support::etcd_version()
     );
     println!(
         "* RTT: the simulator delays every port-forward frame by RTT/2 each way; time is one \
-         `etcdctl` process end to end, median of {} run(s), targets taking turns; peak RSS is \
-         the proxy's VmHWM during the transfer (MiB)",
+         `etcdctl` process end to end, median of {} run(s), targets taking turns; `× kubectl` \
+         and `× direct` are that time over kubectl's and direct's in the same cell (below 1 \
+         is faster); CPU is the target process's CPU time during the transfer (median), peak \
+         RSS its VmHWM during the transfer (MiB)",
         s.repeat
     );
 
@@ -483,7 +630,6 @@ async fn main() {
         s.watch_events,
         EVENT_VALUE_BYTES
     );
-    println!();
 
     let ops: Vec<Op> = [Op::Snapshot, Op::Range, Op::Watch]
         .into_iter()
@@ -491,147 +637,252 @@ async fn main() {
         .collect();
 
     if s.wants_section("gateway") {
-        eprintln!("gateway mode");
-        let gw =
-            support::start_proxy_args(&["--endpoints", &direct, "--listen", "127.0.0.1:0"]).await;
-        support::ctl3(&gw.cluster_addr, &["get", "bulk/none"]).await;
-        let gw_pid = gw.child.id();
-        let targets = vec![
-            Target {
-                key: "direct",
-                name: "direct",
-                endpoint: direct.clone(),
-                pid: None,
-            },
-            Target {
-                key: "member",
-                name: "gateway member",
-                endpoint: gw.members[0].1.clone(),
-                pid: gw_pid,
-            },
-            Target {
-                key: "cluster",
-                name: "gateway cluster",
-                endpoint: gw.cluster_addr.clone(),
-                pid: gw_pid,
-            },
-        ];
-        let targets: Vec<Target> = targets
-            .into_iter()
-            .filter(|t| s.wants_target(t.key))
-            .collect();
-        println!("## Gateway mode (`--endpoints`, no tunnel)");
-        println!();
-        print!("| transfer |");
-        for t in &targets {
-            print!(" {} |", t.name);
-        }
-        for t in &targets[1..] {
-            print!(" direct/{} (throughput) | peak RSS {} |", t.key, t.key);
-        }
-        println!();
-        println!(
-            "|{}",
-            "---|".repeat(1 + targets.len() + 2 * (targets.len() - 1))
-        );
-        for &op in &ops {
-            let r = cell(op, &targets, &seeded, s.repeat, dir.path()).await;
-            print!("| {} |", op_title(op, &s, &seeded, db_bytes));
-            for (t, _) in &r {
-                print!(" {} |", secs(*t));
-            }
-            for (t, p) in &r[1..] {
-                print!(" {} | {} |", ratio(r[0].0, *t), mib(*p));
-            }
-            println!();
-        }
-        println!();
+        gateway(&s, &ops, &direct, &seeded, db_bytes, dir.path()).await;
     }
+    if s.wants_section("tunnel") {
+        tunnel(&s, &ops, &sim, &pod, &direct, &seeded, db_bytes, dir.path()).await;
+    }
+}
 
-    if !s.wants_section("tunnel") {
-        return;
-    }
-    let proxy = support::start_proxy(&sim, &[]).await;
-    let proxy_pid = proxy.child.id();
-    let member = proxy.members[0].1.clone();
-    for ep in [&member, &proxy.cluster_addr] {
-        // Warm: the proxy's tunnel to the member is open before the first transfer.
-        support::ctl3(ep, &["get", "bulk/none"]).await;
-    }
-    let (naive, _naive) = support::forwarder::naive_forwarder(&sim, &pod).await;
-    println!(
-        "* etcd-proxy RSS before the transfers: {} MiB",
-        mib(proxy_pid.and_then(|p| status_kib(p, "VmRSS:")))
-    );
-    println!();
+/// etcd-proxy in gateway mode (`--endpoints`, no tunnel) against direct.
+async fn gateway(
+    s: &Settings,
+    ops: &[Op],
+    direct: &str,
+    seeded: &Seeded,
+    db_bytes: u64,
+    dir: &Path,
+) {
+    eprintln!("gateway mode");
+    let gw = support::start_proxy_args(&["--endpoints", direct, "--listen", "127.0.0.1:0"]).await;
+    support::ctl3(&gw.cluster_addr, &["get", "bulk/none"]).await;
+    let gw_pid = gw.child.id();
     let targets = vec![
         Target {
             key: "direct",
             name: "direct",
-            endpoint: direct.clone(),
-            pid: None,
-        },
-        Target {
-            key: "naive",
-            name: "port-forward/conn",
-            endpoint: naive,
+            endpoint: direct.to_owned(),
             pid: None,
         },
         Target {
             key: "member",
             name: "etcd-proxy member",
-            endpoint: member,
-            pid: proxy_pid,
+            endpoint: gw.members[0].1.clone(),
+            pid: gw_pid,
         },
         Target {
             key: "cluster",
             name: "etcd-proxy cluster",
-            endpoint: proxy.cluster_addr.clone(),
-            pid: proxy_pid,
+            endpoint: gw.cluster_addr.clone(),
+            pid: gw_pid,
         },
     ];
     let targets: Vec<Target> = targets
         .into_iter()
         .filter(|t| s.wants_target(t.key))
         .collect();
-    let naive_at = targets.iter().position(|t| t.key == "naive");
-    let proxies: Vec<usize> = (0..targets.len())
-        .filter(|&i| targets[i].pid.is_some())
-        .collect();
-    for &op in &ops {
-        println!("## {}", op_title(op, &s, &seeded, db_bytes));
-        println!();
-        print!("| RTT |");
-        for t in &targets {
-            print!(" {} |", t.name);
+    println!();
+    println!("## Gateway mode (`--endpoints`, no tunnel)");
+    println!();
+    println!("| transfer | target | time | × direct | throughput / direct | CPU | peak RSS |");
+    println!("|---|---|---|---|---|---|---|");
+    for &op in ops {
+        let r = cell(op, &targets, seeded, s.repeat, dir).await;
+        for (i, t) in targets.iter().enumerate() {
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                op_title(op, s, seeded, db_bytes),
+                t.name,
+                secs(r[i].time),
+                time_ratio(&r, i, Some(0)),
+                ratio(r[0].time, r[i].time),
+                millis(r[i].cpu),
+                mib(r[i].peak)
+            );
         }
-        for &i in &proxies {
-            let k = targets[i].key;
-            if naive_at.is_some() {
-                print!(" {k}/port-forward |");
-            }
-            print!(" {k}/direct | peak RSS {k} |");
+    }
+}
+
+/// Through tunnels with a round trip: direct, kubectl, the per-connection forwarder and
+/// etcd-proxy, per transfer and RTT.
+#[allow(clippy::too_many_arguments)]
+async fn tunnel(
+    s: &Settings,
+    ops: &[Op],
+    sim: &etcd_proxy_sim::SimCluster,
+    pod: &str,
+    direct: &str,
+    seeded: &Seeded,
+    db_bytes: u64,
+    dir: &Path,
+) {
+    println!();
+    println!("## Through port-forward tunnels");
+    println!();
+    // kubectl first, alone, so that the simulator's counters tell which protocol it uses.
+    let kubectl = if !s.wants_target("kubectl") {
+        None
+    } else if !support::kubectl::installed() {
+        println!("* kubectl is not installed: no `kubectl port-forward` rows");
+        None
+    } else {
+        let before = forward_counts(sim);
+        let websockets = std::env::var("BENCH_KUBECTL_WEBSOCKETS").ok();
+        let pf = support::kubectl::port_forward(
+            sim.kubeconfig_path(),
+            "sim",
+            sim.namespace(),
+            pod,
+            2379,
+            websockets.as_deref(),
+        )
+        .await;
+        support::ctl3(&pf.addr, &["get", "bulk/none"]).await;
+        let version = std::process::Command::new("kubectl")
+            .args(["version", "--client"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        println!(
+            "* `kubectl port-forward pod/{pod}` ({version}, KUBECTL_PORT_FORWARD_WEBSOCKETS {}) \
+             used {}",
+            websockets.as_deref().unwrap_or("unset"),
+            protocol(before, forward_counts(sim))
+        );
+        Some(pf)
+    };
+    let before = forward_counts(sim);
+    let proxy = support::start_proxy(sim, &[]).await;
+    let proxy_pid = proxy.child.id();
+    let member = proxy.members[0].1.clone();
+    for ep in [&member, &proxy.cluster_addr] {
+        // Warm: the proxy's tunnel to the member is open before the first transfer.
+        support::ctl3(ep, &["get", "bulk/none"]).await;
+    }
+    println!(
+        "* etcd-proxy (`--portforward auto`) used {}; its RSS before the transfers: {} MiB",
+        protocol(before, forward_counts(sim)),
+        mib(proxy_pid.and_then(|p| status_kib(p, "VmRSS:")))
+    );
+    let spdy = if s.wants_target("spdy") {
+        let p = support::start_proxy(sim, &["--portforward", "spdy"]).await;
+        support::ctl3(&p.members[0].1, &["get", "bulk/none"]).await;
+        Some(p)
+    } else {
+        None
+    };
+    let naive = if s.wants_target("naive") {
+        Some(support::forwarder::naive_forwarder(sim, pod).await)
+    } else {
+        None
+    };
+    let mut targets = vec![Target {
+        key: "direct",
+        name: "direct",
+        endpoint: direct.to_owned(),
+        pid: None,
+    }];
+    if let Some(k) = &kubectl {
+        targets.push(Target {
+            key: "kubectl",
+            name: "kubectl port-forward",
+            endpoint: k.addr.clone(),
+            pid: k.pid,
+        });
+    }
+    if let Some((addr, _)) = &naive {
+        targets.push(Target {
+            key: "naive",
+            name: "port-forward/conn (kube-rs)",
+            endpoint: addr.clone(),
+            pid: None,
+        });
+    }
+    for (key, name, endpoint) in [
+        ("member", "etcd-proxy member", member),
+        ("cluster", "etcd-proxy cluster", proxy.cluster_addr.clone()),
+    ] {
+        if s.wants_target(key) {
+            targets.push(Target {
+                key,
+                name,
+                endpoint,
+                pid: proxy_pid,
+            });
         }
+    }
+    if let Some(p) = &spdy {
+        targets.push(Target {
+            key: "spdy",
+            name: "etcd-proxy member, `--portforward spdy`",
+            endpoint: p.members[0].1.clone(),
+            pid: p.child.id(),
+        });
+    }
+    let kubectl_at = targets.iter().position(|t| t.key == "kubectl");
+    // (transfer, RTT, etcd-proxy target, ratio to kubectl) for the summary.
+    let mut figures: Vec<(Op, u64, &'static str, String)> = Vec::new();
+    for &op in ops {
         println!();
-        let cols = 1 + targets.len() + proxies.len() * (2 + usize::from(naive_at.is_some()));
-        println!("|{}", "---|".repeat(cols));
+        println!("### {}", op_title(op, s, seeded, db_bytes));
+        println!();
+        let watch = op == Op::Watch;
+        println!(
+            "| RTT | target | time |{} × kubectl | × direct | CPU | peak RSS |",
+            if watch { " first event |" } else { "" }
+        );
+        println!(
+            "|---|---|---|{}---|---|---|---|",
+            if watch { "---|" } else { "" }
+        );
         for &rtt in &s.rtts {
             sim.set_latency(Duration::from_millis(rtt) / 2);
             eprintln!("{} at {rtt} ms RTT", op.key());
-            let r = cell(op, &targets, &seeded, s.repeat, dir.path()).await;
-            print!("| {rtt} ms |");
-            for (t, _) in &r {
-                print!(" {} |", secs(*t));
-            }
-            for &i in &proxies {
-                if let Some(n) = naive_at {
-                    print!(" {} |", ratio(r[i].0, r[n].0));
+            let r = cell(op, &targets, seeded, s.repeat, dir).await;
+            for (i, t) in targets.iter().enumerate() {
+                let first = if watch {
+                    format!(" {} |", secs(r[i].first))
+                } else {
+                    String::new()
+                };
+                println!(
+                    "| {rtt} ms | {} | {} |{first} {} | {} | {} | {} |",
+                    t.name,
+                    secs(r[i].time),
+                    time_ratio(&r, i, kubectl_at),
+                    time_ratio(&r, i, Some(0)),
+                    millis(r[i].cpu),
+                    mib(r[i].peak)
+                );
+                if t.key == "member" || t.key == "cluster" {
+                    figures.push((op, rtt, t.key, time_ratio(&r, i, kubectl_at)));
                 }
-                print!(" {} | {} |", ratio(r[i].0, r[0].0), mib(r[i].1));
             }
-            println!();
         }
         sim.set_latency(Duration::ZERO);
-        println!();
+    }
+    if kubectl_at.is_none() || figures.is_empty() {
+        return;
+    }
+    println!();
+    println!("## etcd-proxy against kubectl");
+    println!();
+    println!("| transfer | RTT | endpoint | × kubectl | goal | met |");
+    println!("|---|---|---|---|---|---|");
+    for (op, rtt, key, r) in figures {
+        let met = r
+            .parse::<f64>()
+            .map_or("–", |v| if v <= goal(rtt) { "yes" } else { "no" });
+        println!(
+            "| {} | {rtt} ms | {key} | {r} | ≤ {:.1} | {met} |",
+            op.key(),
+            goal(rtt)
+        );
     }
 }

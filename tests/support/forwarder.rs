@@ -1,5 +1,6 @@
 //! What users do without etcd-proxy: a port-forward per connection (as kube-rs' example and
-//! kftray do), the benches' stand-in for `kubectl port-forward` where kubectl cannot run.
+//! kftray do). The benches run it beside the real `kubectl port-forward`
+//! (`super::kubectl`), which keeps one connection and opens a stream pair per connection.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;

@@ -11,6 +11,7 @@ use etcd_proxy_sim::{SimCluster, SimConfig};
 
 pub mod attack;
 pub mod forwarder;
+pub mod kubectl;
 pub mod proxies;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
