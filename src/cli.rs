@@ -121,6 +121,13 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: std::time::Duration,
 
+    /// How long opening a connection to a member may take: a port-forward tunnel (the
+    /// upgrade through the API server and the kubelet's dial into the pod) or, with --direct
+    /// and --endpoints, the TCP connect. Past it the attempt fails, the member counts as
+    /// failing and reads go to another member; other members' connections are not held up.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub dial_timeout: std::time::Duration,
+
     /// Where linearizable reads go: `leader` skips the follower-to-leader ReadIndex hop
     /// (lowest latency); `spread` round-robins them over the members like clientv3.
     /// Writes always go to the leader; serializable reads always spread. Status and MoveLeader
