@@ -897,7 +897,10 @@ mod tests {
         };
         assert!(matches!(err, ConnError::Timeout), "{err}");
         assert_eq!(Instant::now(), deadline);
-        assert!(conn.is_open(), "one slow stream does not condemn the connection");
+        assert!(
+            conn.is_open(),
+            "one slow stream does not condemn the connection"
+        );
         // Let the writer send the reset before the connection goes.
         tokio::time::sleep(Duration::from_millis(10)).await;
         drop(conn);

@@ -91,7 +91,8 @@ async fn connect_inner(
     let upgraded = hyper::upgrade::on(res)
         .await
         .map_err(|e| UpgradeError::Protocol(e.to_string()))?;
-    SpdyConn::start(TokioIo::new(upgraded), keepalive).map_err(|e| UpgradeError::Protocol(e.to_string()))
+    SpdyConn::start(TokioIo::new(upgraded), keepalive)
+        .map_err(|e| UpgradeError::Protocol(e.to_string()))
 }
 
 /// Checks a 101 as client-go does (`roundtripper.go` `NewConnection`, `portforward.go`
