@@ -16,6 +16,8 @@ mod controlplane;
 mod direct;
 /// Bad input: one clear line, a non-zero exit, never a panic or a hang.
 mod errors;
+/// Silent tunnel faults: upgrades never answered, black holes, drops without FIN or RST.
+mod faults;
 /// Gateway mode: --endpoints, straight to etcd, no Kubernetes.
 mod gateway;
 /// Hostile, unauthenticated clients: header bombs, oversized frames, slowloris, login floods.

@@ -153,6 +153,8 @@ struct ConnState {
     closed: AtomicBool,
     /// Streams whose request or response is still under way (for keepalive).
     open: AtomicUsize,
+    /// Notified when `open` leaves zero (for keepalive).
+    opened: tokio::sync::Notify,
 }
 
 /// An open connection to a member.
