@@ -642,6 +642,30 @@ mod tests {
         assert_eq!(dial.dials.load(Ordering::SeqCst), 2);
     }
 
+    /// A peer that accepts the connection and then says nothing (a tunnel black-holed from
+    /// the start): the first request's stream is pinged at once, not a keepalive period
+    /// later, and fails once the ping goes unanswered.
+    #[tokio::test]
+    async fn a_stream_after_a_quiet_spell_is_pinged_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                held.push(tcp);
+            }
+        });
+        let every = Duration::from_secs(60);
+        let timeout = Duration::from_millis(200);
+        let pool = keepalive_pool(counting(addr, false, Duration::ZERO), every, timeout);
+        let start = tokio::time::Instant::now();
+        let failed = tokio::time::timeout(Duration::from_secs(10), pool.send(get()))
+            .await
+            .expect("given up within the ping timeout, not the keepalive period");
+        assert!(failed.is_err(), "a silent peer cannot answer");
+        assert!(start.elapsed() >= timeout, "{:?}", start.elapsed());
+    }
+
     #[tokio::test]
     async fn a_reset_from_etcd_reaches_the_client_with_its_code() {
         // etcd's side: answers the stream's HEADERS and, once the proxy has them, resets it.
