@@ -83,6 +83,7 @@ pub(super) async fn drive(
                 Ok(_) => answered = Some(Instant::now()),
                 Err(_) => {
                     tracing::debug!(?timeout, "upstream HTTP/2 ping unanswered; closing the connection");
+                    state.unanswered.store(true, Ordering::Release);
                     break;
                 }
             },

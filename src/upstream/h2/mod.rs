@@ -117,6 +117,19 @@ pub enum H2Error {
     /// The request failed on an open connection.
     #[error(transparent)]
     Request(h2::Error),
+    /// The connection was given up while the request waited for its answer: a ping went
+    /// unanswered (the tunnel under it stopped passing data).
+    #[error(
+        "no answer to an HTTP/2 ping within {after:?} (--keepalive-timeout): the connection to \
+         the member stopped passing data"
+    )]
+    Unanswered {
+        /// The keepalive timeout.
+        after: Duration,
+        /// What `h2` reported.
+        #[source]
+        source: h2::Error,
+    },
     /// Reading the request body failed; the stream was reset.
     #[error("reading the request body: {0}")]
     Body(#[source] BoxError),
@@ -132,7 +145,7 @@ impl H2Error {
             H2Error::Connect(_) | H2Error::NotSent(_) | H2Error::NoAuthority(_) => true,
             // RFC 9113 §8.7: REFUSED_STREAM means no application processing took place.
             H2Error::Request(e) => e.reason() == Some(Reason::REFUSED_STREAM),
-            H2Error::Body(_) => false,
+            H2Error::Unanswered { .. } | H2Error::Body(_) => false,
         }
     }
 }
@@ -155,6 +168,8 @@ struct ConnState {
     open: AtomicUsize,
     /// Notified when `open` leaves zero (for keepalive).
     opened: tokio::sync::Notify,
+    /// Set when keepalive gave the connection up for an unanswered ping.
+    unanswered: AtomicBool,
 }
 
 /// An open connection to a member.
@@ -220,7 +235,7 @@ impl H2Pool {
                 Err(e) => return Err(H2Error::NotSent(e)),
             }
         };
-        let open = StreamGuard::new(state);
+        let open = StreamGuard::new(state.clone());
         let end = body.is_end_stream();
         let (response, mut tx) = sender
             .send_request(Request::from_parts(parts, ()), end)
@@ -238,7 +253,16 @@ impl H2Pool {
                 }
             }
         }
-        let resp = response.await.map_err(H2Error::Request)?;
+        let resp = response.await.map_err(|source| {
+            if state.unanswered.load(Ordering::Acquire) {
+                H2Error::Unanswered {
+                    after: self.inner.settings.timeout,
+                    source,
+                }
+            } else {
+                H2Error::Request(source)
+            }
+        })?;
         Ok(resp.map(|recv| H2Body::new(recv, open)))
     }
 
@@ -662,7 +686,14 @@ mod tests {
         let failed = tokio::time::timeout(Duration::from_secs(10), pool.send(get()))
             .await
             .expect("given up within the ping timeout, not the keepalive period");
-        assert!(failed.is_err(), "a silent peer cannot answer");
+        let err = failed.expect_err("a silent peer cannot answer");
+        assert!(matches!(err, H2Error::Unanswered { .. }), "{err:?}");
+        assert!(!err.is_connect(), "the request may have reached etcd");
+        assert!(
+            err.to_string()
+                .starts_with("no answer to an HTTP/2 ping within 200ms (--keepalive-timeout)"),
+            "{err}"
+        );
         assert!(start.elapsed() >= timeout, "{:?}", start.elapsed());
     }
 
