@@ -111,13 +111,15 @@ pub struct Cli {
     #[arg(long, value_name = "PORT")]
     pub member_ports: Option<u16>,
 
-    /// How often each member is health-checked through its tunnels. The checks also keep idle
-    /// tunnels alive through load-balancer and kubelet idle timeouts (Azure: 4 minutes).
+    /// How often each member is health-checked through its tunnels (and SPDY port-forward
+    /// connections pinged). The checks also keep idle tunnels alive through load-balancer and
+    /// kubelet idle timeouts (Azure: 4 minutes).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     pub keepalive: std::time::Duration,
 
-    /// How long a health check or HTTP/2 ping may go unanswered before the member is counted
-    /// as failing and the connection dropped.
+    /// How long a health check, HTTP/2 ping or SPDY ping may go unanswered before the member
+    /// is counted as failing and the connection dropped (a tunnel dropped without FIN or RST
+    /// is noticed this way).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: std::time::Duration,
 
