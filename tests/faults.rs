@@ -31,13 +31,13 @@ const MARGIN: Duration = Duration::from_secs(3);
 /// timeout the failing member makes the proxy wait out.
 const PROMPT: Duration = Duration::from_millis(1500);
 
-fn secs(d: Duration) -> String {
+fn flag(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
 
 /// The proxy over `protocol`, with the short timeouts, and its admin address.
 async fn proxy(sim: &SimCluster, protocol: &str) -> (Proxy, String) {
-    let (dial, keepalive, timeout) = (secs(DIAL), secs(KEEPALIVE), secs(KEEPALIVE_TIMEOUT));
+    let (dial, keepalive, timeout) = (flag(DIAL), flag(KEEPALIVE), flag(KEEPALIVE_TIMEOUT));
     let mut proxy = start_proxy(
         sim,
         &[
@@ -194,6 +194,22 @@ async fn failing_read(member_url: &str, why: &str) -> (Duration, String) {
     panic!("no read failed with {why:?}: {seen:#?}");
 }
 
+/// `GET /version` through `member_url`, which must fail, until it fails with `why` (as
+/// [`failing_read`]): how long that one took and the whole response.
+async fn failing_http(member_url: &str, why: &str) -> (Duration, String) {
+    let addr = member_url.trim_start_matches("http://");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let start = Instant::now();
+        let text = crate::clients::http1(addr, "GET", "/version", "").await;
+        if text.contains(why) {
+            return (start.elapsed(), text);
+        }
+        seen.push(text);
+    }
+    panic!("no GET failed with {why:?}: {seen:#?}");
+}
+
 /// Reads through `member_url` until one succeeds; returns how long it took. Fails past
 /// `bound`.
 async fn until_served(member_url: &str, bound: Duration) -> Duration {
@@ -246,6 +262,11 @@ async fn an_unanswered_upgrade_fails_the_dial_in_time_and_holds_up_no_other_memb
             took < DIAL + MARGIN,
             "{protocol}: the dial was not bounded: {took:?}"
         );
+        // HTTP/1.1 (v2, the JSON gateway) meets the same bound and the same words.
+        let (took, text) = failing_http(url_of(&proxy, &victim), &why).await;
+        eprintln!("{protocol}: GET /version from {victim} failed after {took:?}");
+        assert!(text.starts_with("HTTP/1.1 502"), "{protocol}: {text}");
+        assert!(took < DIAL + MARGIN, "{protocol}: {took:?}");
         // Two failed checks, each bounded by the check's timeout.
         let bound = (KEEPALIVE + KEEPALIVE_TIMEOUT) * 2 + DIAL + MARGIN;
         let down = until_reported(&admin, &victim, false, bound, &mut others).await;
