@@ -517,6 +517,50 @@ mod tests {
         )));
     }
 
+    /// An API server that accepts connections and never answers (wedged, or waiting for a
+    /// wedged kubelet).
+    async fn mute_api_server() -> kube::Client {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                held.push(tcp);
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_upgrade_fails_at_the_dial_timeout_in_every_mode() {
+        let client = mute_api_server().await;
+        let timing = Timing {
+            dial: Duration::from_millis(300),
+            keepalive: Keepalive {
+                every: Duration::from_secs(2),
+                timeout: Duration::from_secs(5),
+            },
+        };
+        for mode in [PortForward::WebSocket, PortForward::Spdy, PortForward::Auto] {
+            let tunnels = Tunneler::new(client.clone(), "etcd", mode, timing);
+            let start = Instant::now();
+            let err = tokio::time::timeout(Duration::from_secs(10), tunnels.open("etcd-0", 2379))
+                .await
+                .expect("the dial is bounded")
+                .err()
+                .expect("nobody answered");
+            assert!(start.elapsed() >= timing.dial, "{mode:?}");
+            assert!(matches!(err, Error::DialTimeout { .. }), "{mode:?}: {err}");
+            assert_eq!(
+                err.to_string(),
+                "port-forward to pod etcd-0 did not open within 300ms (--dial-timeout): no \
+                 answer from the API server or from the kubelet on the pod's node"
+            );
+            assert!(never_reached_etcd(&err), "safe to send elsewhere");
+        }
+    }
+
     #[tokio::test]
     async fn clean_eof_without_error_text() {
         let (ours, theirs) = tokio::io::duplex(64);
