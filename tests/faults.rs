@@ -1,7 +1,9 @@
 //! Silent faults on the tunnels, over WebSocket and SPDY: an upgrade the API server never
 //! answers, a connection black-holed right after its upgrade, and every established tunnel
-//! dropped without FIN or RST. For each, the member is counted down while the others keep
-//! serving without delay, and the proxy recovers within a bound made of its own timeouts.
+//! dropped without FIN or RST; and the container runtime's 1 s wait before it closes the
+//! tunnels of a pod whose side ended. For each, the member is counted down while the others
+//! keep serving without delay, and the proxy recovers within a bound made of its own
+//! timeouts.
 //!
 //! The proxy runs with short timeouts so that the bounds are seconds: [`DIAL`],
 //! [`KEEPALIVE`], [`KEEPALIVE_TIMEOUT`]. Each bound is the sum of the timeouts that the
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 use etcd_client::Client;
 use etcd_proxy_sim::{PortForwardFault, SimCluster};
 
-use crate::support::{cluster, start_proxy, within, Proxy};
+use crate::support::{cluster, start_proxy, within, within_for, Proxy, START_DEADLINE};
 
 /// `--dial-timeout`.
 const DIAL: Duration = Duration::from_secs(2);
@@ -380,6 +382,67 @@ async fn a_silent_drop_of_every_tunnel_is_noticed_and_watches_resume() {
             let took = until_served(url, bound).await;
             eprintln!("{protocol}: {name} served {took:?} later");
         }
+        drop(proxy);
+        within("sim.shutdown", sim.shutdown()).await;
+    }
+}
+
+/// The pod side ends (etcd is killed) and the runtime waits its 1 s grace before closing the
+/// tunnels (containerd's): requests in that second meet a connection that says nothing.
+/// Reads through the cluster endpoint never fail, requests to the dead member fail with the
+/// kubelet's reason instead of hanging, and after the restart the member serves again
+/// within the grace, a keepalive and a dial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pods_tunnels_closing_a_second_late_cost_no_reads() {
+    const GRACE: Duration = Duration::from_secs(1);
+    for protocol in ["websocket", "spdy"] {
+        let sim = cluster(3).await;
+        let (proxy, _admin) = proxy(&sim, protocol).await;
+        let victim = a_follower(&proxy).await;
+        let mut c = within(
+            "Client::connect",
+            Client::connect([proxy.cluster_addr.as_str()], None),
+        )
+        .await
+        .expect("connect");
+        within("c.put", c.put("grace", "v", None))
+            .await
+            .expect("put");
+        let reader = tokio::spawn(async move {
+            let (mut reads, mut failed) = (0, 0);
+            let until = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < until {
+                reads += 1;
+                let get = tokio::time::timeout(Duration::from_secs(10), c.get("grace", None));
+                if !matches!(get.await, Ok(Ok(r)) if r.kvs().len() == 1) {
+                    failed += 1;
+                }
+            }
+            (reads, failed)
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        within("sim.kill_pod", sim.kill_pod(&victim))
+            .await
+            .expect("kill");
+        let (took, err) = failing_read(
+            url_of(&proxy, &victim),
+            "nothing is listening on localhost:2379",
+        )
+        .await;
+        eprintln!("{protocol}: a read from the dead {victim} failed after {took:?}: {err}");
+        assert!(took < GRACE + DIAL + MARGIN, "{protocol}: {took:?}");
+        let (reads, failed) = within("reader", reader).await.expect("reader");
+        eprintln!("{protocol}: {reads} reads through the cluster endpoint, {failed} failed");
+        assert!(reads > 20, "{protocol}: the reader ran: {reads}");
+        assert_eq!(failed, 0, "{protocol}: reads go to the live members");
+
+        // The restarted member gets 30 s to report healthy.
+        within_for(START_DEADLINE, "sim.restart_pod", sim.restart_pod(&victim))
+            .await
+            .expect("restart");
+        let bound = GRACE + KEEPALIVE + KEEPALIVE_TIMEOUT + DIAL + MARGIN;
+        let back = until_served(url_of(&proxy, &victim), bound).await;
+        eprintln!("{protocol}: {victim} served {back:?} after its restart");
         drop(proxy);
         within("sim.shutdown", sim.shutdown()).await;
     }
