@@ -5,7 +5,10 @@
 //!   the port-forward request to the kubelet and waits for its response with no deadline of
 //!   its own: `UpgradeAwareHandler.tryUpgrade`
 //!   (`staging/src/k8s.io/apimachinery/pkg/util/proxy/upgradeaware.go`) writes the request to
-//!   the backend connection and blocks in `http.ReadResponse` on it. A kubelet whose
+//!   the backend connection (`dial`) and reads the answer with `getResponse`, a plain
+//!   `http.ReadResponse` (a deadline is set only on the path that relays a refusal), and
+//!   port-forward is a long-running request, exempt from the API server's request timeout
+//!   (kube-apiserver's `BasicLongRunningRequestCheck` lists `portforward`). A kubelet whose
 //!   streaming server is wedged (or a node that accepted the connection and then fell off the
 //!   network) therefore leaves the client's upgrade unanswered, on an open TLS connection,
 //!   for as long as the client waits. Other pods (other nodes) are not affected. Here the
