@@ -111,15 +111,24 @@ pub struct Cli {
     #[arg(long, value_name = "PORT")]
     pub member_ports: Option<u16>,
 
-    /// How often each member is health-checked through its tunnels. The checks also keep idle
-    /// tunnels alive through load-balancer and kubelet idle timeouts (Azure: 4 minutes).
+    /// How often each member is health-checked through its tunnels (and SPDY port-forward
+    /// connections pinged). The checks also keep idle tunnels alive through load-balancer and
+    /// kubelet idle timeouts (Azure: 4 minutes).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     pub keepalive: std::time::Duration,
 
-    /// How long a health check or HTTP/2 ping may go unanswered before the member is counted
-    /// as failing and the connection dropped.
+    /// How long a health check, HTTP/2 ping or SPDY ping may go unanswered before the member
+    /// is counted as failing and the connection dropped (a tunnel dropped without FIN or RST
+    /// is noticed this way).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: std::time::Duration,
+
+    /// How long opening a connection to a member may take: a port-forward tunnel (the
+    /// upgrade through the API server and the kubelet's dial into the pod) or, with --direct
+    /// and --endpoints, the TCP connect. Past it the attempt fails, the member counts as
+    /// failing and reads go to another member; other members' connections are not held up.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub dial_timeout: std::time::Duration,
 
     /// Where linearizable reads go: `leader` skips the follower-to-leader ReadIndex hop
     /// (lowest latency); `spread` round-robins them over the members like clientv3.

@@ -77,6 +77,8 @@ pub struct Config {
     pub keepalive: Duration,
     /// How long a check or ping may go unanswered.
     pub keepalive_timeout: Duration,
+    /// How long opening a member connection (a tunnel, or a TCP connect) may take.
+    pub dial_timeout: Duration,
     /// Local TLS, if any.
     pub tls: Option<TlsSource>,
     /// CA for client certificates (requires TLS).
@@ -131,7 +133,7 @@ pub enum Error {
         /// The base port.
         base: u16,
     },
-    /// A keepalive setting of zero.
+    /// A keepalive or timeout setting of zero.
     #[error("--{flag} must be longer than zero")]
     ZeroDuration {
         /// The flag.
@@ -216,6 +218,11 @@ impl TryFrom<Cli> for Config {
                 flag: "keepalive-timeout",
             });
         }
+        if cli.dial_timeout.is_zero() {
+            return Err(Error::ZeroDuration {
+                flag: "dial-timeout",
+            });
+        }
         if cli.header_timeout.is_zero() {
             return Err(Error::ZeroDuration {
                 flag: "header-timeout",
@@ -251,6 +258,7 @@ impl TryFrom<Cli> for Config {
             threads: cli.threads,
             keepalive: cli.keepalive,
             keepalive_timeout: cli.keepalive_timeout,
+            dial_timeout: cli.dial_timeout,
             tls,
             client_ca: cli.client_ca,
             auth_file: cli.auth_file,
@@ -354,6 +362,17 @@ mod tests {
         assert!(matches!(
             cfg(&["--keepalive", "0s"]),
             Err(Error::ZeroDuration { .. })
+        ));
+        assert_eq!(cfg(&[]).unwrap().dial_timeout, Duration::from_secs(10));
+        assert_eq!(
+            cfg(&["--dial-timeout", "3s"]).unwrap().dial_timeout,
+            Duration::from_secs(3)
+        );
+        assert!(matches!(
+            cfg(&["--dial-timeout", "0s"]),
+            Err(Error::ZeroDuration {
+                flag: "dial-timeout"
+            })
         ));
     }
 

@@ -16,6 +16,9 @@ mod controlplane;
 mod direct;
 /// Bad input: one clear line, a non-zero exit, never a panic or a hang.
 mod errors;
+/// Silent tunnel faults: upgrades never answered, black holes, drops without FIN or RST, the
+/// runtime's 1 s close grace.
+mod faults;
 /// Gateway mode: --endpoints, straight to etcd, no Kubernetes.
 mod gateway;
 /// Hostile, unauthenticated clients: header bombs, oversized frames, slowloris, login floods.

@@ -11,9 +11,6 @@ use crate::k8s::tunnel;
 use crate::member::EtcdPod;
 use crate::upstream::{BoxIo, Dial, DialFuture};
 
-/// How long a direct TCP connect may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Port-forward tunnels as the upstream pool's dialer.
 pub(super) struct TunnelDial(pub(super) tunnel::Tunneler);
 
@@ -31,6 +28,8 @@ impl Dial for TunnelDial {
 /// Plain TCP to the member's address (pod IP, or the host of a `--endpoints` URL).
 pub(super) struct DirectDial {
     pub(super) pods: watch::Receiver<Arc<Vec<EtcdPod>>>,
+    /// How long a connect may take (`--dial-timeout`).
+    pub(super) timeout: Duration,
 }
 
 /// The member has no address to connect to.
@@ -40,11 +39,12 @@ struct NoAddress(String);
 
 /// The connect did not finish in time.
 #[derive(Debug, thiserror::Error)]
-#[error("connecting to member {pod} at {host}:{port} timed out")]
+#[error("connecting to member {pod} at {host}:{port} timed out after {after:?} (--dial-timeout)")]
 struct ConnectTimeout {
     pod: String,
     host: String,
     port: u16,
+    after: Duration,
 }
 
 /// The TCP connect failed.
@@ -66,15 +66,17 @@ impl Dial for DirectDial {
             .find(|p| p.name == pod)
             .and_then(|p| p.ip.clone());
         let pod = pod.to_owned();
+        let after = self.timeout;
         Box::pin(async move {
             let host = host.ok_or_else(|| NoAddress(pod.clone()))?;
             let connect = TcpStream::connect((host.as_str(), port));
-            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            let tcp = tokio::time::timeout(after, connect)
                 .await
                 .map_err(|_| ConnectTimeout {
                     pod: pod.clone(),
                     host: host.clone(),
                     port,
+                    after,
                 })?
                 .map_err(|source| ConnectFailed {
                     pod,

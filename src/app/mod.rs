@@ -186,6 +186,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         Connect::Tunnels(tunnels) => Arc::new(TunnelDial(*tunnels)),
         Connect::Direct => Arc::new(DirectDial {
             pods: pods_rx.clone(),
+            timeout: cfg.dial_timeout,
         }),
     };
     // --keepalive paces both the HTTP/2 pings on upstream connections and the health checks

@@ -7,6 +7,7 @@ use http::Uri;
 use super::Error;
 use crate::config::Config;
 use crate::k8s::discovery::{Discovery, Selection};
+use crate::k8s::spdy::conn::Keepalive;
 use crate::k8s::{self, tunnel};
 use crate::member::EtcdPod;
 
@@ -86,6 +87,13 @@ impl Source {
                     kube.client.clone(),
                     &kube.namespace,
                     cfg.portforward,
+                    tunnel::Timing {
+                        dial: cfg.dial_timeout,
+                        keepalive: Keepalive {
+                            every: cfg.keepalive,
+                            timeout: cfg.keepalive_timeout,
+                        },
+                    },
                 ))),
                 "through port-forward",
             )

@@ -17,6 +17,12 @@
 //! when etcd does not listen on the pod's loopback, which is where the container runtime
 //! dials. We surface that text as the connection's read error instead of a bare EOF, so the
 //! user sees why.
+//!
+//! Opening a tunnel is bounded by the dial timeout ([`Timing::dial`], `--dial-timeout`): an
+//! API server or kubelet that accepts the upgrade and never answers would otherwise hold the
+//! dial, and every request waiting for that member's connection, forever. Each dial has its
+//! own deadline and holds no lock shared with other pods (the only lock held across an
+//! upgrade is the pod's own SPDY slot), so one member's hang never delays another's tunnels.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,12 +31,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::time::Instant;
 
-use super::spdy::conn::{ConnError, SpdyConn};
+use super::spdy::conn::{ConnError, Keepalive, SpdyConn};
 use super::spdy::upgrade::{self, UpgradeError};
 use crate::cli::PortForward;
 
@@ -102,6 +110,17 @@ pub enum Error {
         /// The port.
         port: u16,
     },
+    /// The tunnel did not open within the dial timeout.
+    #[error(
+        "port-forward to pod {pod} did not open within {after:?} (--dial-timeout): no answer \
+         from the API server or from the kubelet on the pod's node"
+    )]
+    DialTimeout {
+        /// The pod.
+        pod: String,
+        /// The dial timeout.
+        after: Duration,
+    },
     /// Any other error text the kubelet sent.
     #[error("port-forward to pod {pod} failed: {message}")]
     Kubelet {
@@ -126,6 +145,16 @@ fn ws_refusal(e: &kube::Error) -> Option<(u16, String)> {
 /// One SPDY connection per pod, shared by that pod's tunnels.
 type SpdyPool = Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<SpdyConn>>>>>;
 
+/// How long tunnels may take to open, and how SPDY connections are checked.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long opening one tunnel may take, upgrade included (`--dial-timeout`).
+    pub dial: Duration,
+    /// Pings on SPDY connections (`--keepalive`, `--keepalive-timeout`). WebSocket tunnels
+    /// carry one upstream connection each, which the health checks and HTTP/2 pings check.
+    pub keepalive: Keepalive,
+}
+
 /// Opens port-forward tunnels to pods in one namespace.
 #[derive(Clone)]
 pub struct Tunneler {
@@ -133,6 +162,7 @@ pub struct Tunneler {
     client: kube::Client,
     namespace: String,
     mode: PortForward,
+    timing: Timing,
     /// `auto` saw WebSocket refused and SPDY work: skip WebSocket from now on.
     prefer_spdy: Arc<AtomicBool>,
     spdy: Arc<SpdyPool>,
@@ -140,30 +170,34 @@ pub struct Tunneler {
 
 impl Tunneler {
     /// Tunnels through `client` into `namespace` with the protocol(s) of `mode`.
-    pub fn new(client: kube::Client, namespace: &str, mode: PortForward) -> Self {
+    pub fn new(client: kube::Client, namespace: &str, mode: PortForward, timing: Timing) -> Self {
         Self {
             pods: Api::namespaced(client.clone(), namespace),
             client,
             namespace: namespace.to_owned(),
             mode,
+            timing,
             prefer_spdy: Arc::new(AtomicBool::new(false)),
             spdy: Arc::default(),
         }
     }
 
-    /// Opens one tunnel to `port` in `pod`.
+    /// Opens one tunnel to `port` in `pod` within the dial timeout.
     pub async fn open(&self, pod: &str, port: u16) -> Result<TunnelStream, Error> {
+        let deadline = Instant::now() + self.timing.dial;
         match self.mode {
-            PortForward::WebSocket => self
-                .open_ws(pod, port)
-                .await
-                .map_err(|e| self.ws_error(pod, e)),
-            PortForward::Spdy => self.open_spdy(pod, port).await,
+            PortForward::WebSocket => match self.open_ws_by(pod, port, deadline).await? {
+                Ok(t) => Ok(t),
+                Err(e) => Err(self.ws_error(pod, e)),
+            },
+            PortForward::Spdy => self.open_spdy(pod, port, deadline).await,
             PortForward::Auto if self.prefer_spdy.load(Ordering::Relaxed) => {
-                self.open_spdy(pod, port).await
+                self.open_spdy(pod, port, deadline).await
             }
             PortForward::Auto => {
-                let ws = match self.open_ws(pod, port).await {
+                // A WebSocket upgrade that times out was not refused: no fallback (kubectl
+                // falls back only on `IsUpgradeFailure`).
+                let ws = match self.open_ws_by(pod, port, deadline).await? {
                     Ok(t) => return Ok(t),
                     Err(e) => e,
                 };
@@ -171,7 +205,7 @@ impl Tunneler {
                     return Err(self.ws_error(pod, ws));
                 };
                 tracing::debug!(pod, status = ws_status, message = %ws_message, "WebSocket port-forward refused; trying SPDY");
-                match self.open_spdy(pod, port).await {
+                match self.open_spdy(pod, port, deadline).await {
                     Ok(t) => {
                         if !self.prefer_spdy.swap(true, Ordering::Relaxed) {
                             tracing::info!(
@@ -193,6 +227,25 @@ impl Tunneler {
                     Err(e) => Err(e),
                 }
             }
+        }
+    }
+
+    /// [`Self::open_ws`] by `deadline`: the outer `Err` is the dial timeout.
+    async fn open_ws_by(
+        &self,
+        pod: &str,
+        port: u16,
+        deadline: Instant,
+    ) -> Result<Result<TunnelStream, kube::Error>, Error> {
+        tokio::time::timeout_at(deadline, self.open_ws(pod, port))
+            .await
+            .map_err(|_| self.timed_out(pod))
+    }
+
+    fn timed_out(&self, pod: &str) -> Error {
+        Error::DialTimeout {
+            pod: pod.to_owned(),
+            after: self.timing.dial,
         }
     }
 
@@ -226,8 +279,14 @@ impl Tunneler {
     }
 
     /// A stream pair on the pod's SPDY connection, upgrading a new connection if there is
-    /// none or it died (once per call: a fresh connection that fails is an error).
-    async fn open_spdy(&self, pod: &str, port: u16) -> Result<TunnelStream, Error> {
+    /// none or it died (once per call: a fresh connection that fails is an error), all by
+    /// `deadline`.
+    async fn open_spdy(
+        &self,
+        pod: &str,
+        port: u16,
+        deadline: Instant,
+    ) -> Result<TunnelStream, Error> {
         let slot = {
             let mut pool = self.spdy.lock().unwrap_or_else(|p| p.into_inner());
             pool.entry(pod.to_owned()).or_default().clone()
@@ -238,21 +297,29 @@ impl Tunneler {
         loop {
             let conn = {
                 // Held across the upgrade: concurrent tunnels to one pod share one upgrade.
-                let mut current = slot.lock().await;
+                let mut current = tokio::time::timeout_at(deadline, slot.lock())
+                    .await
+                    .map_err(|_| self.timed_out(pod))?;
                 let failed_here = |c: &SpdyConn| failed.as_ref().is_some_and(|f| f.same(c));
                 match current.as_ref() {
                     Some(c) if c.is_open() && !failed_here(c) => c.clone(),
                     _ => {
-                        let c = upgrade::connect(&self.client, &self.namespace, pod)
-                            .await
-                            .map_err(|e| self.spdy_error(pod, e))?;
+                        let c = upgrade::connect(
+                            &self.client,
+                            &self.namespace,
+                            pod,
+                            self.timing.keepalive,
+                            deadline,
+                        )
+                        .await
+                        .map_err(|e| self.spdy_error(pod, e))?;
                         tracing::debug!(pod, "SPDY port-forward connection opened");
                         *current = Some(c.clone());
                         c
                     }
                 }
             };
-            match conn.open(port).await {
+            match conn.open(port, deadline).await {
                 Ok((stream, error)) => {
                     tracing::debug!(pod, port, "SPDY tunnel opened");
                     let m = crate::metrics::get();
@@ -269,6 +336,9 @@ impl Tunneler {
                 Err(e) if e.connection_gone() && failed.is_none() => {
                     tracing::debug!(pod, error = %e, "SPDY connection gone; upgrading a new one");
                     failed = Some(conn);
+                }
+                Err(ConnError::Timeout) if Instant::now() >= deadline => {
+                    return Err(self.timed_out(pod))
                 }
                 Err(e) => {
                     return Err(Error::SpdyStream {
@@ -305,6 +375,10 @@ impl Tunneler {
                 message: format!("SPDY (POST): {message}"),
             },
             UpgradeError::Refused { status: 404, .. } => Error::PodNotFound { pod, namespace },
+            UpgradeError::Timeout => Error::DialTimeout {
+                pod,
+                after: self.timing.dial,
+            },
             source => Error::SpdyOpen { pod, source },
         }
     }
@@ -441,6 +515,50 @@ mod tests {
         assert!(!never_reached_etcd(&io::Error::other(
             "connection reset by peer"
         )));
+    }
+
+    /// An API server that accepts connections and never answers (wedged, or waiting for a
+    /// wedged kubelet).
+    async fn mute_api_server() -> kube::Client {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                held.push(tcp);
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_upgrade_fails_at_the_dial_timeout_in_every_mode() {
+        let client = mute_api_server().await;
+        let timing = Timing {
+            dial: Duration::from_millis(300),
+            keepalive: Keepalive {
+                every: Duration::from_secs(2),
+                timeout: Duration::from_secs(5),
+            },
+        };
+        for mode in [PortForward::WebSocket, PortForward::Spdy, PortForward::Auto] {
+            let tunnels = Tunneler::new(client.clone(), "etcd", mode, timing);
+            let start = Instant::now();
+            let err = tokio::time::timeout(Duration::from_secs(10), tunnels.open("etcd-0", 2379))
+                .await
+                .expect("the dial is bounded")
+                .err()
+                .expect("nobody answered");
+            assert!(start.elapsed() >= timing.dial, "{mode:?}");
+            assert!(matches!(err, Error::DialTimeout { .. }), "{mode:?}: {err}");
+            assert_eq!(
+                err.to_string(),
+                "port-forward to pod etcd-0 did not open within 300ms (--dial-timeout): no \
+                 answer from the API server or from the kubelet on the pod's node"
+            );
+            assert!(never_reached_etcd(&err), "safe to send elsewhere");
+        }
     }
 
     #[tokio::test]

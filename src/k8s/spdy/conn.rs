@@ -27,9 +27,14 @@
 //! - **Bounded.** Frames and header blocks are capped in [`super::frame`]; error-stream
 //!   text is kept up to [`MAX_ERROR_TEXT`]; each stream buffers at most [`STREAM_BUFFER`]
 //!   bytes towards its consumer.
-//! - **A dead connection is noticed.** The client pings every [`PING_PERIOD`] (the kubelet's
-//!   server echoes pings and never starts its own); one unanswered for [`PING_TIMEOUT`]
-//!   fails the connection: its streams end, and new tunnels get a fresh upgrade.
+//! - **A dead connection is noticed.** The client pings [`Keepalive::every`] after the last
+//!   answer (the kubelet's server echoes pings and never starts its own); one unanswered for
+//!   [`Keepalive::timeout`] fails the connection: its streams end, and new tunnels get a fresh
+//!   upgrade. A connection dropped silently (no FIN, no RST: a load balancer's idle drop, a
+//!   partition) is therefore given up within `every + timeout`, etcd-proxy's `--keepalive`
+//!   plus `--keepalive-timeout`, not after the kernel's retransmission timeout.
+//! - **Opening a stream pair is bounded** by the caller's deadline (the dial timeout), and
+//!   a pair that misses it is reset, so that a wedged kubelet leaves nothing behind.
 //! - **The connection ends with its last user.** Dropping the last [`SpdyConn`] and the last
 //!   stream aborts the reader and writer tasks, which closes the TCP connection.
 
@@ -43,6 +48,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 use super::frame::{self, rst, Decoder, Encoder, Frame, FrameError, FLAG_FIN};
 
@@ -52,12 +58,18 @@ pub const STREAM_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const STREAM_BUFFER: usize = 64 * 1024;
 /// Most error-stream text kept per pair.
 pub const MAX_ERROR_TEXT: usize = 16 * 1024;
-/// How often the client pings, as kubectl does (client-go `transport/spdy/spdy.go`
-/// `PingPeriod`): keeps idle connections alive through load balancers' idle timeouts.
-pub const PING_PERIOD: Duration = Duration::from_secs(5);
-/// A ping unanswered this long marks the connection dead (a silently dropped TCP
-/// connection would otherwise only show as 30-second stream timeouts).
-pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The connection's pings. kubectl pings every 5 s (client-go `transport/spdy/spdy.go`
+/// `PingPeriod`) to keep idle connections alive through load balancers' idle timeouts, but
+/// never gives up on an unanswered one; etcd-proxy does, so that a silently dropped TCP
+/// connection is noticed instead of showing only as stream timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    /// Time from one ping's answer to the next ping.
+    pub every: Duration,
+    /// How long a ping may go unanswered before the connection is failed.
+    pub timeout: Duration,
+}
 /// Largest DATA frame written: Go's `io.Copy` buffer, what kubectl and the runtime use.
 const MAX_WRITE: usize = 32 * 1024;
 /// Queued DATA frames before senders wait for the socket.
@@ -132,10 +144,12 @@ struct State {
     streams: HashMap<u32, Slot>,
     /// Set once the connection cannot open streams: why.
     closed: Option<String>,
-    /// The outstanding ping: its id and when it was sent.
-    ping: Option<(u32, tokio::time::Instant)>,
+    /// The outstanding ping's id.
+    ping: Option<u32>,
     /// The next ping id (odd).
     next_ping: u32,
+    /// The id of the last ping answered, for the ping loop.
+    pong: Option<watch::Sender<u32>>,
     /// Becomes true when the connection has failed; pumps stop waiting on it.
     dead: Option<watch::Sender<bool>>,
 }
@@ -162,8 +176,9 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl SpdyConn {
-    /// Runs the SPDY client protocol over `io`, an upgraded connection.
-    pub fn start<S>(io: S) -> Result<Self, FrameError>
+    /// Runs the SPDY client protocol over `io`, an upgraded connection, pinging it as
+    /// `keepalive` says.
+    pub fn start<S>(io: S, keepalive: Keepalive) -> Result<Self, FrameError>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -173,13 +188,15 @@ impl SpdyConn {
             next_id: 1,
             next_ping: 1,
             dead: Some(watch::Sender::new(false)),
+            pong: Some(watch::Sender::new(0)),
             ..State::default()
         }));
+        let pongs = lock(&state).pong.as_ref().map(watch::Sender::subscribe);
         let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
         let writer = tokio::spawn(write_loop(wr, encoder, ctrl_rx, data_rx, state.clone()));
         let reader = tokio::spawn(read_loop(rd, state.clone(), ctrl_tx.clone()));
-        let pinger = tokio::spawn(ping_loop(state.clone(), ctrl_tx.clone()));
+        let pinger = tokio::spawn(ping_loop(state.clone(), ctrl_tx.clone(), keepalive, pongs));
         Ok(Self {
             shared: Arc::new(Shared {
                 state,
@@ -206,7 +223,13 @@ impl SpdyConn {
 
     /// Forwards one TCP connection to `port` in the pod: opens the error stream, then the
     /// data stream, as kubectl does. Returns the data stream's bytes and its error text.
-    pub async fn open(&self, port: u16) -> Result<(DuplexStream, ErrorText), ConnError> {
+    /// The server must accept both by `deadline` (and within [`STREAM_REPLY_TIMEOUT`]).
+    pub async fn open(
+        &self,
+        port: u16,
+        deadline: Instant,
+    ) -> Result<(DuplexStream, ErrorText), ConnError> {
+        let deadline = deadline.min(Instant::now() + STREAM_REPLY_TIMEOUT);
         let request = {
             let mut st = lock(&self.shared.state);
             let r = st.next_request;
@@ -227,7 +250,7 @@ impl SpdyConn {
             done: Some(done_tx),
         };
         let (error_id, reply) = self.syn_stream(headers("error"), error_sink)?;
-        self.await_reply(error_id, reply).await?;
+        self.await_reply(error_id, reply, deadline).await?;
         let _ = self.shared.ctrl.send(Frame::Data {
             stream_id: error_id,
             flags: FLAG_FIN,
@@ -238,7 +261,10 @@ impl SpdyConn {
         // The data stream.
         let (in_tx, in_rx) = mpsc::channel::<Bytes>(4);
         let opened = match self.syn_stream(headers("data"), Sink::Data(in_tx)) {
-            Ok((data_id, reply)) => self.await_reply(data_id, reply).await.map(|()| data_id),
+            Ok((data_id, reply)) => self
+                .await_reply(data_id, reply, deadline)
+                .await
+                .map(|()| data_id),
             Err(e) => Err(e),
         };
         let data_id = match opened {
@@ -300,8 +326,9 @@ impl SpdyConn {
         &self,
         id: u32,
         reply: oneshot::Receiver<Result<(), ConnError>>,
+        deadline: Instant,
     ) -> Result<(), ConnError> {
-        match tokio::time::timeout(STREAM_REPLY_TIMEOUT, reply).await {
+        match tokio::time::timeout_at(deadline, reply).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ConnError::Closed("connection ended".into())),
             Err(_) => {
@@ -546,8 +573,11 @@ async fn handle(
             } else {
                 // The reply to ours.
                 let mut st = lock(state);
-                if st.ping.is_some_and(|(sent, _)| sent == id) {
+                if st.ping == Some(id) {
                     st.ping = None;
+                    if let Some(pong) = &st.pong {
+                        pong.send_replace(id);
+                    }
                 }
             }
         }
@@ -597,47 +627,43 @@ fn end_stream(st: &mut State, id: u32) {
     // A data sink is dropped here: its pump sees the end and shuts the consumer's side.
 }
 
-/// Pings every [`PING_PERIOD`]; fails the connection when a ping goes unanswered for
-/// [`PING_TIMEOUT`].
-async fn ping_loop(state: Arc<Mutex<State>>, ctrl: mpsc::UnboundedSender<Frame>) {
-    let mut tick = tokio::time::interval(PING_PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+/// Pings [`Keepalive::every`] after the previous answer, one ping at a time as spdystream's
+/// `Ping` does; fails the connection when one goes unanswered for [`Keepalive::timeout`].
+async fn ping_loop(
+    state: Arc<Mutex<State>>,
+    ctrl: mpsc::UnboundedSender<Frame>,
+    keepalive: Keepalive,
+    pongs: Option<watch::Receiver<u32>>,
+) {
+    let Some(mut pongs) = pongs else { return };
     loop {
-        tick.tick().await;
-        let now = tokio::time::Instant::now();
-        let ping = {
+        tokio::time::sleep(keepalive.every).await;
+        let id = {
             let mut st = lock(&state);
             if st.closed.is_some() && st.streams.is_empty() {
                 return;
             }
-            match st.ping {
-                Some((_, sent)) if now.duration_since(sent) >= PING_TIMEOUT => None,
-                // One ping outstanding at a time, as spdystream's `Ping` does.
-                Some(_) => continue,
-                None => {
-                    let id = st.next_ping;
-                    // Odd ids from the client, never 0; wrap within 31 bits.
-                    st.next_ping = if id >= frame::MAX_STREAM_ID - 2 {
-                        1
-                    } else {
-                        id + 2
-                    };
-                    st.ping = Some((id, now));
-                    Some(id)
-                }
-            }
+            let id = st.next_ping;
+            // Odd ids from the client, never 0; wrap within 31 bits.
+            st.next_ping = if id >= frame::MAX_STREAM_ID - 2 {
+                1
+            } else {
+                id + 2
+            };
+            st.ping = Some(id);
+            id
         };
-        match ping {
-            Some(id) => {
-                if ctrl.send(Frame::Ping { id }).is_err() {
-                    return;
-                }
-            }
-            None => {
+        if ctrl.send(Frame::Ping { id }).is_err() {
+            return;
+        }
+        match tokio::time::timeout(keepalive.timeout, pongs.wait_for(|p| *p == id)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let timeout = keepalive.timeout;
                 fail(
                     &state,
-                    format!("no reply to a SPDY PING within {PING_TIMEOUT:?}"),
+                    format!("no reply to a SPDY PING within {timeout:?}"),
                 );
                 return;
             }
@@ -693,6 +719,17 @@ mod tests {
         }
     }
 
+    /// kubectl's ping period, and a timeout.
+    const KEEPALIVE: Keepalive = Keepalive {
+        every: Duration::from_secs(5),
+        timeout: Duration::from_secs(15),
+    };
+
+    /// A deadline no test reaches.
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
     fn reply(id: u32) -> Frame {
         Frame::SynReply {
             stream_id: id,
@@ -730,8 +767,8 @@ mod tests {
             ],
             _ => vec![],
         }));
-        let conn = SpdyConn::start(client).unwrap();
-        let (mut s, error) = conn.open(2379).await.unwrap();
+        let conn = SpdyConn::start(client, KEEPALIVE).unwrap();
+        let (mut s, error) = conn.open(2379, far()).await.unwrap();
         s.write_all(b"ping").await.unwrap();
         s.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -797,13 +834,13 @@ mod tests {
             }],
             _ => vec![],
         }));
-        let conn = SpdyConn::start(client).unwrap();
-        let (mut s, error) = conn.open(2379).await.unwrap();
+        let conn = SpdyConn::start(client, KEEPALIVE).unwrap();
+        let (mut s, error) = conn.open(2379, far()).await.unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
         assert!(got.is_empty());
         assert!(error.await.unwrap().contains("connection refused"));
-        let Err(err) = conn.open(2379).await else {
+        let Err(err) = conn.open(2379, far()).await else {
             panic!("the second pair was accepted")
         };
         assert!(matches!(err, ConnError::Refused(rst::CANCEL)), "{err}");
@@ -813,9 +850,9 @@ mod tests {
     #[tokio::test]
     async fn server_close_fails_streams() {
         let (client, srv) = tokio::io::duplex(1 << 16);
-        let conn = SpdyConn::start(client).unwrap();
+        let conn = SpdyConn::start(client, KEEPALIVE).unwrap();
         drop(srv);
-        let Err(err) = conn.open(1).await else {
+        let Err(err) = conn.open(1, far()).await else {
             panic!("opened a stream on a dead connection")
         };
         assert!(err.connection_gone(), "{err}");
@@ -828,8 +865,10 @@ mod tests {
     async fn unanswered_pings_fail_the_connection() {
         let (client, srv) = tokio::io::duplex(1 << 16);
         let silent = tokio::spawn(server(srv, |_| vec![]));
-        let conn = SpdyConn::start(client).unwrap();
-        tokio::time::sleep(PING_PERIOD + PING_TIMEOUT + PING_PERIOD * 2).await;
+        let conn = SpdyConn::start(client, KEEPALIVE).unwrap();
+        tokio::time::sleep(KEEPALIVE.every + KEEPALIVE.timeout - Duration::from_millis(1)).await;
+        assert!(conn.is_open(), "not before the timeout");
+        tokio::time::sleep(Duration::from_millis(2)).await;
         assert!(!conn.is_open());
         drop(conn);
         let seen = silent.await.unwrap();
@@ -840,20 +879,53 @@ mod tests {
             Frame::Ping { id } => vec![Frame::Ping { id: *id }],
             _ => vec![],
         }));
-        let conn = SpdyConn::start(client).unwrap();
-        tokio::time::sleep(PING_TIMEOUT * 4).await;
+        let conn = SpdyConn::start(client, KEEPALIVE).unwrap();
+        tokio::time::sleep(KEEPALIVE.timeout * 4).await;
         assert!(conn.is_open());
+    }
+
+    /// A server that never accepts a stream (a wedged kubelet): `open` gives up at the
+    /// caller's deadline and resets the stream it asked for.
+    #[tokio::test(start_paused = true)]
+    async fn an_unaccepted_stream_gives_up_at_the_deadline() {
+        let (client, srv) = tokio::io::duplex(1 << 16);
+        let silent = tokio::spawn(server(srv, |_| vec![]));
+        let conn = SpdyConn::start(client, KEEPALIVE).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let Err(err) = conn.open(2379, deadline).await else {
+            panic!("a stream nobody accepted opened")
+        };
+        assert!(matches!(err, ConnError::Timeout), "{err}");
+        assert_eq!(Instant::now(), deadline);
+        assert!(
+            conn.is_open(),
+            "one slow stream does not condemn the connection"
+        );
+        // Let the writer send the reset before the connection goes.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(conn);
+        let seen = silent.await.unwrap();
+        assert!(
+            seen.iter().any(|f| matches!(
+                f,
+                Frame::RstStream {
+                    stream_id: 1,
+                    status: rst::CANCEL
+                }
+            )),
+            "{seen:?}"
+        );
     }
 
     #[tokio::test]
     async fn garbage_from_the_server_ends_the_connection() {
         let (client, mut srv) = tokio::io::duplex(1 << 16);
-        let conn = SpdyConn::start(client).unwrap();
+        let conn = SpdyConn::start(client, KEEPALIVE).unwrap();
         // A control frame claiming 16 MiB.
         srv.write_all(&[0x80, 3, 0, 2, 0, 0xff, 0xff, 0xff])
             .await
             .unwrap();
-        let Err(err) = conn.open(1).await else {
+        let Err(err) = conn.open(1, far()).await else {
             panic!("opened a stream on a dead connection")
         };
         assert!(err.connection_gone(), "{err}");

@@ -13,14 +13,18 @@
 //! `spdy/3.1` (case-insensitive, as client-go checks) and the protocol echoed. Anything
 //! else is a refusal; its body is the API server's `Status` JSON or the kubelet's text,
 //! read up to [`MAX_ERROR_BODY`] bytes.
-
-use std::time::Duration;
+//!
+//! The upgrade must finish by the caller's deadline (the dial timeout): an API server that
+//! reads the request and never answers (a wedged kubelet behind its proxy, which waits for
+//! the kubelet's answer without a deadline) would otherwise hold the dial forever.
 
 use http::{header, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 
-use super::conn::SpdyConn;
+use tokio::time::Instant;
+
+use super::conn::{Keepalive, SpdyConn};
 
 /// The port-forward subprotocol.
 pub const PROTOCOL: &str = "portforward.k8s.io";
@@ -28,8 +32,6 @@ pub const PROTOCOL: &str = "portforward.k8s.io";
 pub const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 /// How much of a refusal's body is read.
 pub const MAX_ERROR_BODY: usize = 64 * 1024;
-/// How long the upgrade may take.
-pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the upgrade did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -48,18 +50,21 @@ pub enum UpgradeError {
     /// The request did not get an answer.
     #[error(transparent)]
     Kube(#[from] kube::Error),
-    /// No answer in time.
-    #[error("the SPDY port-forward upgrade took longer than {UPGRADE_TIMEOUT:?}")]
+    /// No answer by the deadline.
+    #[error("no answer to the SPDY port-forward upgrade in time")]
     Timeout,
 }
 
-/// Upgrades a POST to `pods/{pod}/portforward` in `namespace` to SPDY.
+/// Upgrades a POST to `pods/{pod}/portforward` in `namespace` to SPDY by `deadline`; the
+/// connection is then pinged as `keepalive` says.
 pub async fn connect(
     client: &kube::Client,
     namespace: &str,
     pod: &str,
+    keepalive: Keepalive,
+    deadline: Instant,
 ) -> Result<SpdyConn, UpgradeError> {
-    tokio::time::timeout(UPGRADE_TIMEOUT, connect_inner(client, namespace, pod))
+    tokio::time::timeout_at(deadline, connect_inner(client, namespace, pod, keepalive))
         .await
         .map_err(|_| UpgradeError::Timeout)?
 }
@@ -68,6 +73,7 @@ async fn connect_inner(
     client: &kube::Client,
     namespace: &str,
     pod: &str,
+    keepalive: Keepalive,
 ) -> Result<SpdyConn, UpgradeError> {
     let req = Request::post(format!(
         "/api/v1/namespaces/{namespace}/pods/{pod}/portforward"
@@ -85,7 +91,8 @@ async fn connect_inner(
     let upgraded = hyper::upgrade::on(res)
         .await
         .map_err(|e| UpgradeError::Protocol(e.to_string()))?;
-    SpdyConn::start(TokioIo::new(upgraded)).map_err(|e| UpgradeError::Protocol(e.to_string()))
+    SpdyConn::start(TokioIo::new(upgraded), keepalive)
+        .map_err(|e| UpgradeError::Protocol(e.to_string()))
 }
 
 /// Checks a 101 as client-go does (`roundtripper.go` `NewConnection`, `portforward.go`

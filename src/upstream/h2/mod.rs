@@ -117,6 +117,19 @@ pub enum H2Error {
     /// The request failed on an open connection.
     #[error(transparent)]
     Request(h2::Error),
+    /// The connection was given up while the request waited for its answer: a ping went
+    /// unanswered (the tunnel under it stopped passing data).
+    #[error(
+        "no answer to an HTTP/2 ping within {after:?} (--keepalive-timeout): the connection to \
+         the member stopped passing data"
+    )]
+    Unanswered {
+        /// The keepalive timeout.
+        after: Duration,
+        /// What `h2` reported.
+        #[source]
+        source: h2::Error,
+    },
     /// Reading the request body failed; the stream was reset.
     #[error("reading the request body: {0}")]
     Body(#[source] BoxError),
@@ -132,7 +145,7 @@ impl H2Error {
             H2Error::Connect(_) | H2Error::NotSent(_) | H2Error::NoAuthority(_) => true,
             // RFC 9113 §8.7: REFUSED_STREAM means no application processing took place.
             H2Error::Request(e) => e.reason() == Some(Reason::REFUSED_STREAM),
-            H2Error::Body(_) => false,
+            H2Error::Unanswered { .. } | H2Error::Body(_) => false,
         }
     }
 }
@@ -153,6 +166,10 @@ struct ConnState {
     closed: AtomicBool,
     /// Streams whose request or response is still under way (for keepalive).
     open: AtomicUsize,
+    /// Notified when `open` leaves zero (for keepalive).
+    opened: tokio::sync::Notify,
+    /// Set when keepalive gave the connection up for an unanswered ping.
+    unanswered: AtomicBool,
 }
 
 /// An open connection to a member.
@@ -218,7 +235,7 @@ impl H2Pool {
                 Err(e) => return Err(H2Error::NotSent(e)),
             }
         };
-        let open = StreamGuard::new(state);
+        let open = StreamGuard::new(state.clone());
         let end = body.is_end_stream();
         let (response, mut tx) = sender
             .send_request(Request::from_parts(parts, ()), end)
@@ -236,7 +253,16 @@ impl H2Pool {
                 }
             }
         }
-        let resp = response.await.map_err(H2Error::Request)?;
+        let resp = response.await.map_err(|source| {
+            if state.unanswered.load(Ordering::Acquire) {
+                H2Error::Unanswered {
+                    after: self.inner.settings.timeout,
+                    source,
+                }
+            } else {
+                H2Error::Request(source)
+            }
+        })?;
         Ok(resp.map(|recv| H2Body::new(recv, open)))
     }
 
@@ -638,6 +664,37 @@ mod tests {
         let (_tx, req) = streaming();
         let _ = pool.send(req).await.expect("response on a new connection");
         assert_eq!(dial.dials.load(Ordering::SeqCst), 2);
+    }
+
+    /// A peer that accepts the connection and then says nothing (a tunnel black-holed from
+    /// the start): the first request's stream is pinged at once, not a keepalive period
+    /// later, and fails once the ping goes unanswered.
+    #[tokio::test]
+    async fn a_stream_after_a_quiet_spell_is_pinged_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                held.push(tcp);
+            }
+        });
+        let every = Duration::from_secs(60);
+        let timeout = Duration::from_millis(200);
+        let pool = keepalive_pool(counting(addr, false, Duration::ZERO), every, timeout);
+        let start = tokio::time::Instant::now();
+        let failed = tokio::time::timeout(Duration::from_secs(10), pool.send(get()))
+            .await
+            .expect("given up within the ping timeout, not the keepalive period");
+        let err = failed.expect_err("a silent peer cannot answer");
+        assert!(matches!(err, H2Error::Unanswered { .. }), "{err:?}");
+        assert!(!err.is_connect(), "the request may have reached etcd");
+        assert!(
+            err.to_string()
+                .starts_with("no answer to an HTTP/2 ping within 200ms (--keepalive-timeout)"),
+            "{err}"
+        );
+        assert!(start.elapsed() >= timeout, "{:?}", start.elapsed());
     }
 
     #[tokio::test]

@@ -21,7 +21,10 @@ pub(super) struct StreamGuard(Arc<ConnState>);
 
 impl StreamGuard {
     pub(super) fn new(state: Arc<ConnState>) -> Self {
-        state.open.fetch_add(1, Ordering::Relaxed);
+        if state.open.fetch_add(1, Ordering::Relaxed) == 0 {
+            // A stored permit if the keepalive task is not waiting yet.
+            state.opened.notify_one();
+        }
         Self(state)
     }
 }

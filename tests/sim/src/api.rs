@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{Attributes, User};
+use crate::faults::PortForwardFault;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::{objects, portforward, status, watch, Shared};
 
@@ -75,8 +76,10 @@ pub(crate) async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: 
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let shared = shared.clone();
+        // Under TLS, so that the silent faults act on the TCP connection (`faults`).
+        let valve = shared.faults.valve();
         conns.spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
+            let tls = match acceptor.accept(valve.wrap(tcp)).await {
                 Ok(tls) => tls,
                 Err(e) => {
                     tracing::debug!("TLS handshake failed: {e}");
@@ -90,7 +93,8 @@ pub(crate) async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: 
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(|leaf| crate::tls::cert_admin(leaf));
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(valve.clone());
                 let shared = shared.clone();
                 let cert_user = cert_user.clone();
                 async move { Ok::<_, Infallible>(handle(shared, req, cert_user).await) }
@@ -273,6 +277,13 @@ async fn handle(
     let ns_ok = route.namespace.is_empty() || route.namespace == shared.cfg.namespace;
     match (route.resource, route.subresource) {
         ("pods", "portforward") => {
+            if ns_ok && shared.faults.get(route.name) == Some(PortForwardFault::Unanswered) {
+                // The API server waits for the wedged kubelet's answer without a deadline.
+                shared
+                    .faults
+                    .while_in_force(route.name, PortForwardFault::Unanswered)
+                    .await;
+            }
             portforward::handle(shared.clone(), req, route.namespace, route.name, &query)
         }
         ("pods", _) if route.name.is_empty() => pods_collection(&shared, ns_ok, &query, is_watch),

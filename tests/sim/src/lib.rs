@@ -11,7 +11,9 @@
 //! kubelet's port-forward protocols: WebSocket (`v4.channel.k8s.io`) and
 //! SPDY/3.1 (`portforward.k8s.io`, what `kubectl port-forward` falls back to). Faults
 //! (killed pods, cut tunnels, latency, the kubelet's idle timeout, API server
-//! outages, scaling with real etcd membership changes) can be injected from tests.
+//! outages, scaling with real etcd membership changes, and the silent ones: upgrades never
+//! answered, connections black-holed after the upgrade or dropped without FIN or RST) can be
+//! injected from tests.
 //!
 //! Two layouts ([`Layout`]): an etcd StatefulSet with its headless Service (the default), or
 //! kubeadm's control-plane etcd — static pods `etcd-<node>` in `kube-system`, host network,
@@ -28,6 +30,7 @@ mod auth;
 mod discovery;
 mod error;
 mod etcd;
+mod faults;
 mod idle;
 mod membership;
 mod objects;
@@ -55,6 +58,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 pub use error::SimError;
+pub use faults::PortForwardFault;
 pub use pki::EtcdPki;
 /// The SPDY/3.1 frame codec the simulator's kubelet side uses (etcd-proxy's own, compiled
 /// here too), for tests that speak SPDY to the simulator by hand.
@@ -65,6 +69,7 @@ pub use variant::{CaData, KubeconfigVariant, UserAuth};
 
 use auth::Auth;
 use etcd::{Member, MemberSpec, MemberTls};
+use faults::Faults;
 use objects::{Identity, PodState};
 use portforward::Tunnels;
 use server::ApiServer;
@@ -172,7 +177,12 @@ pub(crate) struct Shared {
     /// The running members, in ordinal order; changes when scaling.
     members: Mutex<Vec<Arc<Member>>>,
     pub tunnels: Arc<Tunnels>,
+    /// Silent faults on port-forward connections.
+    pub faults: Faults,
     latency_nanos: AtomicU64,
+    /// The container runtime's grace for the other direction of a forwarded connection once
+    /// one direction has ended.
+    close_grace_nanos: AtomicU64,
     /// The etcd PKI, with [`Layout::ControlPlane`].
     pki: Option<EtcdPki>,
 }
@@ -181,6 +191,17 @@ impl Shared {
     /// The injected one-way latency.
     pub fn latency(&self) -> Duration {
         Duration::from_nanos(self.latency_nanos.load(Ordering::Relaxed))
+    }
+
+    /// See [`SimCluster::set_close_grace`].
+    pub fn close_grace(&self) -> Duration {
+        Duration::from_nanos(self.close_grace_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Closes every port-forward socket, frozen ones included.
+    fn cut_all(&self) {
+        self.tunnels.cut();
+        self.faults.release();
     }
 
     fn lock_members(&self) -> MutexGuard<'_, Vec<Arc<Member>>> {
@@ -337,7 +358,9 @@ impl SimCluster {
             root: dir.path().to_path_buf(),
             members: Mutex::new(members.into_iter().map(Arc::new).collect()),
             tunnels: Arc::new(Tunnels::default()),
+            faults: Faults::default(),
             latency_nanos: AtomicU64::new(0),
+            close_grace_nanos: AtomicU64::new(nanos(portforward::RUNTIME_CLOSE_GRACE)),
             pki: pki.map(|ca| ca.files),
         });
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
@@ -445,7 +468,38 @@ impl SimCluster {
 
     /// Fault: abruptly closes every open port-forward socket and its pod connection.
     pub fn cut_tunnels(&self) {
-        self.shared.tunnels.cut();
+        self.shared.cut_all();
+    }
+
+    /// Fault: abruptly closes the port-forward sockets to `pod` (a kubelet restart on its
+    /// node).
+    pub fn cut_pod_tunnels(&self, pod: &str) {
+        self.shared.tunnels.cut_pod(pod);
+    }
+
+    /// Fault: from now on, new port-forward requests to `pod` meet `fault` (`None` clears
+    /// it; requests held by [`PortForwardFault::Unanswered`] are then answered). Connections
+    /// already open are not affected; see [`SimCluster::drop_tunnels_silently`] for those.
+    /// The `faults` module cites what each fault follows.
+    pub fn set_portforward_fault(&self, pod: &str, fault: Option<PortForwardFault>) {
+        self.shared.faults.set(pod, fault);
+    }
+
+    /// Fault: the open port-forward connections to `pod` (to every pod with `None`) stop
+    /// passing bytes in both directions, without FIN or RST, for good: a load balancer's idle
+    /// drop or a partition. New connections work. Returns how many connections were dropped.
+    pub fn drop_tunnels_silently(&self, pod: Option<&str>) -> usize {
+        self.shared.tunnels.freeze(pod)
+    }
+
+    /// How long the container runtime waits for the other direction of a forwarded
+    /// connection once one has ended (the pod closed, say) before closing the stream:
+    /// containerd's 1 s (the default here), during which the client sees neither data nor
+    /// the close. Applies to WebSocket and SPDY port-forward alike.
+    pub fn set_close_grace(&self, grace: Duration) {
+        self.shared
+            .close_grace_nanos
+            .store(nanos(grace), Ordering::Relaxed);
     }
 
     /// Fault: SIGKILLs the pod's etcd; the pod turns NotReady (a MODIFIED
@@ -559,7 +613,7 @@ impl SimCluster {
     /// apiserver drops the tunnels it proxies).
     pub async fn restart_api(&self) {
         self.server.stop().await;
-        self.shared.tunnels.cut();
+        self.shared.cut_all();
         self.resume_api().await;
     }
 
@@ -571,14 +625,15 @@ impl SimCluster {
 
     /// Fault: delays every port-forward frame (each direction) and every API response.
     pub fn set_latency(&self, one_way: Duration) {
-        let nanos = u64::try_from(one_way.as_nanos()).unwrap_or(u64::MAX);
-        self.shared.latency_nanos.store(nanos, Ordering::Relaxed);
+        self.shared
+            .latency_nanos
+            .store(nanos(one_way), Ordering::Relaxed);
     }
 
     /// Kills the members, stops the server and removes the temp dir.
     pub async fn shutdown(mut self) {
         self.server.stop().await;
-        self.shared.tunnels.cut();
+        self.shared.cut_all();
         for m in &self.shared.members() {
             if let Err(e) = m.kill().await {
                 tracing::warn!("{e}");
@@ -595,7 +650,7 @@ impl SimCluster {
 impl Drop for SimCluster {
     fn drop(&mut self) {
         self.server.abort();
-        self.shared.tunnels.cut();
+        self.shared.cut_all();
         for m in &self.shared.members() {
             m.start_kill();
         }
@@ -661,6 +716,10 @@ const FIRST_POD_IP: u32 = 10;
 
 /// Index of the first control-plane node's IP: 10.0.0.11.
 const FIRST_NODE_IP: u32 = 11;
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
 
 fn ordinal_u32(ordinal: usize) -> u32 {
     u32::try_from(ordinal).unwrap_or(u32::MAX)

@@ -15,6 +15,15 @@
 //! half-close: the only way to end a stream is to close the whole WebSocket,
 //! which the server does when the pod's TCP connection ends, and the client
 //! does when it is finished.
+//!
+//! The server's close comes [`RUNTIME_CLOSE_GRACE`] after the pod's end, not at once: the
+//! runtime copies each direction in a goroutine of its own and, once one has ended, waits up
+//! to 1 s for the other before closing the stream (containerd
+//! `internal/cri/server/sandbox_portforward_linux.go` `portForward`: "give a chance to
+//! terminate gracefully or timeout after 1s"). Over v4 the client-to-pod copy can only end
+//! by a failed write to the pod or the WebSocket's end, so when the pod closes first the
+//! client sees nothing for that second, then the close (the kubelet closes the WebSocket
+//! when every port's `PortForward` has returned, `websocket.go` `run`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -40,6 +49,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::api::{full, status_response, Body};
+use crate::faults::ValveHandle;
 use crate::idle::{self, Activity};
 use crate::objects::{PodState, CLIENT_PORT, PEER_PORT};
 use crate::{etcd, status, Shared};
@@ -52,6 +62,9 @@ const V4_BASE64: &str = "v4.base64.channel.k8s.io";
 const CHUNK: usize = 32 * 1024;
 /// How long to wait for the client's Close reply after the server closed.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// containerd's wait for the other direction once one has ended (module doc); the default
+/// of [`crate::SimCluster::set_close_grace`].
+pub(crate) const RUNTIME_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Registry of live port-forward sockets, for counting and fault injection.
 #[derive(Debug)]
@@ -69,11 +82,13 @@ pub(crate) struct Tunnels {
     pub(crate) spdy_tunnels: AtomicU64,
 }
 
-/// One open socket: which pod it forwards to, and how to kill it.
+/// One open socket: which pod it forwards to, how to kill it, and how to freeze its API
+/// server connection.
 #[derive(Debug)]
 struct OpenSocket {
     pod: String,
     task: AbortHandle,
+    valve: Option<ValveHandle>,
 }
 
 impl Default for Tunnels {
@@ -95,10 +110,15 @@ impl Tunnels {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `task` as an open socket forwarding to `pod`: counted by [`Tunnels::open`],
-    /// killed by [`Tunnels::cut`] and [`Tunnels::cut_pod`].
-    pub(crate) fn register<F, Fut>(self: &Arc<Self>, pod: String, task: F)
-    where
+    /// Runs `task` as an open socket forwarding to `pod` over the API server connection of
+    /// `valve`: counted by [`Tunnels::open`], killed by [`Tunnels::cut`] and
+    /// [`Tunnels::cut_pod`], frozen by [`Tunnels::freeze`].
+    pub(crate) fn register<F, Fut>(
+        self: &Arc<Self>,
+        pod: String,
+        valve: Option<ValveHandle>,
+        task: F,
+    ) where
         F: FnOnce(u64) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
@@ -119,6 +139,7 @@ impl Tunnels {
             OpenSocket {
                 pod,
                 task: handle.abort_handle(),
+                valve,
             },
         );
     }
@@ -161,6 +182,22 @@ impl Tunnels {
     /// Aborts the sockets forwarding to `pod`.
     pub fn cut_pod(&self, pod: &str) {
         self.cut_where(|s| s.pod == pod);
+    }
+
+    /// Freezes the API server connections of the sockets to `pod` (all with `None`); they
+    /// stay registered. Returns how many.
+    pub fn freeze(&self, pod: Option<&str>) -> usize {
+        let open = self.lock();
+        let mut n = 0;
+        for s in open.values() {
+            if pod.is_none_or(|p| p == s.pod) {
+                if let Some(v) = &s.valve {
+                    v.freeze();
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     fn cut_where(&self, pick: impl Fn(&OpenSocket) -> bool) {
@@ -377,6 +414,7 @@ pub(crate) fn handle(
         return res;
     };
 
+    let valve = req.extensions().get::<ValveHandle>().cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let tunnels = shared.tunnels.clone();
     tunnels.upgrades.fetch_add(1, Ordering::SeqCst);
@@ -390,10 +428,12 @@ pub(crate) fn handle(
             id,
         };
         let pod_name = pod.name.clone();
+        let frozen = valve.clone();
         let task = tokio::spawn(async move {
             let _reg = reg;
             match on_upgrade.await {
                 Ok(upgraded) => {
+                    shared.faults.after_upgrade(&pod.name, frozen.as_ref());
                     let ws = WebSocketStream::from_raw_socket(
                         TokioIo::new(upgraded),
                         Role::Server,
@@ -410,6 +450,7 @@ pub(crate) fn handle(
             OpenSocket {
                 pod: pod_name,
                 task: task.abort_handle(),
+                valve,
             },
         );
     }
@@ -558,27 +599,37 @@ async fn session<S>(
                 let done = done_tx.clone();
                 let sh = shared.clone();
                 tasks.spawn(async move {
-                    let mut buf = vec![0u8; CHUNK];
-                    loop {
-                        match rd.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                let at = Instant::now() + sh.latency();
-                                let msg = codec.encode(data_ch, &buf[..n]);
-                                if out.send((at, msg)).await.is_err() {
-                                    break;
+                    let to_client = async {
+                        let mut buf = vec![0u8; CHUNK];
+                        loop {
+                            match rd.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    let at = Instant::now() + sh.latency();
+                                    let msg = codec.encode(data_ch, &buf[..n]);
+                                    if out.send((at, msg)).await.is_err() {
+                                        return;
+                                    }
                                 }
                             }
                         }
-                    }
-                    let _ = done.send(i).await;
-                });
-                let done = done_tx.clone();
-                tasks.spawn(async move {
-                    while let Some((at, bytes)) = rx.recv().await {
-                        wait_until(at).await;
-                        if wr.write_all(&bytes).await.is_err() {
-                            break;
+                    };
+                    let to_pod = async {
+                        while let Some((at, bytes)) = rx.recv().await {
+                            wait_until(at).await;
+                            if wr.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::pin!(to_client, to_pod);
+                    // The first direction to end starts the runtime's grace for the other.
+                    tokio::select! {
+                        () = &mut to_client => {
+                            let _ = tokio::time::timeout(sh.close_grace(), &mut to_pod).await;
+                        }
+                        () = &mut to_pod => {
+                            let _ = tokio::time::timeout(sh.close_grace(), &mut to_client).await;
                         }
                     }
                     let _ = done.send(i).await;

@@ -52,6 +52,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::api::{full, Body};
+use crate::faults::ValveHandle;
 use crate::idle::{self, Activity};
 use crate::objects::PodState;
 use crate::portforward::{forward_error, offered_subprotocols, pod_local_target, wait_until};
@@ -63,8 +64,6 @@ const PROTOCOL: &str = "portforward.k8s.io";
 const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 /// `streamCreationTimeout` default (`pkg/kubelet/cri/streaming/server.go` `DefaultConfig`).
 const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
-/// containerd's grace for the other direction once one has ended.
-const COPY_GRACE: Duration = Duration::from_secs(1);
 /// Go's `io.Copy` buffer: the largest DATA frame the runtime writes.
 const CHUNK: usize = 32 * 1024;
 
@@ -122,13 +121,18 @@ pub(crate) fn handle(
     if let Some(refusal) = kubelet_refusal(&offered) {
         return refusal;
     }
+    let valve = req.extensions().get::<ValveHandle>().cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let tunnels = shared.tunnels.clone();
     tunnels.spdy_upgrades.fetch_add(1, Ordering::SeqCst);
     let pod_name = pod.name.clone();
-    tunnels.register(pod_name, move |_reg| async move {
+    let frozen = valve.clone();
+    tunnels.register(pod_name, valve, move |_reg| async move {
         match on_upgrade.await {
-            Ok(upgraded) => session(shared, TokioIo::new(upgraded), pod).await,
+            Ok(upgraded) => {
+                shared.faults.after_upgrade(&pod.name, frozen.as_ref());
+                session(shared, TokioIo::new(upgraded), pod).await;
+            }
             Err(e) => tracing::debug!("SPDY port-forward upgrade failed: {e}"),
         }
     });
@@ -226,12 +230,14 @@ pub(crate) fn handle_tunnel(
     if let Some(refusal) = kubelet_refusal(&backend) {
         return refusal;
     }
+    let valve = req.extensions().get::<ValveHandle>().cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let tunnels = shared.tunnels.clone();
     tunnels.spdy_upgrades.fetch_add(1, Ordering::SeqCst);
     tunnels.spdy_tunnels.fetch_add(1, Ordering::SeqCst);
     let pod_name = pod.name.clone();
-    tunnels.register(pod_name, move |_reg| async move {
+    let frozen = valve.clone();
+    tunnels.register(pod_name, valve, move |_reg| async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -239,6 +245,7 @@ pub(crate) fn handle_tunnel(
                 return;
             }
         };
+        shared.faults.after_upgrade(&pod.name, frozen.as_ref());
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, None).await;
         let (near, far) = tokio::io::duplex(64 * 1024);
@@ -667,13 +674,14 @@ async fn forward(
                 // No CloseWrite on the pod socket: containerd does not half-close.
             };
             tokio::pin!(to_client, to_pod);
-            // The first direction to end starts a 1 s grace for the other.
+            // The first direction to end starts the runtime's grace for the other.
+            let grace = shared.close_grace();
             tokio::select! {
                 () = &mut to_client => {
-                    let _ = tokio::time::timeout(COPY_GRACE, &mut to_pod).await;
+                    let _ = tokio::time::timeout(grace, &mut to_pod).await;
                 }
                 () = &mut to_pod => {
-                    let _ = tokio::time::timeout(COPY_GRACE, &mut to_client).await;
+                    let _ = tokio::time::timeout(grace, &mut to_client).await;
                 }
             }
         }

@@ -1,7 +1,9 @@
 //! Wire-level checks of the simulator with hand-rolled clients (no kube-rs),
 //! so the protocol details etcd-proxy relies on are pinned independently of
 //! one client's behaviour: subprotocol choice, the initial port frames, the
-//! channel layout, the Close after the pod side ends, and watch timeouts.
+//! channel layout, the Close after the pod side ends (a second late, as containerd
+//! closes), watch timeouts, and the silent faults: an upgrade never answered, a
+//! black hole after the upgrade, a connection dropped without FIN or RST.
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use etcd_proxy_sim::{within_for, SimCluster, SimConfig};
+use etcd_proxy_sim::{within_for, PortForwardFault, SimCluster, SimConfig};
 
 const STEP: Duration = Duration::from_secs(15);
 
@@ -339,5 +341,183 @@ async fn watch_ends_after_timeout_with_bookmark_and_unknown_paths_404() {
         .get("/api/v1/namespaces/etcd/pods?labelSelector=a%20b")
         .await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    within("c.shutdown", c.shutdown()).await;
+}
+
+/// What a test that asserts silence waits for: long against a local round trip (well under
+/// a millisecond here), short against the test.
+const SILENCE: Duration = Duration::from_millis(500);
+
+fn two_members() -> SimConfig {
+    SimConfig {
+        members: 2,
+        ..SimConfig::default()
+    }
+}
+
+/// Reads the two port-prefix frames the kubelet writes right after the upgrade.
+async fn port_prefix<S>(ws: &mut WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    for want in [[0u8, 0x4B, 0x09], [1, 0x4B, 0x09]] {
+        match tokio::time::timeout(STEP, ws.next()).await.unwrap() {
+            Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], &want),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Sends `GET /health` (kept alive) on the data channel and waits for etcd's answer.
+async fn health<S>(ws: &mut WebSocketStream<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut req = vec![0u8];
+    req.extend_from_slice(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    within("ws.send", ws.send(Message::Binary(req.into())))
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while !text.contains("}") {
+        match tokio::time::timeout(STEP, ws.next()).await.unwrap() {
+            Some(Ok(Message::Binary(b))) if b[0] == 0 => {
+                text.push_str(&String::from_utf8_lossy(&b[1..]));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    text
+}
+
+#[tokio::test]
+async fn an_unanswered_upgrade_is_held_until_the_fault_clears_and_spares_other_pods() {
+    let c = within_for(START, "SimCluster::start", SimCluster::start(two_members()))
+        .await
+        .expect("start");
+    let conn = Arc::new(conn(&c));
+    c.set_portforward_fault("etcd-0", Some(PortForwardFault::Unanswered));
+    let held = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let pf = "/api/v1/namespaces/etcd/pods/etcd-0/portforward?ports=2379";
+            let (mut ws, _) = conn.ws(pf, "v4.channel.k8s.io").await.expect("upgrade");
+            port_prefix(&mut ws).await;
+            health(&mut ws).await
+        })
+    };
+    let mut held = held;
+    assert!(
+        tokio::time::timeout(SILENCE, &mut held).await.is_err(),
+        "the upgrade to etcd-0 is not answered"
+    );
+    // Another pod (another node's kubelet) answers meanwhile.
+    let pf1 = "/api/v1/namespaces/etcd/pods/etcd-1/portforward?ports=2379";
+    let (mut ws, _) = conn.ws(pf1, "v4.channel.k8s.io").await.expect("etcd-1");
+    port_prefix(&mut ws).await;
+    assert!(health(&mut ws).await.contains("\"health\":\"true\""));
+    assert!(!held.is_finished(), "still held");
+
+    c.set_portforward_fault("etcd-0", None);
+    let answer = within("the held upgrade", held).await.expect("task");
+    assert!(answer.contains("\"health\":\"true\""), "{answer}");
+    within("c.shutdown", c.shutdown()).await;
+}
+
+#[tokio::test]
+async fn a_black_hole_answers_the_upgrade_and_passes_nothing_after() {
+    let c = within_for(START, "SimCluster::start", SimCluster::start(one_member()))
+        .await
+        .expect("start");
+    let conn = conn(&c);
+    c.set_portforward_fault("etcd-0", Some(PortForwardFault::BlackHole));
+    let (mut ws, proto) = conn.ws(PF, "v4.channel.k8s.io").await.expect("101");
+    assert_eq!(proto.as_deref(), Some("v4.channel.k8s.io"));
+    assert!(
+        tokio::time::timeout(SILENCE, ws.next()).await.is_err(),
+        "not even the port prefix arrives, nor a close"
+    );
+    assert_eq!(c.open_tunnels(), 1, "the socket stays open");
+
+    c.set_portforward_fault("etcd-0", None);
+    let (mut ws, _) = conn.ws(PF, "v4.channel.k8s.io").await.expect("101");
+    port_prefix(&mut ws).await;
+    assert!(health(&mut ws).await.contains("\"health\":\"true\""));
+    within("c.shutdown", c.shutdown()).await;
+}
+
+#[tokio::test]
+async fn a_silent_drop_freezes_open_tunnels_without_a_close_and_spares_new_ones() {
+    let c = within_for(START, "SimCluster::start", SimCluster::start(two_members()))
+        .await
+        .expect("start");
+    let conn = conn(&c);
+    let pf1 = "/api/v1/namespaces/etcd/pods/etcd-1/portforward?ports=2379";
+    let (mut dropped, _) = conn.ws(PF, "v4.channel.k8s.io").await.expect("etcd-0");
+    let (mut other, _) = conn.ws(pf1, "v4.channel.k8s.io").await.expect("etcd-1");
+    for ws in [&mut dropped, &mut other] {
+        port_prefix(ws).await;
+        assert!(health(ws).await.contains("\"health\":\"true\""));
+    }
+
+    assert_eq!(c.drop_tunnels_silently(Some("etcd-0")), 1);
+    let mut req = vec![0u8];
+    req.extend_from_slice(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    // The write is accepted (the kernel buffers it); nothing comes back, not even a close.
+    within("ws.send", dropped.send(Message::Binary(req.into())))
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(SILENCE, dropped.next()).await.is_err(),
+        "no answer, no close, no reset"
+    );
+    // The other pod's tunnel, and a new one to the same pod, work.
+    assert!(health(&mut other).await.contains("\"health\":\"true\""));
+    let (mut fresh, _) = conn
+        .ws(PF, "v4.channel.k8s.io")
+        .await
+        .expect("a new tunnel");
+    port_prefix(&mut fresh).await;
+    assert!(health(&mut fresh).await.contains("\"health\":\"true\""));
+    within("c.shutdown", c.shutdown()).await;
+}
+
+/// After the pod ends the connection, the WebSocket closes only after the runtime's grace
+/// for the other direction (containerd: 1 s), or at once with no grace.
+#[tokio::test]
+async fn the_close_after_the_pod_ends_waits_for_the_runtimes_grace() {
+    let c = within_for(START, "SimCluster::start", SimCluster::start(one_member()))
+        .await
+        .expect("start");
+    let conn = conn(&c);
+    // The time from etcd's last bytes (its answer to `Connection: close`) to the Close.
+    let gap = || async {
+        let (mut ws, _) = conn.ws(PF, "v4.channel.k8s.io").await.expect("101");
+        port_prefix(&mut ws).await;
+        let mut req = vec![0u8];
+        req.extend_from_slice(VERSION_REQ);
+        within("ws.send", ws.send(Message::Binary(req.into())))
+            .await
+            .unwrap();
+        let mut last = tokio::time::Instant::now();
+        loop {
+            match tokio::time::timeout(STEP, ws.next()).await.unwrap() {
+                Some(Ok(Message::Binary(_))) => last = tokio::time::Instant::now(),
+                Some(Ok(Message::Close(_))) => return last.elapsed(),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    };
+    let with_grace = gap().await;
+    assert!(
+        with_grace >= Duration::from_millis(900),
+        "closed {with_grace:?} after the pod's end: containerd waits 1 s"
+    );
+    c.set_close_grace(Duration::ZERO);
+    let without = gap().await;
+    assert!(
+        without < Duration::from_millis(500),
+        "closed {without:?} after the pod's end with no grace"
+    );
     within("c.shutdown", c.shutdown()).await;
 }
