@@ -32,6 +32,7 @@ mod error;
 mod etcd;
 mod faults;
 mod idle;
+mod inflight;
 mod membership;
 mod objects;
 mod pki;

@@ -51,6 +51,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::api::{full, status_response, Body};
 use crate::faults::ValveHandle;
 use crate::idle::{self, Activity};
+use crate::inflight::{Held, InFlight};
 use crate::objects::{PodState, CLIENT_PORT, PEER_PORT};
 use crate::{etcd, status, Shared};
 
@@ -521,11 +522,16 @@ pub(crate) fn forward_error(
     )
 }
 
-/// Bytes for the pod, to be written no earlier than the instant.
-type ToPod = mpsc::Sender<(Instant, Vec<u8>)>;
+/// Bytes for the pod, to be written no earlier than the instant, and their place in the
+/// connection's budget toward the pod.
+type ToPod = mpsc::Sender<(Instant, Vec<u8>, Option<Held>)>;
 
-/// A message to the client, to be sent no earlier than `due`.
-type Outgoing = (Instant, Message);
+/// A message to the client, to be sent no earlier than `due`, and the place its data takes in
+/// the connection's budget toward the client (none for control messages).
+type Outgoing = (Instant, Message, Option<Held>);
+
+/// Queue lengths far above what the in-flight budgets let through: bytes bind, not messages.
+pub(crate) const QUEUE: usize = 4096;
 
 /// Runs one port-forward socket until the pod side or the client ends it.
 async fn session<S>(
@@ -539,14 +545,17 @@ async fn session<S>(
 {
     let (mut sink, mut stream) = ws.split();
     let mut tasks = JoinSet::new();
-    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(64);
+    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(QUEUE);
+    // The connection's budgets of bytes in flight, each way (`inflight`).
+    let (toward_client, toward_pod) = (InFlight::new(), InFlight::new());
     let activity = Arc::new(Activity::new());
     let idle = idle::expired(&activity, shared.tunnels.idle_timeout.subscribe());
     tokio::pin!(idle);
     // Writer: delivers queued messages in order, each after its due time.
     let sent = activity.clone();
+    let sh = shared.clone();
     tasks.spawn(async move {
-        while let Some((due, msg)) = out_rx.recv().await {
+        while let Some((due, msg, held)) = out_rx.recv().await {
             wait_until(due).await;
             let closing = msg.is_close();
             if !closing {
@@ -555,6 +564,9 @@ async fn session<S>(
             }
             if sink.send(msg).await.is_err() || closing {
                 break;
+            }
+            if let Some(held) = held {
+                held.acked(sh.latency());
             }
         }
     });
@@ -565,7 +577,7 @@ async fn session<S>(
         let (data_ch, err_ch) = channels(i);
         for ch in [data_ch, err_ch] {
             if out_tx
-                .send((due(), codec.encode(ch, &port.to_le_bytes())))
+                .send((due(), codec.encode(ch, &port.to_le_bytes()), None))
                 .await
                 .is_err()
             {
@@ -585,7 +597,7 @@ async fn session<S>(
                 let host_network = shared.cfg.layout == crate::Layout::ControlPlane;
                 let text = forward_error(&pod, port, &e, host_network);
                 let _ = out_tx
-                    .send((due(), codec.encode(err_ch, text.as_bytes())))
+                    .send((due(), codec.encode(err_ch, text.as_bytes()), None))
                     .await;
                 let _ = done_tx.send(i).await;
                 to_pod.push(None);
@@ -593,11 +605,12 @@ async fn session<S>(
             Ok(tcp) => {
                 let _ = tcp.set_nodelay(true);
                 let (mut rd, mut wr) = tcp.into_split();
-                let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(64);
+                let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>, Option<Held>)>(QUEUE);
                 to_pod.push(Some(tx));
                 let out = out_tx.clone();
                 let done = done_tx.clone();
                 let sh = shared.clone();
+                let budget = toward_client.clone();
                 tasks.spawn(async move {
                     let to_client = async {
                         let mut buf = vec![0u8; CHUNK];
@@ -605,9 +618,10 @@ async fn session<S>(
                             match rd.read(&mut buf).await {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => {
+                                    let held = budget.reserve(n).await;
                                     let at = Instant::now() + sh.latency();
                                     let msg = codec.encode(data_ch, &buf[..n]);
-                                    if out.send((at, msg)).await.is_err() {
+                                    if out.send((at, msg, held)).await.is_err() {
                                         return;
                                     }
                                 }
@@ -615,10 +629,13 @@ async fn session<S>(
                         }
                     };
                     let to_pod = async {
-                        while let Some((at, bytes)) = rx.recv().await {
+                        while let Some((at, bytes, held)) = rx.recv().await {
                             wait_until(at).await;
                             if wr.write_all(&bytes).await.is_err() {
                                 return;
+                            }
+                            if let Some(held) = held {
+                                held.acked(sh.latency());
                             }
                         }
                     };
@@ -663,7 +680,9 @@ async fn session<S>(
                         continue;
                     }
                     if let Some(Some(tx)) = to_pod.get(idx) {
-                        let _ = tx.send((due(), payload)).await;
+                        // One TCP connection: a full budget holds up every channel.
+                        let held = toward_pod.reserve(payload.len()).await;
+                        let _ = tx.send((due(), payload, held)).await;
                     }
                 }
             },
@@ -677,7 +696,7 @@ async fn session<S>(
                         code: CloseCode::Normal,
                         reason: "".into(),
                     }));
-                    let _ = out_tx.send((due(), close)).await;
+                    let _ = out_tx.send((due(), close, None)).await;
                     closing_since = Some(Instant::now() + shared.latency());
                 }
             }

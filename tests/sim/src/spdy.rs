@@ -54,8 +54,11 @@ use tokio_tungstenite::WebSocketStream;
 use crate::api::{full, Body};
 use crate::faults::ValveHandle;
 use crate::idle::{self, Activity};
+use crate::inflight::{Held, InFlight};
 use crate::objects::PodState;
-use crate::portforward::{forward_error, offered_subprotocols, pod_local_target, wait_until};
+use crate::portforward::{
+    forward_error, offered_subprotocols, pod_local_target, wait_until, QUEUE,
+};
 use crate::Shared;
 use frame::{rst, Decoder, Encoder, Frame, FLAG_FIN};
 
@@ -315,7 +318,7 @@ where
 }
 
 /// A frame for the writer, not to be sent before its due time (injected latency).
-type Out = (Instant, Frame);
+type Out = (Instant, Frame, Option<Held>);
 
 /// One half of a pair, once accepted.
 #[derive(Debug, Clone, Copy)]
@@ -333,7 +336,7 @@ struct Pair {
 
 /// Per data stream: where its client bytes go, and its client-side end.
 struct DataIn {
-    to_pod: mpsc::Sender<(Instant, Bytes)>,
+    to_pod: mpsc::Sender<(Instant, Bytes, Option<Held>)>,
 }
 
 /// What the read loop learns from the pair tasks.
@@ -350,14 +353,17 @@ where
 {
     let (mut rd, mut wr) = tokio::io::split(io);
     let activity = Arc::new(Activity::new());
-    let (out_tx, mut out_rx) = mpsc::channel::<Out>(256);
+    let (out_tx, mut out_rx) = mpsc::channel::<Out>(QUEUE);
+    // The connection's budgets of bytes in flight, each way (`inflight`).
+    let (toward_client, toward_pod) = (InFlight::new(), InFlight::new());
     let mut tasks = JoinSet::new();
     // The writer: one Encoder, frames in queue order (so header compression stays in step).
     let sent = activity.clone();
+    let sh = shared.clone();
     tasks.spawn(async move {
         let Ok(mut enc) = Encoder::new() else { return };
         let mut buf = BytesMut::new();
-        while let Some((due, f)) = out_rx.recv().await {
+        while let Some((due, f, held)) = out_rx.recv().await {
             wait_until(due).await;
             buf.clear();
             if enc.encode(&f, &mut buf).is_err() {
@@ -366,6 +372,9 @@ where
             sent.touch();
             if wr.write_all(&buf).await.is_err() {
                 break;
+            }
+            if let Some(held) = held {
+                held.acked(sh.latency());
             }
             let goaway = matches!(f, Frame::GoAway { .. });
             if goaway {
@@ -415,6 +424,7 @@ where
                                     stream_id,
                                     status: rst::PROTOCOL_ERROR,
                                 },
+                                None,
                             ))
                             .await;
                         continue;
@@ -434,6 +444,7 @@ where
                                     stream_id,
                                     status: rst::CANCEL,
                                 },
+                                None,
                             ))
                             .await;
                         continue;
@@ -446,6 +457,7 @@ where
                                 flags: 0,
                                 headers: Vec::new(),
                             },
+                            None,
                         ))
                         .await;
                     open_streams.insert(stream_id);
@@ -492,6 +504,7 @@ where
                                         flags: 0,
                                         data: msg.into(),
                                     },
+                                    None,
                                 ))
                                 .await;
                         }
@@ -501,7 +514,7 @@ where
                     if let (Some(error), Some(data)) = (pair.error, pair.data) {
                         pair.timer.abort();
                         pairs.remove(&request);
-                        let (to_pod, rx) = mpsc::channel(64);
+                        let (to_pod, rx) = mpsc::channel(QUEUE);
                         data_in.insert(data.id, DataIn { to_pod });
                         tasks.spawn(forward(
                             shared.clone(),
@@ -510,6 +523,7 @@ where
                             data,
                             rx,
                             out_tx.clone(),
+                            toward_client.clone(),
                             ev_tx.clone(),
                         ));
                     }
@@ -522,7 +536,9 @@ where
                     // Blocking hand-off to the stream's reader, as spdystream's frame workers do.
                     if let Some(d) = data_in.get(&stream_id) {
                         if !data.is_empty() {
-                            let _ = d.to_pod.send((due(), data)).await;
+                            // One TCP connection: a full budget holds up every stream.
+                            let held = toward_pod.reserve(data.len()).await;
+                            let _ = d.to_pod.send((due(), data, held)).await;
                         }
                         if flags & FLAG_FIN != 0 {
                             data_in.remove(&stream_id);
@@ -534,7 +550,7 @@ where
                     data_in.remove(&stream_id);
                 }
                 Frame::Ping { id } => {
-                    let _ = out_tx.send((due(), Frame::Ping { id })).await;
+                    let _ = out_tx.send((due(), Frame::Ping { id }, None)).await;
                 }
                 // spdystream stops reading at GOAWAY.
                 Frame::GoAway { .. } => break 'read,
@@ -560,7 +576,7 @@ where
                                 "(conn=0x{conn_id:x}, request={request}) timed out waiting for streams"
                             );
                             let _ = out_tx
-                                .send((due(), Frame::Data { stream_id: err.id, flags: 0, data: msg.into() }))
+                                .send((due(), Frame::Data { stream_id: err.id, flags: 0, data: msg.into() }, None))
                                 .await;
                         }
                     }
@@ -590,6 +606,7 @@ where
                 stream_id,
                 status: rst::CANCEL,
             },
+            None,
         ));
     }
     let last = last_accepted;
@@ -599,6 +616,7 @@ where
             last_good_stream_id: last,
             status: 0,
         },
+        None,
     ));
     drop(out_tx);
     // Give the writer a moment to flush the goodbye, then drop everything.
@@ -621,8 +639,9 @@ async fn forward(
     pod: PodState,
     error: Half,
     data: Half,
-    mut from_client: mpsc::Receiver<(Instant, Bytes)>,
+    mut from_client: mpsc::Receiver<(Instant, Bytes, Option<Held>)>,
     out: mpsc::Sender<Out>,
+    toward_client: InFlight,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let due = || Instant::now() + shared.latency();
@@ -640,6 +659,7 @@ async fn forward(
                         flags: 0,
                         data: msg.into(),
                     },
+                    None,
                 ))
                 .await;
         }
@@ -652,12 +672,13 @@ async fn forward(
                     match pod_rd.read(&mut b).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) => {
+                            let held = toward_client.reserve(n).await;
                             let f = Frame::Data {
                                 stream_id: data.id,
                                 flags: 0,
                                 data: Bytes::copy_from_slice(&b[..n]),
                             };
-                            if out.send((due(), f)).await.is_err() {
+                            if out.send((due(), f, held)).await.is_err() {
                                 return;
                             }
                         }
@@ -665,10 +686,13 @@ async fn forward(
                 }
             };
             let to_pod = async {
-                while let Some((at, bytes)) = from_client.recv().await {
+                while let Some((at, bytes, held)) = from_client.recv().await {
                     wait_until(at).await;
                     if pod_wr.write_all(&bytes).await.is_err() {
                         return;
+                    }
+                    if let Some(held) = held {
+                        held.acked(shared.latency());
                     }
                 }
                 // No CloseWrite on the pod socket: containerd does not half-close.
@@ -696,6 +720,7 @@ async fn forward(
                     flags: FLAG_FIN,
                     data: Bytes::new(),
                 },
+                None,
             ))
             .await;
     }
