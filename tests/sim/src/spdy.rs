@@ -317,8 +317,16 @@ where
     let _ = wr.shutdown().await;
 }
 
-/// A frame for the writer, not to be sent before its due time (injected latency).
+/// A frame for the writer, not to be sent before its due time (injected latency), and the
+/// room its data takes in the budget toward the client (none for control frames).
 type Out = (Instant, Frame, Option<Held>);
+
+/// The way to the client for one stream pair: the connection's frame queue and its budget of
+/// bytes in flight toward the client.
+struct ToClient {
+    frames: mpsc::Sender<Out>,
+    room: InFlight,
+}
 
 /// One half of a pair, once accepted.
 #[derive(Debug, Clone, Copy)]
@@ -522,8 +530,10 @@ where
                             error,
                             data,
                             rx,
-                            out_tx.clone(),
-                            toward_client.clone(),
+                            ToClient {
+                                frames: out_tx.clone(),
+                                room: toward_client.clone(),
+                            },
                             ev_tx.clone(),
                         ));
                     }
@@ -640,10 +650,13 @@ async fn forward(
     error: Half,
     data: Half,
     mut from_client: mpsc::Receiver<(Instant, Bytes, Option<Held>)>,
-    out: mpsc::Sender<Out>,
-    toward_client: InFlight,
+    client: ToClient,
     events: mpsc::UnboundedSender<Event>,
 ) {
+    let ToClient {
+        frames: out,
+        room: toward_client,
+    } = client;
     let due = || Instant::now() + shared.latency();
     let port = data.port;
     let target = pod_local_target(&shared, &pod, port);
