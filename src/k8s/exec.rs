@@ -79,6 +79,31 @@ pub(crate) fn safe_one_line(err: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// A kube error that renders as [`safe_one_line`] and hides its chain, so that no later
+/// rendering (the proxy's warnings walk an error's sources) reaches kube's own message of a
+/// failed plugin. For errors kept inside other errors, such as a tunnel that did not open.
+pub struct Redacted(String);
+
+impl From<kube::Error> for Redacted {
+    fn from(e: kube::Error) -> Self {
+        Self(safe_one_line(&e))
+    }
+}
+
+impl std::fmt::Display for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl std::error::Error for Redacted {}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::process::ExitStatusExt as _;
@@ -117,5 +142,30 @@ mod tests {
         }
         let other = kube::Error::LinesCodecMaxLineLengthExceeded;
         assert_eq!(safe_one_line(&other), crate::error::one_line(&other));
+    }
+
+    /// A tunnel that did not open because the plugin failed on a credential refresh: its
+    /// error, rendered the way the proxy's warnings render errors, has no secret either.
+    #[test]
+    fn a_tunnel_error_from_a_failed_plugin_keeps_its_secrets() {
+        let tunnel = crate::k8s::tunnel::Error::Open {
+            pod: "etcd-0".into(),
+            source: kube::Error::Auth(failed_plugin()).into(),
+        };
+        let line = crate::error::one_line(&tunnel);
+        assert_eq!(
+            line,
+            "cannot open a port-forward tunnel to pod etcd-0: the exec credential plugin failed \
+             (exit status: 3): error: AADSTS7000215 invalid client secret"
+        );
+        let spdy = crate::k8s::spdy::upgrade::UpgradeError::Kube(
+            kube::Error::Service(Box::new(failed_plugin())).into(),
+        );
+        let line = crate::error::one_line(&spdy);
+        assert!(
+            !line.contains("s3cret") && !line.contains("t0ken"),
+            "{line}"
+        );
+        assert!(line.contains("invalid client secret"), "{line}");
     }
 }

@@ -5,7 +5,7 @@
 
 pub mod client;
 pub mod discovery;
-mod exec;
+pub mod exec;
 pub mod proxy;
 pub mod spdy;
 pub mod tunnel;

@@ -76,9 +76,9 @@ pub enum Error {
     Open {
         /// The pod.
         pod: String,
-        /// What kube said.
+        /// What kube said (a failed exec plugin without its secrets).
         #[source]
-        source: kube::Error,
+        source: super::exec::Redacted,
     },
     /// The SPDY upgrade failed for another reason.
     #[error("cannot open a SPDY port-forward connection to pod {pod}: {source}")]
@@ -359,7 +359,10 @@ impl Tunneler {
                 message: format!("WebSocket (GET): {message}"),
             },
             Some((404, _)) => Error::PodNotFound { pod, namespace },
-            _ => Error::Open { pod, source: e },
+            _ => Error::Open {
+                pod,
+                source: e.into(),
+            },
         }
     }
 

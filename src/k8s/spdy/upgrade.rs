@@ -47,9 +47,9 @@ pub enum UpgradeError {
     /// A 101 that is not a usable SPDY port-forward connection.
     #[error("the API server's upgrade response is not SPDY/3.1 port-forward: {0}")]
     Protocol(String),
-    /// The request did not get an answer.
+    /// The request did not get an answer (a failed exec plugin without its secrets).
     #[error(transparent)]
-    Kube(#[from] kube::Error),
+    Kube(crate::k8s::exec::Redacted),
     /// No answer by the deadline.
     #[error("no answer to the SPDY port-forward upgrade in time")]
     Timeout,
@@ -83,7 +83,10 @@ async fn connect_inner(
     .header(PROTOCOL_HEADER, PROTOCOL)
     .body(kube::client::Body::from(Vec::new()))
     .map_err(|e| UpgradeError::Protocol(e.to_string()))?;
-    let res = client.send(req).await?;
+    let res = client
+        .send(req)
+        .await
+        .map_err(|e| UpgradeError::Kube(e.into()))?;
     if res.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Err(refusal(res).await);
     }
