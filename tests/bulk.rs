@@ -248,29 +248,26 @@ async fn a_client_that_stops_reading_holds_a_window_not_the_response() {
     );
 }
 
-/// A watch catching up from an old revision gets its backlog as one response of several
-/// megabytes, which the proxy passes on while it is still arriving. Its bookkeeping must still
-/// see every event: a tunnel cut right after the catch-up resumes from the revision after the
-/// last one delivered, so every event arrives exactly once, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_watch_catch_up_resumes_after_a_cut_with_every_event_once() {
-    use etcd_client::{Client, Txn, TxnOp, WatchOptions};
-
-    // About 2.5 MB in one response: under etcd-client's 4 MiB message limit.
-    const TXNS: usize = 150;
-    const PUTS_PER_TXN: usize = 100;
-    let sim = cluster(1).await;
-    let pod = sim.pod_names()[0].clone();
-    let direct = sim.member_client_url(&pod).expect("member url");
-    let mut writer = timeout(Duration::from_secs(10), Client::connect([&direct], None))
+/// Writes `txns` transactions of `puts` keys under `prefix` (values of `value_len` bytes)
+/// straight to the member at `url`: a watch backlog of `txns` revisions. Returns the writer and
+/// the first transaction's revision.
+async fn write_events(
+    url: &str,
+    prefix: &str,
+    txns: usize,
+    puts: usize,
+    value_len: usize,
+) -> (etcd_client::Client, i64) {
+    use etcd_client::{Client, Txn, TxnOp};
+    let mut writer = timeout(Duration::from_secs(10), Client::connect([url], None))
         .await
         .expect("connect in time")
         .expect("connect");
-    let value = "v".repeat(100);
+    let value = "v".repeat(value_len);
     let mut first = 0;
-    for t in 0..TXNS {
-        let ops: Vec<TxnOp> = (0..PUTS_PER_TXN)
-            .map(|i| TxnOp::put(format!("bulk/watch/{t:03}/{i:03}"), value.as_str(), None))
+    for t in 0..txns {
+        let ops: Vec<TxnOp> = (0..puts)
+            .map(|i| TxnOp::put(format!("{prefix}{t:03}/{i:03}"), value.as_str(), None))
             .collect();
         let r = timeout(
             Duration::from_secs(10),
@@ -283,6 +280,24 @@ async fn a_large_watch_catch_up_resumes_after_a_cut_with_every_event_once() {
             first = r.header().expect("header").revision();
         }
     }
+    (writer, first)
+}
+
+/// A watch catching up from an old revision gets its backlog as one response of several
+/// megabytes, which the proxy passes on while it is still arriving. Its bookkeeping must still
+/// see every event: a tunnel cut right after the catch-up resumes from the revision after the
+/// last one delivered, so every event arrives exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_watch_catch_up_resumes_after_a_cut_with_every_event_once() {
+    use etcd_client::{Client, WatchOptions};
+
+    // About 2.5 MB in one response: under etcd-client's 4 MiB message limit.
+    const TXNS: usize = 150;
+    const PUTS_PER_TXN: usize = 100;
+    let sim = cluster(1).await;
+    let pod = sim.pod_names()[0].clone();
+    let direct = sim.member_client_url(&pod).expect("member url");
+    let (mut writer, first) = write_events(&direct, "bulk/watch/", TXNS, PUTS_PER_TXN, 100).await;
     let proxy = start_proxy(&sim, &[]).await;
     let mut client = timeout(
         Duration::from_secs(10),
@@ -367,8 +382,6 @@ fn watch_create_request(prefix: &str, start: i64) -> Vec<u8> {
 /// the response (which it used to reassemble whole).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_a_watch_catch_up_holds_a_window_not_the_response() {
-    use etcd_client::{Client, Txn, TxnOp};
-
     const WATCHED: &str = "bulk/watched/";
     const TXNS: usize = 400;
     const PUTS_PER_TXN: usize = 100;
@@ -376,27 +389,7 @@ async fn a_client_that_stops_reading_a_watch_catch_up_holds_a_window_not_the_res
     let sim = cluster(1).await;
     let pod = sim.pod_names()[0].clone();
     let direct = sim.member_client_url(&pod).expect("member url");
-    let mut writer = timeout(Duration::from_secs(10), Client::connect([&direct], None))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    let value = "w".repeat(EVENT_VALUE);
-    let mut first = 0;
-    for t in 0..TXNS {
-        let ops: Vec<TxnOp> = (0..PUTS_PER_TXN)
-            .map(|i| TxnOp::put(format!("{WATCHED}{t:03}/{i:03}"), value.as_str(), None))
-            .collect();
-        let r = timeout(
-            Duration::from_secs(10),
-            writer.txn(Txn::new().and_then(ops)),
-        )
-        .await
-        .expect("txn in time")
-        .expect("txn");
-        if t == 0 {
-            first = r.header().expect("header").revision();
-        }
-    }
+    let (_writer, first) = write_events(&direct, WATCHED, TXNS, PUTS_PER_TXN, EVENT_VALUE).await;
     let proxy = start_proxy(&sim, &[]).await;
     let pid = proxy.child.id().expect("proxy pid");
     let member = proxy.members[0].1.clone();
