@@ -22,8 +22,8 @@
 //! kube's request-tracing layer is left out: it only logs, and logs every 5xx at error level,
 //! where etcd-proxy reports failures itself in one line.
 //!
-//! `TCP_NODELAY` is set on the socket to the proxy when there is one: that is the connection
-//! the frames cross first.
+//! `TCP_NODELAY` and TCP keepalive (30 s, as client-go) are set on the socket to the proxy when
+//! there is one: that is the connection the frames cross first.
 
 use http::Uri;
 use hyper::rt::{Read, Write};
@@ -38,6 +38,13 @@ use tower::{BoxError, Service, ServiceBuilder};
 
 use super::proxy::{Kind, Proxy};
 
+/// TCP keepalive on the API-server connection, as client-go dials it (`transport/cache.go`:
+/// `net.Dialer{KeepAlive: 30s}`, which Go applies as both idle time and probe interval): a
+/// connection that went away silently while idle (a laptop that slept or changed networks,
+/// a load balancer's idle drop) is reset by the kernel instead of holding the pod watch or a
+/// quiet tunnel forever. kube's own connector sets none.
+const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// kube's default client for `config`, through `proxy`, with `TCP_NODELAY`.
 pub fn build(
     config: &kube::Config,
@@ -47,6 +54,8 @@ pub fn build(
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
+    tcp.set_keepalive(Some(TCP_KEEPALIVE));
+    tcp.set_keepalive_interval(Some(TCP_KEEPALIVE));
     let Some(proxy) = proxy else {
         return finish(tcp, config, namespace);
     };

@@ -79,7 +79,7 @@ pub(crate) fn safe_one_line(err: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
-/// A kube error that renders as [`safe_one_line`] and hides its chain, so that no later
+/// A kube error that renders as `safe_one_line` does and hides its chain, so that no later
 /// rendering (the proxy's warnings walk an error's sources) reaches kube's own message of a
 /// failed plugin. For errors kept inside other errors, such as a tunnel that did not open.
 pub struct Redacted(String);
