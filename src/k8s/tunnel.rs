@@ -289,6 +289,7 @@ impl Tunneler {
     ) -> Result<TunnelStream, Error> {
         let slot = {
             let mut pool = self.spdy.lock().unwrap_or_else(|p| p.into_inner());
+            prune(&mut pool);
             pool.entry(pod.to_owned()).or_default().clone()
         };
         // The connection that just failed us, if any: replaced unless another tunnel
@@ -385,6 +386,17 @@ impl Tunneler {
             source => Error::SpdyOpen { pod, source },
         }
     }
+}
+
+/// Forgets the pods whose SPDY connection is gone and that nobody is opening a tunnel to, so
+/// that pods deleted long ago (a Deployment's pods get new names) leave nothing behind.
+fn prune(pool: &mut HashMap<String, Arc<tokio::sync::Mutex<Option<SpdyConn>>>>) {
+    pool.retain(|_, slot| {
+        Arc::strong_count(slot) > 1
+            || slot
+                .try_lock()
+                .map_or(true, |c| c.as_ref().is_some_and(SpdyConn::is_open))
+    });
 }
 
 /// Counts an open SPDY tunnel in the metrics until dropped.
@@ -577,5 +589,38 @@ mod tests {
         drop(theirs);
         let mut buf = Vec::new();
         assert_eq!(t.read_to_end(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_spdy_pool_forgets_pods_with_no_connection_and_no_dialer() {
+        let keepalive = Keepalive {
+            every: Duration::from_secs(5),
+            timeout: Duration::from_secs(15),
+        };
+        let (io, _server) = tokio::io::duplex(1 << 16);
+        let live = SpdyConn::start(io, keepalive).expect("a connection");
+        let (io, server) = tokio::io::duplex(1 << 16);
+        let dead = SpdyConn::start(io, keepalive).expect("a connection");
+        drop(server);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while dead.is_open() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the connection notices its end");
+        let slot = |c: Option<SpdyConn>| Arc::new(tokio::sync::Mutex::new(c));
+        let dialing = slot(None);
+        let mut pool: HashMap<_, _> = [
+            ("live".to_owned(), slot(Some(live))),
+            ("dead".to_owned(), slot(Some(dead))),
+            ("never".to_owned(), slot(None)),
+            ("dialing".to_owned(), dialing.clone()),
+        ]
+        .into();
+        prune(&mut pool);
+        let mut left: Vec<_> = pool.keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, ["dialing", "live"]);
     }
 }
