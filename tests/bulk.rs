@@ -200,20 +200,27 @@ async fn raw_call(
     (response.into_body(), send)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_holds_a_window_not_the_response() {
-    let sim = cluster(1).await;
-    let pod = sim.pod_names()[0].clone();
-    seed(&sim.member_client_url(&pod).expect("member url")).await;
-    let proxy = start_proxy(&sim, &[]).await;
+/// A proxy with a warm tunnel to the one member: the member endpoint's address, and the
+/// proxy's RSS (KiB) to measure growth from.
+async fn warm_proxy(sim: &etcd_proxy_sim::SimCluster) -> (crate::support::Proxy, String, u64) {
+    let proxy = start_proxy(sim, &[]).await;
     let pid = proxy.child.id().expect("proxy pid");
     let member = proxy.members[0].1.clone();
     timeout(TRANSFER, ctl3(&member, &["get", "warm"]))
         .await
         .expect("warm-up get in time");
     let before_kib = status_kib(pid, "VmRSS:").expect("VmRSS");
-
     let addr = member.trim_start_matches("http://").to_owned();
+    (proxy, addr, before_kib)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_a_window_not_the_response() {
+    let sim = cluster(1).await;
+    let pod = sim.pod_names()[0].clone();
+    seed(&sim.member_client_url(&pod).expect("member url")).await;
+    let (proxy, addr, before_kib) = warm_proxy(&sim).await;
+    let pid = proxy.child.id().expect("proxy pid");
     let (mut body, _send) = raw_call(&addr, "/etcdserverpb.KV/Range", &range_request(), true).await;
 
     // etcd has over 40 MB to send; the client reads nothing for a while.
@@ -390,15 +397,8 @@ async fn a_client_that_stops_reading_a_watch_catch_up_holds_a_window_not_the_res
     let pod = sim.pod_names()[0].clone();
     let direct = sim.member_client_url(&pod).expect("member url");
     let (_writer, first) = write_events(&direct, WATCHED, TXNS, PUTS_PER_TXN, EVENT_VALUE).await;
-    let proxy = start_proxy(&sim, &[]).await;
+    let (proxy, addr, before_kib) = warm_proxy(&sim).await;
     let pid = proxy.child.id().expect("proxy pid");
-    let member = proxy.members[0].1.clone();
-    timeout(TRANSFER, ctl3(&member, &["get", "warm"]))
-        .await
-        .expect("warm-up get in time");
-    let before_kib = status_kib(pid, "VmRSS:").expect("VmRSS");
-
-    let addr = member.trim_start_matches("http://").to_owned();
     let (mut body, _send) = raw_call(
         &addr,
         "/etcdserverpb.Watch/Watch",
