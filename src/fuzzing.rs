@@ -506,5 +506,34 @@ mod tests {
         gateway_rewrite(br#"{"members":[{"name":"","clientURLs":["http://[fd00::12]:2379"]}]}"#);
         users_file(b"alice:$2b$04$abc\n");
         authority(b"\x03GET / HTTP/1.1\r\n\r\n");
+
+        // A SYN_REPLY with a compressed header block, DATA and a PING, in chunks of 7.
+        use crate::k8s::spdy::frame::{Encoder, Frame};
+        let mut spdy = bytes::BytesMut::new();
+        let mut enc = Encoder::new().unwrap();
+        let headers = vec![("streamtype".to_owned(), "data".to_owned())];
+        for f in [
+            Frame::SynReply {
+                stream_id: 1,
+                flags: 0,
+                headers: headers.into_iter().collect(),
+            },
+            Frame::Data {
+                stream_id: 1,
+                flags: 0,
+                data: bytes::Bytes::from_static(b"etcd"),
+            },
+            Frame::Ping { id: 2 },
+        ] {
+            enc.encode(&f, &mut spdy).unwrap();
+        }
+        spdy_frame(&[[6u8].as_slice(), &spdy].concat());
+
+        // A catch-up response large enough to be passed on before its end, cut short.
+        let revs: Vec<i64> = (100..400).collect();
+        let big = frames::frame(&crate::proxy::watches::proto::tests::resp(
+            3, false, 500, &revs,
+        ));
+        watch_relay(&[[200u8, 9].as_slice(), &big[..big.len() - 40]].concat());
     }
 }

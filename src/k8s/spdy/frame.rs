@@ -921,7 +921,6 @@ mod tests {
             let mut d = Decoder::new();
             let mut buf = BytesMut::from(&bytes[..]);
             while let Ok(Some(_)) = d.decode(&mut buf) {}
-            crate::fuzzing::spdy_frame(&bytes);
         }
 
         /// Valid frame headers with arbitrary payloads (including garbage header blocks)
