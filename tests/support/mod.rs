@@ -302,13 +302,10 @@ pub fn missing_path(dir: &Path) -> String {
         .into_owned()
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port (bound, then released), picked where outgoing connections do not
+/// take ports (`etcd_proxy_sim::free_port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    etcd_proxy_sim::free_port(std::net::Ipv4Addr::LOCALHOST.into()).expect("a free port")
 }
 
 /// A standalone etcd member outside any (simulated) Kubernetes, advertising its real URL.

@@ -5,8 +5,8 @@
 //! hits the genuine server (its gRPC/HTTP2 stack, its member list that
 //! advertises unresolvable in-cluster DNS names, its /health endpoint).
 //!
-//! Ports are picked by binding port 0 and releasing it again. That leaves a
-//! tiny race with other processes; [`crate::SimCluster::start`] retries the
+//! Ports are picked below the kernel's ephemeral range and released again ([`free_port`]).
+//! That leaves a tiny race with other processes; [`crate::SimCluster::start`] retries the
 //! whole start once if a member fails to come up.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -30,15 +30,42 @@ pub(crate) fn etcd_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("etcd"))
 }
 
-/// Asks the kernel for a currently free TCP port on `ip` and releases it again.
-pub(crate) fn free_port(ip: IpAddr) -> Result<u16, SimError> {
-    let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
-        .map_err(|e| SimError::io(format!("binding {ip}:0 to find a free port"), e))?;
+/// A TCP port on `ip` that is free now (bound, then released again), for a process that will
+/// bind it a moment later.
+///
+/// It is picked at random below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`,
+/// 32768-60999 by default), not by binding port 0: a port from that range can be handed to
+/// any process's next outgoing connection before etcd binds it, and the tests make thousands.
+/// That race failed a scale-up whose new member's peer port was taken between `MemberAdd`
+/// and the member's start. Port 0 remains the fallback.
+pub fn free_port(ip: IpAddr) -> Result<u16, SimError> {
+    let bind = |port: u16| std::net::TcpListener::bind(SocketAddr::new(ip, port));
+    if let Some((lo, hi)) = below_ephemeral_range() {
+        for _ in 0..64 {
+            let port = crate::random::random_in(lo, hi)?;
+            if bind(port).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    let listener =
+        bind(0).map_err(|e| SimError::io(format!("binding {ip}:0 to find a free port"), e))?;
     let port = listener
         .local_addr()
         .map_err(|e| SimError::io("reading a bound port", e))?
         .port();
     Ok(port)
+}
+
+/// Up to 10,000 ports just below the kernel's ephemeral range, if it starts high enough.
+fn below_ephemeral_range() -> Option<(u16, u16)> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let start: u16 = range
+        .as_deref()
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32768);
+    (start > 11_024).then(|| (start - 10_000, start - 1))
 }
 
 /// Everything needed to (re)start one member.

@@ -30,6 +30,7 @@ mod auth;
 mod discovery;
 mod error;
 mod etcd;
+pub use etcd::free_port;
 mod faults;
 mod idle;
 mod inflight;

@@ -12,6 +12,14 @@ fn random_bytes(n: usize) -> Result<Vec<u8>, SimError> {
     Ok(buf)
 }
 
+/// A random number in `lo..=hi` (uniform enough for picking ports).
+pub(crate) fn random_in(lo: u16, hi: u16) -> Result<u16, SimError> {
+    let b = random_bytes(4)?;
+    let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let span = u32::from(hi.saturating_sub(lo)) + 1;
+    Ok(lo + (n % span) as u16)
+}
+
 /// `2 * n_bytes` lowercase hex characters.
 pub(crate) fn random_hex(n_bytes: usize) -> Result<String, SimError> {
     Ok(random_bytes(n_bytes)?
