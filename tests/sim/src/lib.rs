@@ -242,6 +242,8 @@ pub struct SimCluster {
     scaling: tokio::sync::Mutex<()>,
     api_addr: SocketAddr,
     kubeconfig: PathBuf,
+    /// The API server's CA certificate (DER).
+    ca_der: Vec<u8>,
     // Declared last: removed after the processes using it are gone.
     dir: Option<tempfile::TempDir>,
 }
@@ -365,6 +367,7 @@ impl SimCluster {
             close_grace_nanos: AtomicU64::new(nanos(portforward::RUNTIME_CLOSE_GRACE)),
             pki: pki.map(|ca| ca.files),
         });
+        let ca_der = tls.ca_der;
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
         let server = ApiServer::start(listener, acceptor, shared.clone())?;
         Ok(SimCluster {
@@ -373,6 +376,7 @@ impl SimCluster {
             scaling: tokio::sync::Mutex::new(()),
             api_addr,
             kubeconfig,
+            ca_der,
             dir: Some(dir),
         })
     }
@@ -380,6 +384,22 @@ impl SimCluster {
     /// The kubeconfig file (inside a temp dir owned by this cluster).
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// A TLS connector that trusts the API server's CA (no client certificate), for tests
+    /// that speak to the API server below kube-rs.
+    pub fn api_tls_connector(&self) -> Result<tokio_rustls::TlsConnector, SimError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from(self.ca_der.clone()))?;
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+            config,
+        )))
     }
 
     /// `https://127.0.0.1:PORT`.

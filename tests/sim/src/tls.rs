@@ -41,6 +41,7 @@ pub(crate) const ADMIN_GROUPS: [&str; 2] = ["kubeadm:cluster-admins", "system:ma
 /// an admin client certificate and key (PEM) signed by it.
 pub(crate) struct ServerTls {
     pub ca_pem: String,
+    pub ca_der: Vec<u8>,
     pub config: Arc<rustls::ServerConfig>,
     pub admin_cert_pem: String,
     pub admin_key_pem: String,
@@ -117,6 +118,7 @@ pub(crate) fn generate() -> Result<ServerTls, SimError> {
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerTls {
         ca_pem: ca_cert.pem(),
+        ca_der: ca_cert.der().to_vec(),
         config: Arc::new(config),
         admin_cert_pem: admin_cert.pem(),
         admin_key_pem: admin_key.serialize_pem(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use futures::{SinkExt, StreamExt};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -44,26 +44,9 @@ struct Conn {
 fn conn(c: &SimCluster) -> Conn {
     let kc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(c.kubeconfig_path()).unwrap()).unwrap();
-    let ca_pem = B64
-        .decode(
-            kc["clusters"][0]["cluster"]["certificate-authority-data"]
-                .as_str()
-                .unwrap(),
-        )
-        .unwrap();
-    let ca_pem = String::from_utf8(ca_pem).unwrap();
-    let body: String = ca_pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(B64.decode(body).unwrap()))
-        .unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = c
+        .api_tls_connector()
+        .expect("a TLS connector for the API server");
     let token = kc["users"]
         .as_array()
         .unwrap()
@@ -76,7 +59,7 @@ fn conn(c: &SimCluster) -> Conn {
     Conn {
         addr: c.api_url().trim_start_matches("https://").to_string(),
         token,
-        tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+        tls,
     }
 }
 

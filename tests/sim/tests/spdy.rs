@@ -6,11 +6,9 @@
 
 use std::future::{Future, IntoFuture};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -23,8 +21,6 @@ const START: Duration = Duration::from_secs(90);
 fn within<'a, F: IntoFuture + 'a>(what: &'a str, fut: F) -> impl Future<Output = F::Output> + 'a {
     within_for(STEP, what, fut)
 }
-
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 fn one_member(minor: u32) -> SimConfig {
     SimConfig {
@@ -53,28 +49,8 @@ fn token(c: &SimCluster, user: &str) -> String {
 }
 
 fn tls(c: &SimCluster) -> tokio_rustls::TlsConnector {
-    let kc = kubeconfig(c);
-    let ca_pem = B64
-        .decode(
-            kc["clusters"][0]["cluster"]["certificate-authority-data"]
-                .as_str()
-                .unwrap(),
-        )
-        .unwrap();
-    let ca_pem = String::from_utf8(ca_pem).unwrap();
-    let body: String = ca_pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(B64.decode(body).unwrap()))
-        .unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    c.api_tls_connector()
+        .expect("a TLS connector for the API server")
 }
 
 /// Sends one upgrade request as `user` and returns the status code and the body of a
