@@ -35,6 +35,18 @@ async fn usage_and_kubeconfig_errors() {
         &err,
         "refusing to listen on 0.0.0.0:4001 without TLS and authentication",
     );
+
+    // Not YAML a kubeconfig can be: one line, and none of the file (the YAML parser's own
+    // message shows an excerpt, which in a kubeconfig may be a token).
+    let broken = dir.path().join("broken-kubeconfig");
+    std::fs::write(
+        &broken,
+        "apiVersion: v1\nusers:\n- name: me\n  user:\n    token: s3cret-t0ken\n  - oops: [\n",
+    )
+    .unwrap();
+    let (status, err) = proxy_fails(&["--kubeconfig", broken.to_str().unwrap()]).await;
+    one_clear_line(status, &err, "cannot load kubeconfig: ");
+    assert!(!err.contains("s3cret-t0ken"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

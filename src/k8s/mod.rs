@@ -28,9 +28,10 @@ pub enum Error {
     /// No path was given and none could be guessed.
     #[error("no kubeconfig: pass --kubeconfig PATH or set KUBECONFIG (no home directory to find ~/.kube/config)")]
     NoKubeconfigPath,
-    /// The kubeconfig could not be read or parsed.
+    /// The kubeconfig could not be read or parsed: the first line of what kube said. A YAML
+    /// error goes on with a snippet of the file, which may hold a token or a key.
     #[error("cannot load kubeconfig: {0}")]
-    Kubeconfig(#[source] KubeconfigError),
+    Kubeconfig(String),
     /// The requested context is not in the kubeconfig.
     #[error("context \"{context}\" not found in the kubeconfig (available: {available}); pick one with --context")]
     UnknownContext {
@@ -228,7 +229,7 @@ pub async fn connect(
     };
     let config = kube::Config::from_custom_kubeconfig(file, &options)
         .await
-        .map_err(Error::Kubeconfig)?;
+        .map_err(|e| Error::Kubeconfig(first_line(&e)))?;
     kube_for(config, proxy_url.as_deref(), namespace, context)
 }
 
@@ -315,8 +316,18 @@ fn kubeconfig_error(e: KubeconfigError) -> Error {
             Error::NoKubeconfig { path }
         }
         KubeconfigError::FindPath => Error::NoKubeconfigPath,
-        other => Error::Kubeconfig(other),
+        other => Error::Kubeconfig(first_line(&other)),
     }
+}
+
+/// The first line of `e` on one line: never the file excerpt a YAML error shows below it.
+fn first_line(e: &KubeconfigError) -> String {
+    crate::error::one_line(e)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 /// `kube::Error::Api` with this HTTP status, if that is what `e` is.
